@@ -1,0 +1,302 @@
+"""Denoising moments: the Gaussian q(x | y) = N(mu(y), Sigma(y)) with the first two moments of p(x | y).
+
+For y = x + sigma * eps, Tweedie's formula and its second-order form give
+
+    mu(y)    = E[x | y]   = y + sigma^2 grad log p~(y),
+    Sigma(y) = Cov[x | y] = sigma^2 d mu / d y = sigma^4 Hess log p~(y) + sigma^2 I,
+
+so a denoiser y -> mu(y) determines both moments; the Jacobian J = d mu / d y is symmetric for an exact
+denoiser. Covariance structures (each estimator is one small function below):
+
+* ``none``:           Sigma = 0 (x = mu, the mean-only chain).
+* ``isotropic``:      Sigma = v I with one scalar per level, v = sigma^2 (1 - E||eps_hat||^2 / d),
+                      eps_hat = (y - mu) / sigma, the expectation taken over the batch (Analytic-DPM,
+                      Bao et al. 2022); no extra model calls.
+* ``diagonal``:       Sigma = sigma^2 diag(J), Hutchinson: diag J ~ mean_k v_k * (J v_k) (forward mode) or
+                      v_k * (J^T v_k) (reverse mode) over ``num_probes`` Rademacher probes v_k.
+* ``exact_diagonal``: the diagonal of the whole Jacobian (d products).
+* ``full``:           Sigma = sigma^2 (J + J^T) / 2 with its spectrum clamped to [0, bound] (d products).
+
+Variance bounds (why, and how): a posterior variance is never negative, so every estimate is clamped at 0.
+If ``variance_bound`` is given (data in [-r, r] has per-dimension variance <= r^2, Analytic-DPM Thm. 2) every
+per-dimension variance is clamped above by it. The isotropic scalar estimates the MMSE, which is at most
+sigma^2 (the error of the estimator x_hat = y), so it is clamped above by sigma^2 as well. Learned denoisers
+at high noise otherwise give variances far above what any distribution on the data range can have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+COVARIANCES = ("none", "isotropic", "diagonal", "exact_diagonal", "full")
+JACOBIAN_MODES = ("auto", "reverse", "forward")
+JACOBIAN_COVARIANCES = ("diagonal", "exact_diagonal", "full")
+DEFAULT_MAX_FULL_DIM = 1024
+
+Generator = torch.Generator | list[torch.Generator] | None
+Denoiser = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class DenoisingMoments:
+    """q(x | y) = N(mu, Sigma) at one noise level, for a batch of N points y.
+
+    ``variance`` holds Sigma in the structure's own form: ``None`` (none), shape (N,) (isotropic, Sigma = v I),
+    the shape of ``mu`` (diagonal), or (N, d, d) (full, symmetric PSD). ``num_forward`` / ``num_backward`` /
+    ``num_jvp`` count the batched model passes spent on these moments.
+    """
+
+    mu: torch.Tensor
+    sigma: torch.Tensor
+    covariance: str
+    variance: torch.Tensor | None = None
+    num_forward: int = 1
+    num_backward: int = 0
+    num_jvp: int = 0
+
+    def sample(self, generator: Generator = None) -> torch.Tensor:
+        """Draw x ~ N(mu, Sigma) (in ``mu``'s dtype, float32 or float64)."""
+        z = randn_tensor(self.mu.shape, generator=generator, device=self.mu.device, dtype=self.mu.dtype)
+        return self.mu + self.scale(z)
+
+    def scale(self, z: torch.Tensor) -> torch.Tensor:
+        """Sigma^(1/2) z, for z of ``mu``'s shape."""
+        if self.covariance == "none":
+            return torch.zeros_like(z)
+        if self.covariance == "full":
+            evals, evecs = torch.linalg.eigh(self.variance)
+            root = evecs * evals.clamp(min=0).sqrt().unsqueeze(-2)  # Q diag(sqrt(lambda))
+            return torch.einsum("nij,nj->ni", root, z.flatten(1)).reshape(z.shape)
+        return _per_sample(self.variance, z).sqrt() * z
+
+    def mean_variance(self) -> torch.Tensor:
+        """trace(Sigma) / d per sample, shape (N,)."""
+        if self.covariance == "none":
+            return torch.zeros(self.mu.shape[0], dtype=self.mu.dtype, device=self.mu.device)
+        if self.covariance == "isotropic":
+            return self.variance
+        if self.covariance == "full":
+            return torch.diagonal(self.variance, dim1=-2, dim2=-1).mean(-1)
+        return self.variance.flatten(1).mean(-1)
+
+
+def _per_sample(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Broadcast a per-sample (N,) tensor against a batch-first tensor."""
+    return value.reshape(value.shape + (1,) * (like.ndim - value.ndim)) if value.ndim < like.ndim else value
+
+
+def _clamp_variance(variance: torch.Tensor, bound: float | None) -> torch.Tensor:
+    return variance.clamp(min=0.0, max=bound) if bound is not None else variance.clamp(min=0.0)
+
+
+# ---------------------------------------------------------------------------------------------- estimators
+def isotropic_variance(
+    y: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, variance_bound: float | None = None
+) -> torch.Tensor:
+    """Analytic-DPM variance v = sigma^2 (1 - E||eps_hat||^2 / d), eps_hat = (y - mu) / sigma, over the batch.
+
+    Returns shape (N,), the one batch estimate repeated, clamped to [0, min(sigma^2, variance_bound)].
+    """
+    eps_sq = ((y - mu) / _per_sample(sigma, y)).flatten(1).pow(2).mean(-1)  # ||eps_hat||^2 / d per sample
+    v = sigma**2 * (1.0 - eps_sq.mean())
+    v = torch.minimum(v.clamp(min=0.0), sigma**2)
+    return _clamp_variance(v, variance_bound)
+
+
+def rademacher(shape: torch.Size, generator: Generator, like: torch.Tensor) -> torch.Tensor:
+    """Rademacher probes (+-1 with probability 1/2), drawn from ``generator`` as the sign of a normal draw."""
+    return randn_tensor(shape, generator=generator, device=like.device, dtype=like.dtype).sign()
+
+
+def hutchinson_diagonal(
+    product: Callable[[torch.Tensor], torch.Tensor], like: torch.Tensor, num_probes: int, generator: Generator
+) -> torch.Tensor:
+    """diag(J) ~ (1/P) sum_k v_k * (J v_k) for Rademacher v_k; ``product`` is v -> J v or v -> J^T v
+    (both have the diagonal of J, so both estimators are unbiased)."""
+    total = torch.zeros_like(like)
+    for _ in range(num_probes):
+        v = rademacher(like.shape, generator, like)
+        total += v * product(v)
+    return total / num_probes
+
+
+def jacobian_matrix(
+    product: Callable[[torch.Tensor], torch.Tensor], like: torch.Tensor, transpose: bool
+) -> torch.Tensor:
+    """The per-sample Jacobian (N, d, d) from d products with basis vectors; ``transpose``: product is J^T v."""
+    n, d = like.shape[0], like[0].numel()
+    cols = []
+    for i in range(d):
+        e = torch.zeros(n, d, dtype=like.dtype, device=like.device)
+        e[:, i] = 1.0
+        cols.append(product(e.reshape(like.shape)).reshape(n, d))
+    stacked = torch.stack(cols, dim=-1)  # column i = J e_i (or row i of J for J^T e_i)
+    return stacked.transpose(-1, -2) if transpose else stacked
+
+
+def full_covariance(jacobian: torch.Tensor, sigma: torch.Tensor, variance_bound: float | None) -> torch.Tensor:
+    """Sigma = sigma^2 (J + J^T) / 2, projected to the PSD cone (eigenvalues clamped to [0, bound])."""
+    sym = 0.5 * (jacobian + jacobian.transpose(-1, -2)) * (sigma**2).reshape(-1, 1, 1)
+    evals, evecs = torch.linalg.eigh(sym)
+    evals = _clamp_variance(evals, variance_bound)
+    return (evecs * evals.unsqueeze(-2)) @ evecs.transpose(-1, -2)
+
+
+# ---------------------------------------------------------------------------------------------- Jacobian products
+@contextlib.contextmanager
+def _forward_mode_safe() -> Iterator[None]:
+    """Forward-mode AD needs the math attention backend (fused SDPA kernels have no JVP rule on CPU)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+class _Linearisation:
+    """mu = f(y) and products with J = d f / d y, by reverse mode (one forward kept, one backward per product)
+    or forward mode (one JVP per product; the first JVP also gives mu)."""
+
+    def __init__(self, denoiser: Denoiser, y: torch.Tensor, mode: str):
+        self.denoiser, self.mode = denoiser, mode
+        self.num_forward = self.num_backward = self.num_jvp = 0
+        if mode == "reverse":
+            with torch.enable_grad():
+                self.y = y.detach().requires_grad_(True)
+                self.mu_graph = denoiser(self.y)
+            if not self.mu_graph.requires_grad:
+                raise RuntimeError("the denoiser output does not depend differentiably on its input")
+            self.mu = self.mu_graph.detach()
+            self.num_forward = 1
+        else:
+            self.y = y.detach()
+            self.mu = None
+
+    @property
+    def transpose(self) -> bool:
+        return self.mode == "reverse"
+
+    def product(self, v: torch.Tensor) -> torch.Tensor:
+        """J^T v (reverse mode) or J v (forward mode)."""
+        if self.mode == "reverse":
+            self.num_backward += 1
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(self.mu_graph, self.y, v, retain_graph=True)
+            return g
+        self.num_jvp += 1
+        with torch.enable_grad(), _forward_mode_safe():
+            mu, jv = torch.func.jvp(self.denoiser, (self.y,), (v,))
+        if self.mu is None:
+            self.mu = mu.detach()
+        return jv.detach()
+
+    def mean(self) -> torch.Tensor:
+        if self.mu is None:
+            with torch.no_grad():
+                self.mu = self.denoiser(self.y)
+            self.num_forward += 1
+        return self.mu
+
+
+def _linearise(denoiser: Denoiser, y: torch.Tensor, mode: str) -> _Linearisation:
+    """Pick the Jacobian mode; ``auto`` tries reverse mode, then forward mode, and names both failures."""
+    if mode != "auto":
+        return _Linearisation(denoiser, y, mode)
+    try:
+        return _Linearisation(denoiser, y, "reverse")
+    except (RuntimeError, NotImplementedError) as err:
+        with torch.no_grad():
+            denoiser(y)  # a failing model (not a failing derivative) raises its own error here
+        reverse_error = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+    try:
+        lin = _Linearisation(denoiser, y, "forward")
+        lin.product(torch.zeros_like(y))  # fails here if forward mode cannot run (and gives mu)
+        return lin
+    except (RuntimeError, NotImplementedError) as err:
+        raise RuntimeError(
+            f"Cannot differentiate the denoiser for a Jacobian covariance: reverse mode failed ({reverse_error}), "
+            f"forward mode failed ({type(err).__name__}: {str(err).splitlines()[0]}). Use covariance='none' or "
+            "'isotropic', which need no derivatives."
+        ) from err
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+def denoising_moments(
+    denoiser: Denoiser,
+    y: torch.Tensor,
+    sigma: torch.Tensor | float,
+    covariance: str = "isotropic",
+    num_probes: int = 1,
+    generator: Generator = None,
+    jacobian: str = "auto",
+    variance_bound: float | None = None,
+    max_full_dim: int = DEFAULT_MAX_FULL_DIM,
+) -> DenoisingMoments:
+    """The Gaussian q(x | y) = N(mu(y), Sigma(y)) of a denoiser ``y -> mu(y)`` at noise level ``sigma``.
+
+    Args:
+        denoiser: maps a batch y (N, ...) to mu(y) = E[x | y] (e.g. :meth:`NoiseSchedule.denoiser`).
+        y: the noisy points, y = x + sigma * eps, batch first; computed in float64 if ``y`` is float64, else
+            float32, whatever dtype the model runs in.
+        sigma: the noise level, a float or a per-sample tensor (N,).
+        covariance: one of ``"none"``, ``"isotropic"``, ``"diagonal"``, ``"exact_diagonal"``, ``"full"``.
+        num_probes: Rademacher probes of the Hutchinson estimate (``diagonal``).
+        generator: the torch generator(s) the probes are drawn from.
+        jacobian: ``"reverse"`` (one forward kept, one backward per probe), ``"forward"`` (one JVP per probe),
+            or ``"auto"`` (reverse, else forward).
+        variance_bound: optional upper bound on every per-dimension variance (see the module docstring).
+        max_full_dim: ``full`` and ``exact_diagonal`` refuse dimensions above this (d products, (N, d, d)).
+
+    Gradients are enabled locally, so this works inside a pipeline's ``torch.no_grad()``.
+    """
+    if covariance not in COVARIANCES:
+        raise ValueError(f"`covariance` must be one of {', '.join(map(repr, COVARIANCES))}; got {covariance!r}.")
+    if jacobian not in JACOBIAN_MODES:
+        raise ValueError(f"`jacobian` must be one of {', '.join(map(repr, JACOBIAN_MODES))}; got {jacobian!r}.")
+    if covariance == "diagonal" and (not isinstance(num_probes, int) or num_probes < 1):
+        raise ValueError(f"`num_probes` must be a positive integer; got {num_probes!r}.")
+    dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
+    y = y.detach().to(dtype)
+    sigma = torch.as_tensor(sigma, dtype=dtype, device=y.device).expand(y.shape[0]).clone()
+    if not torch.all(torch.isfinite(sigma) & (sigma > 0)):
+        raise ValueError(f"`sigma` must be positive and finite; got {sigma}.")
+    d = y[0].numel()
+    if covariance in ("full", "exact_diagonal") and d > max_full_dim:
+        raise ValueError(
+            f"covariance={covariance!r} needs d = {d} Jacobian products per level and an (N, d, d) matrix; d exceeds "
+            f"max_full_dim={max_full_dim}. Use covariance='diagonal' (Hutchinson, `num_probes` products) or "
+            "'isotropic', or raise `max_full_dim`."
+        )
+
+    if covariance not in JACOBIAN_COVARIANCES:
+        with torch.no_grad():
+            mu = denoiser(y).to(dtype)
+        variance = isotropic_variance(y, mu, sigma, variance_bound) if covariance == "isotropic" else None
+        return DenoisingMoments(mu=mu, sigma=sigma, covariance=covariance, variance=variance)
+
+    lin = _linearise(denoiser, y, jacobian)
+    scale = _per_sample(sigma**2, y)
+    if covariance == "diagonal":
+        diag = hutchinson_diagonal(lin.product, y, num_probes, generator)
+        variance = _clamp_variance(scale * diag, variance_bound)
+    else:
+        jac = jacobian_matrix(lin.product, y, lin.transpose)
+        if covariance == "full":
+            variance = full_covariance(jac, sigma, variance_bound)
+        else:
+            diag = torch.diagonal(jac, dim1=-2, dim2=-1).reshape(y.shape)
+            variance = _clamp_variance(scale * diag, variance_bound)
+    mu = lin.mean().to(dtype)
+    return DenoisingMoments(
+        mu=mu,
+        sigma=sigma,
+        covariance=covariance,
+        variance=variance,
+        num_forward=lin.num_forward,
+        num_backward=lin.num_backward,
+        num_jvp=lin.num_jvp,
+    )
