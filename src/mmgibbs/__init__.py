@@ -1,1 +1,32 @@
-"""diffusers-mmgibbs."""
+"""diffusers-mmgibbs: Moment Matching Denoising Gibbs Sampling (Zhang et al., NeurIPS 2023) for diffusers.
+
+Public API:
+
+* :class:`MMGibbsScheduler`: drop-in scheduler (``MMGibbsScheduler.from_config(pipe.scheduler.config)``).
+* :class:`MomentMatchingGibbsPipeline`: the sampler with Jacobian-based covariances around any denoiser.
+* :class:`NoiseSchedule`: every diffusers noise family in the frame y = x + sigma * eps.
+* :func:`denoising_moments`, :class:`DenoisingMoments`: the Gaussian N(mu, Sigma) of a denoiser.
+* :class:`GaussianMixtureDenoiser`: an exact reference model (a mixture of Gaussians as a diffusers model).
+"""
+
+from .moments import COVARIANCES, DenoisingMoments, denoising_moments
+from .noise import NOISE_FAMILIES, PREDICTION_TYPES, NoiseSchedule
+from .pipeline import MomentMatchingGibbsPipeline, MomentMatchingGibbsPipelineOutput
+from .reference import GaussianMixtureDenoiser
+from .scheduler import MMGibbsScheduler, MMGibbsSchedulerOutput
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "COVARIANCES",
+    "NOISE_FAMILIES",
+    "PREDICTION_TYPES",
+    "DenoisingMoments",
+    "GaussianMixtureDenoiser",
+    "MMGibbsScheduler",
+    "MMGibbsSchedulerOutput",
+    "MomentMatchingGibbsPipeline",
+    "MomentMatchingGibbsPipelineOutput",
+    "NoiseSchedule",
+    "denoising_moments",
+]

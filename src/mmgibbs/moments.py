@@ -150,11 +150,22 @@ def full_covariance(jacobian: torch.Tensor, sigma: torch.Tensor, variance_bound:
 # ---------------------------------------------------------------------------------------------- Jacobian products
 @contextlib.contextmanager
 def _forward_mode_safe() -> Iterator[None]:
-    """Forward-mode AD needs the math attention backend (fused SDPA kernels have no JVP rule on CPU)."""
+    """Forward-mode AD through diffusers UNets needs the math attention backend (the fused SDPA kernels have no
+    JVP rule on CPU) and contiguous GroupNorm inputs (its forward-mode rule views a non-contiguous tangent)."""
+    from torch.nn import functional
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel([SDPBackend.MATH]):
-        yield
+    group_norm = functional.group_norm
+
+    def contiguous_group_norm(input: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return group_norm(input.contiguous(), *args, **kwargs)
+
+    functional.group_norm = contiguous_group_norm
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        functional.group_norm = group_norm
 
 
 class _Linearisation:

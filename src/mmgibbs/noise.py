@@ -56,7 +56,7 @@ _FAMILY_OF_SCHEDULER = {
 }
 # prediction type of schedulers whose config does not declare one
 _DEFAULT_PREDICTION = {"ve": "score", "edm": "epsilon", "flow": "flow", "vp": "epsilon"}
-# the smallest abar_t used for zero-terminal-SNR schedules (as diffusers' Euler scheduler does)
+# abar_T of zero-terminal-SNR schedules, which is 0, is replaced by this (as diffusers' Euler scheduler does)
 _MIN_ALPHA_CUMPROD = 2.0**-24
 
 
@@ -66,7 +66,11 @@ def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 
 def infer_noise_family(config: Mapping[str, Any]) -> str:
-    """Noise family of a diffusers scheduler config (a dict or ``scheduler.config``)."""
+    """Noise family of a diffusers scheduler config (a dict or ``scheduler.config``).
+
+    Uses ``noise_family`` if present, else the source class (``_class_name``, present in loaded configs), else
+    the keys that only one family's schedulers declare.
+    """
     family = config.get("noise_family")
     if family is not None:
         _check_choice("noise_family", family, NOISE_FAMILIES)
@@ -74,19 +78,19 @@ def infer_noise_family(config: Mapping[str, Any]) -> str:
     class_name = config.get("_class_name")
     if class_name in _FAMILY_OF_SCHEDULER:
         return _FAMILY_OF_SCHEDULER[class_name]
+    if "beta_schedule" in config or "trained_betas" in config:
+        return "vp"
     if "sigma_data" in config:
         return "edm"
-    if "shift" in config and "beta_schedule" not in config:
+    if "shift" in config or "use_dynamic_shifting" in config:
         return "flow"
-    if "beta_schedule" in config or "trained_betas" in config or class_name is None:
-        return "vp"
-    import diffusers
-
-    if class_name.endswith("Scheduler") and hasattr(diffusers, class_name):
+    if "snr" in config or "sigma_max" in config:
+        return "ve"
+    if not config or (class_name or "").endswith("Scheduler"):
         return "vp"  # every other diffusers scheduler discretises a VP (beta) schedule
     raise ValueError(
-        f"Cannot tell the noise family of a `{class_name}` config: pass `noise_family` as one of "
-        f"{', '.join(map(repr, NOISE_FAMILIES))}."
+        f"Cannot tell the noise family of this scheduler config ({class_name or sorted(config)}): pass "
+        f"`noise_family` as one of {', '.join(map(repr, NOISE_FAMILIES))}."
     )
 
 
@@ -151,9 +155,8 @@ class NoiseSchedule:
         FlowMatchEuler, or an ``MMGibbsScheduler``); ``overrides`` replace config keys."""
         config = {**dict(config), **overrides}
         family = infer_noise_family(config)
+        # ScoreSdeVe configs declare no prediction type: NCSN++ UNets divide by sigma, their output is the score
         prediction = config.get("prediction_type") or _DEFAULT_PREDICTION[family]
-        if family == "ve" and config.get("_class_name") == "ScoreSdeVeScheduler":
-            prediction = "score"  # NCSN++ UNets divide by sigma: their output is the score
         n_train = int(config.get("num_train_timesteps") or (2000 if family == "ve" else 1000))
 
         def get(key: str, default: Any) -> Any:
@@ -164,7 +167,7 @@ class NoiseSchedule:
         if family == "vp":
             abar = torch.cumprod(1.0 - _vp_betas(config, n_train).double(), dim=0)
             kwargs.update(
-                alphas_cumprod=abar.clamp(min=_MIN_ALPHA_CUMPROD),
+                alphas_cumprod=torch.where(abar > 0, abar, _MIN_ALPHA_CUMPROD),
                 timestep_spacing=get("timestep_spacing", "leading"),
                 steps_offset=int(get("steps_offset", 0)),
             )

@@ -156,10 +156,7 @@ class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
             cov_s = self.covariances + s**2 * eye  # (K, d, d)
             chol = torch.linalg.cholesky(cov_s)
             diff = y[idx, None, :] - self.means[None]  # (n, K, d)
-            # S_k^{-1} (y - m_k) via two triangular solves
-            sol = (
-                torch.cholesky_solve(diff.transpose(0, 1).unsqueeze(-1), chol.unsqueeze(1)).squeeze(-1).transpose(0, 1)
-            )
+            sol = torch.einsum("kij,nkj->nki", torch.cholesky_inverse(chol), diff)  # S_k^{-1} (y - m_k)
             maha = (diff * sol).sum(-1)
             logdet = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
             log_comp = torch.log(self.weights) - 0.5 * (maha + logdet + d * math.log(2 * math.pi))

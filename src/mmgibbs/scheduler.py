@@ -1,0 +1,327 @@
+"""MMGibbsScheduler: moment-matching denoising Gibbs sampling as a drop-in diffusers scheduler.
+
+At a noise level sigma one Gibbs sweep of Zhang et al. (2023) is
+
+    y = x + sigma * eps                     (re-noise)
+    x ~ N(mu(y), Sigma(y))                  (moment-matched denoising posterior, see ``mmgibbs.moments``)
+
+The scheduler keeps the sample in the model's own frame, x_t = alpha_t * y, so ``init_noise_sigma`` and
+``scale_model_input`` are those the model was trained with (1 and identity for VP models, whatever config the
+scheduler came from). Moving from level t to the next level s, with x drawn at level t:
+
+    x_s = alpha_s x + s_s (rho r + sqrt(1 - rho^2) z),    r = (x_t - alpha_t x) / s_t,   z ~ N(0, I)
+
+* ``transition="gibbs"`` (the paper): rho = 0, fresh re-noising; also every sweep within one level.
+* ``transition="ancestral"``: rho = sigma_s / sigma_t, the DDPM posterior q(x_s | x_t, x) with x ~ N(mu, Sigma)
+  integrated out: x_s ~ N(a x_t + b mu, b^2 Sigma + var_ts I), a = s_s rho / s_t, b = alpha_s - a alpha_t,
+  var_ts = s_s^2 (1 - rho^2); with Sigma = 0 it is DDPM's ancestral step (Analytic-DPM when Sigma = v I).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .moments import (
+    COVARIANCES,
+    JACOBIAN_COVARIANCES,
+    JACOBIAN_MODES,
+    DenoisingMoments,
+    Generator,
+    isotropic_variance,
+)
+from .noise import _DEFAULT_PREDICTION, NoiseSchedule, _check_choice, infer_noise_family
+
+SCHEDULES = ("annealed", "single_level")
+TRANSITIONS = ("ancestral", "gibbs")
+FINAL_OUTPUTS = ("sample", "mean")
+
+
+@dataclass
+class MMGibbsSchedulerOutput(BaseOutput):
+    """Output of :meth:`MMGibbsScheduler.step`.
+
+    Args:
+        prev_sample: the next model input x_s (or, after the last step, the clean sample).
+        pred_original_sample: the posterior mean mu = E[x | x_t] at the current level.
+    """
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
+
+
+class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
+    """Moment Matching Denoising Gibbs Sampling (Zhang, Hawkins-Hooker, Paige, Barber, NeurIPS 2023).
+
+    Build it from any pipeline's scheduler: ``MMGibbsScheduler.from_config(pipe.scheduler.config, ...)``; the
+    source's noise schedule (betas, sigmas, shift, prediction type) is kept and its family inferred.
+
+    Args:
+        covariance: ``"none"`` (mean only), ``"isotropic"`` (Analytic-DPM batch estimate), or, inside
+            :class:`MomentMatchingGibbsPipeline` only, ``"diagonal"``, ``"exact_diagonal"``, ``"full"``.
+        gibbs_sweeps: Gibbs sweeps per noise level; the model is called levels x sweeps times.
+        schedule: ``"annealed"`` (levels from high to low noise) or ``"single_level"`` (every sweep at ``sigma``).
+        sigma: the noise level of the single-level chain (VE frame; VP models use the nearest timestep).
+        transition: how to move between levels, ``"ancestral"`` or ``"gibbs"`` (see the module docstring).
+        final_output: return the last drawn ``"sample"`` x or the last posterior ``"mean"`` mu.
+        num_probes: Rademacher probes of the Hutchinson diagonal (pipeline only).
+        jacobian: ``"auto"``, ``"reverse"`` or ``"forward"`` mode for Jacobian covariances (pipeline only).
+        variance_bound: optional upper bound on per-dimension posterior variances (r^2 for data in [-r, r]).
+        noise_family: ``"vp"``, ``"ve"``, ``"edm"`` or ``"flow"``; inferred by :meth:`from_config`.
+        The remaining arguments are the source scheduler's noise-schedule settings, with diffusers' meanings.
+    """
+
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers] + [
+        "ScoreSdeVeScheduler",
+        "EDMDPMSolverMultistepScheduler",
+        "FlowMatchEulerDiscreteScheduler",
+    ]
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        covariance: str = "isotropic",
+        gibbs_sweeps: int = 1,
+        schedule: str = "annealed",
+        sigma: float | None = None,
+        transition: str = "ancestral",
+        final_output: str = "sample",
+        num_probes: int = 1,
+        jacobian: str = "auto",
+        variance_bound: float | None = None,
+        noise_family: str | None = None,
+        num_train_timesteps: int | None = None,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: list[float] | None = None,
+        prediction_type: str | None = None,
+        timestep_spacing: str = "leading",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        clip_sample: bool = False,
+        clip_sample_range: float = 1.0,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        sigma_data: float = 0.5,
+        sigma_schedule: str = "karras",
+        rho: float = 7.0,
+        sampling_eps: float = 1e-5,
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+    ):
+        _check_choice("covariance", covariance, COVARIANCES)
+        _check_choice("schedule", schedule, SCHEDULES)
+        _check_choice("transition", transition, TRANSITIONS)
+        _check_choice("final_output", final_output, FINAL_OUTPUTS)
+        _check_choice("jacobian", jacobian, JACOBIAN_MODES)
+        for name, value in (("gibbs_sweeps", gibbs_sweeps), ("num_probes", num_probes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
+        if schedule == "single_level" and (sigma is None or not sigma > 0):
+            raise ValueError(f"schedule='single_level' needs a positive noise level `sigma`; got {sigma!r}.")
+        if variance_bound is not None and not variance_bound > 0:
+            raise ValueError(f"`variance_bound` must be positive or None; got {variance_bound!r}.")
+        family = noise_family or "vp"
+        self.register_to_config(noise_family=family, prediction_type=prediction_type or _DEFAULT_PREDICTION[family])
+        self.noise_schedule = NoiseSchedule.from_config(self.config)
+        self.num_inference_steps: int | None = None
+        self.timesteps = (
+            self.noise_schedule.timestep_for_sigma(sigma).reshape(1)
+            if schedule == "single_level"
+            else self.noise_schedule.inference_timesteps(self.noise_schedule.num_train_timesteps)
+        )
+        self._set_levels(self.timesteps)
+
+    # ------------------------------------------------------------------ configuration
+    @classmethod
+    def from_config(
+        cls, config: dict[str, Any] | None = None, return_unused_kwargs: bool = False, **kwargs: Any
+    ) -> MMGibbsScheduler | tuple[MMGibbsScheduler, dict[str, Any]]:
+        """From the config of any supported scheduler; the noise family (and a missing prediction type) is
+        inferred from the source class, e.g. ``MMGibbsScheduler.from_config(pipe.scheduler.config,
+        covariance="isotropic", gibbs_sweeps=2)``."""
+        config = dict(config or {})
+        if config.get("_class_name") != cls.__name__ and "noise_family" not in kwargs:
+            family = infer_noise_family({**config, **kwargs})
+            kwargs["noise_family"] = family
+            if config.get("prediction_type") is None and "prediction_type" not in kwargs:
+                kwargs["prediction_type"] = NoiseSchedule.from_config(config, noise_family=family).prediction_type
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def __len__(self) -> int:
+        return self.noise_schedule.num_train_timesteps
+
+    # ------------------------------------------------------------------ timesteps
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: list[float] | None = None,
+        mu: float | None = None,
+    ) -> None:
+        """Lay out levels x ``gibbs_sweeps`` model calls and reset all state.
+
+        Args:
+            num_inference_steps: the number of noise levels (annealed) or of sweeps at ``sigma`` (single level);
+                either way every level is repeated ``gibbs_sweeps`` times.
+            device: where ``timesteps`` live.
+            timesteps: custom descending levels instead of ``num_inference_steps`` (annealed only).
+            mu: resolution-dependent shift of flow models with ``use_dynamic_shifting``.
+        """
+        cfg = self.config
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError("Pass exactly one of `num_inference_steps` and `timesteps`.")
+        if timesteps is not None:
+            if cfg.schedule == "single_level":
+                raise ValueError("`timesteps` cannot be set for schedule='single_level'; use `sigma`.")
+            levels = torch.as_tensor(timesteps, dtype=torch.float64)
+            if torch.any(levels[1:] >= levels[:-1]):
+                raise ValueError("custom `timesteps` must be strictly descending.")
+        elif (
+            isinstance(num_inference_steps, bool)
+            or not isinstance(num_inference_steps, int)
+            or num_inference_steps < 1
+        ):
+            raise ValueError(f"`num_inference_steps` must be a positive integer; got {num_inference_steps!r}.")
+        elif cfg.schedule == "single_level":
+            levels = self.noise_schedule.timestep_for_sigma(cfg.sigma).reshape(1).repeat(num_inference_steps)
+        else:
+            levels = self.noise_schedule.inference_timesteps(num_inference_steps, mu=mu)
+        self.num_inference_steps = len(levels)
+        timesteps_all = levels.repeat_interleave(cfg.gibbs_sweeps)
+        dtype = torch.int64 if self.noise_schedule.family == "vp" else torch.float32
+        self.timesteps = timesteps_all.to(dtype).to(device)
+        self._set_levels(timesteps_all)
+
+    def _set_levels(self, timesteps: torch.Tensor) -> None:
+        alpha, s = self.noise_schedule.alpha_s(timesteps)
+        self._alpha, self._s = alpha.cpu(), s.cpu()
+        self.sigmas = torch.cat([(s / alpha).float(), torch.zeros(1)]).cpu()  # VE sigma per step, then 0
+        self._step_index: int | None = None
+        self._begin_index: int | None = None
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """Std of the first model input when x ~ N(0, I): sqrt(alpha^2 + s^2) at the first level (1 for VP)."""
+        return float(math.hypot(self._alpha[0], self._s[0]))
+
+    @property
+    def step_index(self) -> int | None:
+        """Index of the next step in ``timesteps`` (timesteps repeat, so steps are tracked by index)."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """The first step index, if a pipeline set one (img2img)."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start at ``begin_index`` instead of the first occurrence of the first timestep passed to ``step``."""
+        self._begin_index = begin_index
+
+    def _init_step_index(self, timestep: torch.Tensor | float) -> None:
+        if self._begin_index is not None:
+            self._step_index = self._begin_index
+            return
+        t = torch.as_tensor(timestep, dtype=torch.float64).to(self.timesteps.device)
+        hits = (self.timesteps.double() == t).nonzero()
+        if len(hits) == 0:
+            raise ValueError(f"`timestep` {float(t)} is not in this scheduler's timesteps; call `set_timesteps`.")
+        self._step_index = int(hits[0])
+
+    # ------------------------------------------------------------------ the model's frame
+    def scale_model_input(self, sample: torch.Tensor, timestep: torch.Tensor | float | None = None) -> torch.Tensor:
+        """The network input at the current step (identity, or c_in * x_t for EDM models)."""
+        if self.noise_schedule.family != "edm":
+            return sample
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        return self.noise_schedule.model_input(sample, self.timesteps[self._step_index].cpu())
+
+    def add_noise(
+        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor | float
+    ) -> torch.Tensor:
+        """x_t = alpha_t x + s_t eps, in the model's frame."""
+        return self.noise_schedule.add_noise(original_samples, noise, torch.as_tensor(timesteps).cpu())
+
+    def level(self, step_index: int) -> tuple[float, float]:
+        """``(alpha_t, s_t)`` of step ``step_index``; sigma = s_t / alpha_t."""
+        return float(self._alpha[step_index]), float(self._s[step_index])
+
+    # ------------------------------------------------------------------ the Gibbs step
+    def step(
+        self,
+        model_output: torch.Tensor | DenoisingMoments,
+        timestep: torch.Tensor | float,
+        sample: torch.Tensor,
+        generator: Generator = None,
+        return_dict: bool = True,
+    ) -> MMGibbsSchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
+        """One Gibbs sweep: x ~ N(mu, Sigma) at this level, then re-noise to the next step's level.
+
+        Args:
+            model_output: the model's prediction at ``sample`` (``none``/``isotropic`` covariance), or the
+                :class:`DenoisingMoments` of this level computed by :class:`MomentMatchingGibbsPipeline`.
+            timestep: the current timestep (steps are counted by index; this only seeds the first index).
+            sample: x_t, the current model input (before ``scale_model_input``).
+            generator: torch generator(s) for the draws.
+        """
+        cfg = self.config
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        i = self._step_index
+        if i >= len(self.timesteps):
+            raise IndexError("`step` called more often than there are timesteps; call `set_timesteps` again.")
+        work = torch.float64 if sample.dtype == torch.float64 else torch.float32
+        x_t = sample.to(work)
+        alpha_t, s_t = self.level(i)
+
+        if isinstance(model_output, DenoisingMoments):
+            moments = model_output
+        elif cfg.covariance in JACOBIAN_COVARIANCES:
+            raise ValueError(
+                f"covariance={cfg.covariance!r} needs the model's Jacobian, which a standard pipeline loop does "
+                "not give the scheduler. Use `MomentMatchingGibbsPipeline` (which computes it), or "
+                "covariance='none' / 'isotropic' here."
+            )
+        else:
+            mu = self.noise_schedule.posterior_mean(model_output.to(work), x_t, self.timesteps[i].cpu())
+            sigma = torch.full((x_t.shape[0],), s_t / alpha_t, dtype=work, device=x_t.device)
+            variance = None
+            if cfg.covariance == "isotropic":
+                variance = isotropic_variance(x_t / alpha_t, mu, sigma, cfg.variance_bound)
+            moments = DenoisingMoments(mu=mu, sigma=sigma, covariance=cfg.covariance, variance=variance)
+
+        mu = moments.mu.to(work)
+        if cfg.clip_sample:
+            mu = mu.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+            moments = DenoisingMoments(mu, moments.sigma, moments.covariance, moments.variance)
+        x = moments.sample(generator).to(work) if moments.covariance != "none" else mu
+
+        if i == len(self.timesteps) - 1:
+            prev = x if cfg.final_output == "sample" else mu
+            if cfg.clip_sample:
+                prev = prev.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+        else:
+            alpha_s, s_s = self.level(i + 1)
+            # rho = sigma_s / sigma_t, written so that alpha_t = 0 (pure noise) gives 0
+            ancestral = cfg.transition == "ancestral" and s_s * alpha_t < s_t * alpha_s
+            rho = s_s * alpha_t / (alpha_s * s_t) if ancestral else 0.0
+            z = randn_tensor(x.shape, generator=generator, device=x.device, dtype=work)
+            r = (x_t - alpha_t * x) / s_t
+            prev = alpha_s * x + s_s * (rho * r + math.sqrt(1.0 - rho**2) * z)
+
+        self._step_index = i + 1
+        prev, mu = prev.to(sample.dtype), mu.to(sample.dtype)
+        if not return_dict:
+            return prev, mu
+        return MMGibbsSchedulerOutput(prev_sample=prev, pred_original_sample=mu)
