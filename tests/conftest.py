@@ -27,3 +27,8 @@ FAMILY_CONFIGS = {
     "edm": {"_class_name": "EDMEulerScheduler"},
     "flow": {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0},
 }
+
+
+def public(config) -> dict:
+    """A config without diffusers' private bookkeeping keys (``_class_name``, ``_use_default_values``, ...)."""
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}

@@ -37,7 +37,7 @@ from .moments import (
     Generator,
     isotropic_variance,
 )
-from .noise import _DEFAULT_PREDICTION, NoiseSchedule, _check_choice, infer_noise_family
+from .noise import _DEFAULT_PREDICTION, NOISE_FAMILIES, NoiseSchedule, _check_choice, infer_noise_family
 
 SCHEDULES = ("annealed", "single_level")
 TRANSITIONS = ("ancestral", "gibbs")
@@ -131,14 +131,16 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         if variance_bound is not None and not variance_bound > 0:
             raise ValueError(f"`variance_bound` must be positive or None; got {variance_bound!r}.")
         family = noise_family or "vp"
+        _check_choice("noise_family", family, NOISE_FAMILIES)
         self.register_to_config(noise_family=family, prediction_type=prediction_type or _DEFAULT_PREDICTION[family])
         self.noise_schedule = NoiseSchedule.from_config(self.config)
         self.num_inference_steps: int | None = None
-        self.timesteps = (
-            self.noise_schedule.timestep_for_sigma(sigma).reshape(1)
-            if schedule == "single_level"
-            else self.noise_schedule.inference_timesteps(self.noise_schedule.num_train_timesteps)
-        )
+        if schedule == "single_level":
+            self.timesteps = self.noise_schedule.timestep_for_sigma(sigma).reshape(1)
+        elif family == "vp":  # every training step, as DDPMScheduler starts
+            self.timesteps = torch.arange(self.noise_schedule.num_train_timesteps).flip(0)
+        else:
+            self.timesteps = self.noise_schedule.inference_timesteps(self.noise_schedule.num_train_timesteps)
         self._set_levels(self.timesteps)
 
     # ------------------------------------------------------------------ configuration
@@ -150,6 +152,10 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         inferred from the source class, e.g. ``MMGibbsScheduler.from_config(pipe.scheduler.config,
         covariance="isotropic", gibbs_sweeps=2)``."""
         config = dict(config or {})
+        if config.get("_class_name") != cls.__name__ and config.get("noise_family") is None:
+            # diffusers drops the keys a source left at *its* defaults (`_use_default_values`), which would swap in
+            # ours (e.g. DDPM's clip_sample=True, Euler's linspace spacing): keep the source's noise schedule whole
+            config.pop("_use_default_values", None)
         if config.get("_class_name") != cls.__name__ and "noise_family" not in kwargs:
             family = infer_noise_family({**config, **kwargs})
             kwargs["noise_family"] = family
