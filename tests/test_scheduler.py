@@ -140,6 +140,17 @@ def test_mean_only_ancestral_transition_is_ddpm() -> None:
         np.testing.assert_allclose(ours.images, ref.images, atol=1e-4)
 
 
+def test_mean_only_eta_zero_transition_is_ddim() -> None:
+    """eta = 0 keeps all of x_t's implied noise: with Sigma = 0 that is DDIM's deterministic step. (With
+    clip_sample the noise is re-derived from the clipped x, i.e. DDIM's use_clipped_model_output=True.)"""
+    pipe = tiny_ddpm_pipeline()
+    pipe.scheduler = DDIMScheduler(clip_sample=False)
+    ref = pipe(batch_size=2, num_inference_steps=10, generator=torch.Generator().manual_seed(0), output_type="np")
+    pipe.scheduler = MMGibbsScheduler.from_config(pipe.scheduler.config, covariance="none", eta=0.0)
+    ours = pipe(batch_size=2, num_inference_steps=10, generator=torch.Generator().manual_seed(0), output_type="np")
+    np.testing.assert_allclose(ours.images, ref.images, atol=1e-4)
+
+
 def test_ancestral_step_has_the_integrated_moments() -> None:
     """x_s ~ N(a x_t + b mu, b^2 v + var_ts) for isotropic Sigma = v I (Monte Carlo over draws)."""
     sched = MMGibbsScheduler(covariance="isotropic", transition="ancestral")

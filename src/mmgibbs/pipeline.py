@@ -81,6 +81,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         num_probes: int | None = None,
         gibbs_sweeps: int | None = None,
         transition: str | None = None,
+        eta: float | None = None,
         final_output: str | None = None,
         jacobian: str | None = None,
         x_init: torch.Tensor | None = None,
@@ -96,7 +97,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             batch_size: number of samples.
             generator: torch generator(s) for the start, the draws and the Hutchinson probes.
             num_inference_steps: noise levels (annealed) or sweeps at ``sigma`` (single level).
-            covariance, num_probes, gibbs_sweeps, transition, final_output, jacobian: override the scheduler's
+            covariance, num_probes, gibbs_sweeps, transition, eta, final_output, jacobian: override the scheduler's
                 settings for this call (see :class:`MMGibbsScheduler`).
             x_init: a clean starting point x; the chain then starts from its re-noising at the first level
                 (e.g. data, for the single-level chain started from data).
@@ -130,6 +131,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
                 num_probes=num_probes,
                 gibbs_sweeps=gibbs_sweeps,
                 transition=transition,
+                eta=eta,
                 final_output=final_output,
                 jacobian=jacobian,
             ).items()

@@ -9,12 +9,17 @@ The scheduler keeps the sample in the model's own frame, x_t = alpha_t * y, so `
 ``scale_model_input`` are those the model was trained with (1 and identity for VP models, whatever config the
 scheduler came from). Moving from level t to the next level s, with x drawn at level t:
 
-    x_s = alpha_s x + s_s (rho r + sqrt(1 - rho^2) z),    r = (x_t - alpha_t x) / s_t,   z ~ N(0, I)
+    x_s = alpha_s x + s_s (c r + sqrt(1 - c^2) z),    r = (x_t - alpha_t x) / s_t,   z ~ N(0, I),
 
-* ``transition="gibbs"`` (the paper): rho = 0, fresh re-noising; also every sweep within one level.
-* ``transition="ancestral"``: rho = sigma_s / sigma_t, the DDPM posterior q(x_s | x_t, x) with x ~ N(mu, Sigma)
-  integrated out: x_s ~ N(a x_t + b mu, b^2 Sigma + var_ts I), a = s_s rho / s_t, b = alpha_s - a alpha_t,
-  var_ts = s_s^2 (1 - rho^2); with Sigma = 0 it is DDPM's ancestral step (Analytic-DPM when Sigma = v I).
+where r is the noise that x implies for x_t and c the share of it that is kept:
+
+* ``transition="gibbs"`` (the paper): c = 0, fresh re-noising; also every sweep within one level.
+* ``transition="ancestral"``: c^2 = 1 - eta^2 (1 - sigma_s^2 / sigma_t^2). With ``eta=1``, c = sigma_s / sigma_t
+  and x_s ~ q(x_s | x_t, x), the DDPM posterior with x ~ N(mu, Sigma) integrated out:
+  x_s ~ N(a x_t + b mu, b^2 Sigma + var_ts I), a = s_s c / s_t, b = alpha_s - a alpha_t, var_ts = s_s^2 (1 - c^2);
+  with Sigma = 0 this is DDPM's step (Analytic-DPM's when Sigma = v I). ``eta=0`` keeps all of r: a DDIM step
+  around the drawn x (deterministic DDIM when Sigma = 0). For every eta, an exact posterior draw x would give
+  x_s the exact marginal at level s; the moment-matched Gaussian makes that exact for Gaussian data.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         schedule: ``"annealed"`` (levels from high to low noise) or ``"single_level"`` (every sweep at ``sigma``).
         sigma: the noise level of the single-level chain (VE frame; VP models use the nearest timestep).
         transition: how to move between levels, ``"ancestral"`` or ``"gibbs"`` (see the module docstring).
+        eta: share of fresh noise in the ancestral transition: 1 is the DDPM posterior, 0 a DDIM step.
         final_output: return the last drawn ``"sample"`` x or the last posterior ``"mean"`` mu.
         num_probes: Rademacher probes of the Hutchinson diagonal (pipeline only).
         jacobian: ``"auto"``, ``"reverse"`` or ``"forward"`` mode for Jacobian covariances (pipeline only).
@@ -93,6 +99,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         schedule: str = "annealed",
         sigma: float | None = None,
         transition: str = "ancestral",
+        eta: float = 1.0,
         final_output: str = "sample",
         num_probes: int = 1,
         jacobian: str = "auto",
@@ -128,6 +135,8 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
         if schedule == "single_level" and (sigma is None or not sigma > 0):
             raise ValueError(f"schedule='single_level' needs a positive noise level `sigma`; got {sigma!r}.")
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"`eta` must lie in [0, 1]; got {eta!r}.")
         if variance_bound is not None and not variance_bound > 0:
             raise ValueError(f"`variance_bound` must be positive or None; got {variance_bound!r}.")
         family = noise_family or "vp"
@@ -319,12 +328,12 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
                 prev = prev.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
         else:
             alpha_s, s_s = self.level(i + 1)
-            # rho = sigma_s / sigma_t, written so that alpha_t = 0 (pure noise) gives 0
-            ancestral = cfg.transition == "ancestral" and s_s * alpha_t < s_t * alpha_s
-            rho = s_s * alpha_t / (alpha_s * s_t) if ancestral else 0.0
+            # sigma_s / sigma_t, written so that alpha_t = 0 (pure noise) gives 0; 1 within a level
+            ratio = min(s_s * alpha_t / (alpha_s * s_t), 1.0)
+            c = math.sqrt(1.0 - cfg.eta**2 * (1.0 - ratio**2)) if cfg.transition == "ancestral" and ratio < 1 else 0.0
             z = randn_tensor(x.shape, generator=generator, device=x.device, dtype=work)
             r = (x_t - alpha_t * x) / s_t
-            prev = alpha_s * x + s_s * (rho * r + math.sqrt(1.0 - rho**2) * z)
+            prev = alpha_s * x + s_s * (c * r + math.sqrt(1.0 - c**2) * z)
 
         self._step_index = i + 1
         prev, mu = prev.to(sample.dtype), mu.to(sample.dtype)
