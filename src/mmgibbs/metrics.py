@@ -53,18 +53,23 @@ def energy_distance(samples: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def frechet_distance(features: torch.Tensor | np.ndarray, reference: torch.Tensor | np.ndarray) -> float:
-    """Frechet distance between Gaussian fits of two feature sets (rows are samples), as in FID."""
-    from scipy import linalg
+    """Frechet distance between Gaussian fits of two feature sets (rows are samples), the FID formula:
 
-    a = np.asarray(features, dtype=np.float64)
-    b = np.asarray(reference, dtype=np.float64)
-    m1, m2 = a.mean(0), b.mean(0)
-    c1, c2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root, _ = linalg.sqrtm(c1 @ c2, disp=False)
-    if not np.isfinite(root).all():  # near-singular product: regularise as pytorch-fid does
-        offset = np.eye(len(c1)) * 1e-6
-        root = linalg.sqrtm((c1 + offset) @ (c2 + offset))
-    return float(((m1 - m2) ** 2).sum() + np.trace(c1 + c2 - 2 * np.real(root)))
+    ||m_a - m_b||^2 + tr(C_a) + tr(C_b) - 2 tr((C_a^(1/2) C_b C_a^(1/2))^(1/2)),
+
+    in float64 with symmetric eigendecompositions; round-off negative eigenvalues are clipped to 0.
+    """
+    a = torch.as_tensor(features).detach().cpu().double().numpy()
+    b = torch.as_tensor(reference).detach().cpu().double().numpy()
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(a.shape[0], b.shape[0]) < 2:
+        raise ValueError(f"need two (N, D) feature arrays with N >= 2 and equal D; got {a.shape} and {b.shape}.")
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w_a, v_a = np.linalg.eigh(cov_a)
+    sqrt_a = (v_a * np.sqrt(np.clip(w_a, 0.0, None))) @ v_a.T
+    middle = sqrt_a @ cov_b @ sqrt_a
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0.0, None)).sum()
+    value = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2.0 * tr_covmean
+    return max(float(value), 0.0)
 
 
 def kl_from_uniform(labels: torch.Tensor | np.ndarray, num_classes: int) -> float:
