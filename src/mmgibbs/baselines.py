@@ -11,7 +11,8 @@ from collections.abc import Callable, Sequence
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .moments import Denoiser, Generator
+from .moments import Denoiser, DenoisingMoments, Generator
+from .scheduler import MMGibbsScheduler
 
 
 def tweedie_score(denoiser: Denoiser, sigma: float) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -49,3 +50,37 @@ def annealed_langevin(
     for denoiser, sigma in denoisers:
         y = langevin(tweedie_score(denoiser, sigma), y, step_scale * sigma**2, steps_per_level, generator)
     return denoisers[-1][0](y) if denoise else y
+
+
+@torch.no_grad()
+def predictor_corrector(
+    model: torch.nn.Module,
+    scheduler: MMGibbsScheduler,
+    sample: torch.Tensor,
+    snr: float,
+    generator: Generator = None,
+    corrector_steps: int = 1,
+) -> torch.Tensor:
+    """Predictor-corrector sampling (Song et al. 2021, Alg. 2-3) in the model's frame x_t.
+
+    At each of ``scheduler.timesteps`` (set beforehand): ``corrector_steps`` Langevin steps on p(x_t),
+    x_t <- x_t + eps grad log p(x_t) + sqrt(2 eps) z with eps = 2 (snr ||z|| / ||grad||)^2 (batch norms) and
+    grad log p(x_t) = (alpha_t mu - x_t) / s_t^2 from the model; then the predictor, ``scheduler.step`` (use
+    ``covariance="none"``, ``transition="ancestral"``: DDPM's ancestral step). ``corrector_steps + 1`` model calls
+    per level.
+    """
+    schedule = scheduler.noise_schedule
+    for i, t in enumerate(scheduler.timesteps):
+        alpha, s = scheduler.level(i)
+        mu_of = schedule.denoiser(model, t.cpu())
+        for _ in range(corrector_steps):
+            grad = (alpha * mu_of(sample / alpha) - sample) / s**2
+            z = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+            ratio = z.flatten(1).norm(dim=-1).mean() / grad.flatten(1).norm(dim=-1).mean()
+            eps = 2 * (snr * ratio) ** 2
+            sample = sample + eps * grad + (2 * eps).sqrt() * z
+        predicted = DenoisingMoments(
+            mu=mu_of(sample / alpha), sigma=torch.full((len(sample),), s / alpha), covariance="none"
+        )
+        sample = scheduler.step(predicted, t, sample, generator).prev_sample
+    return sample
