@@ -244,3 +244,42 @@ def test_half_precision_models_give_float32_moments(unet_denoiser, dtype: torch.
         assert float((moments.mu.double() - ref.mu).abs().max()) < 0.1
     finally:
         unet.double()
+
+
+def test_finite_difference_products_match_autodiff() -> None:
+    model = _mixture(10, "ve")
+    sig = 0.5
+    y = model.sample_noisy(6, sig, torch.Generator().manual_seed(3))
+    den = model.noise_schedule.denoiser(model, sig)
+    exact = denoising_moments(den, y, sig, "full", jacobian="reverse")
+    fd = denoising_moments(den, y, sig, "full", jacobian="finite_difference")
+    assert _rel_err(fd.variance, exact.variance) < 0.05
+    assert (fd.num_forward, fd.num_backward, fd.num_jvp) == (11, 0, 0)  # one forward per product, plus mu
+    diag = denoising_moments(den, y, sig, "diagonal", 2, torch.Generator().manual_seed(0), "finite_difference")
+    assert diag.num_forward == 3
+
+
+@pytest.mark.parametrize("jacobian", ["reverse", "forward", "finite_difference"])
+def test_projection_draw_has_covariance_sigma_j(jacobian: str) -> None:
+    """For Gaussian data N(m, C), J = C (C + sigma^2 I)^-1 everywhere, so sigma J z ~ N(0, sigma^2 J J^T) = N(0,
+    Sigma J); on a subspace at small noise (J ~ a projection) that is Sigma itself."""
+    stds = torch.tensor([1.0, 0.8, 0.5, 1e-3, 1e-3], dtype=torch.float64)
+    model = GaussianMixtureDenoiser.from_components(
+        [[0.3, -0.2, 0.1, 0.0, 0.0]], torch.diag(stds**2)[None], scheduler_config=FAMILY_CONFIGS["ve"]
+    )
+    sig = 0.05
+    y = model.sample_noisy(1, sig).expand(20000, -1)
+    den = model.noise_schedule.denoiser(model, sig)
+    moments = denoising_moments(
+        den, y, sig, "projection", generator=torch.Generator().manual_seed(1), jacobian=jacobian
+    )
+    x = moments.sample()
+    exact_cov = model.posterior_covariance(y[:1], sig)[0]
+    jac = torch.diag(stds**2 / (stds**2 + sig**2))
+    assert torch.equal(moments.sample(), x)  # one draw, made with the moments
+    torch.testing.assert_close(x.mean(0), moments.mu[0], atol=3e-4, rtol=0)
+    tol = 0.05 if jacobian == "finite_difference" else 0.03
+    torch.testing.assert_close(torch.cov(x.T), exact_cov @ jac, atol=tol * sig**2, rtol=0)
+    torch.testing.assert_close(torch.cov(x.T), exact_cov, atol=tol * sig**2, rtol=0)  # J is nearly a projection
+    with pytest.raises(ValueError, match="use `sample"):
+        moments.scale(torch.zeros_like(y))

@@ -19,7 +19,7 @@ from diffusers import DDPMScheduler, DiffusionPipeline
 from PIL import Image
 from tiny_pipelines import count_calls, tiny_ddpm_pipeline
 
-from mmgibbs import GaussianMixtureDenoiser, MMGibbsScheduler, MomentMatchingGibbsPipeline
+from mmgibbs import COVARIANCES, GaussianMixtureDenoiser, MMGibbsScheduler, MomentMatchingGibbsPipeline
 from mmgibbs.baselines import langevin
 from mmgibbs.metrics import mmd2, reference_bandwidth
 
@@ -167,7 +167,7 @@ def test_pipeline_converts_a_ddpm_scheduler_and_counts_passes(unet_pipeline) -> 
     assert unet_pipeline.scheduler.config.covariance == "isotropic"
 
 
-@pytest.mark.parametrize("covariance", ["none", "isotropic", "diagonal", "exact_diagonal", "full"])
+@pytest.mark.parametrize("covariance", COVARIANCES)
 def test_every_covariance_is_deterministic_for_a_generator(unet_pipeline, covariance: str) -> None:
     def run(seed: int) -> np.ndarray:
         g = torch.Generator().manual_seed(seed)

@@ -16,6 +16,11 @@ denoiser. Covariance structures (each estimator is one small function below):
                       v_k * (J^T v_k) (reverse mode) over ``num_probes`` Rademacher probes v_k.
 * ``exact_diagonal``: the diagonal of the whole Jacobian (d products).
 * ``full``:           Sigma = sigma^2 (J + J^T) / 2 with its spectrum clamped to [0, bound] (d products).
+* ``projection``:     one structured draw x = mu + sigma J z, z ~ N(0, I) (one product). Its covariance is
+                      Sigma J: exact where J is a projection (a data manifold at small noise: J ~ 1 along it,
+                      ~ 0 across), smaller than Sigma in between. Unlike isotropic or diagonal noise it stays on
+                      the data manifold, at the cost of one Jacobian product per draw (one forward by finite
+                      differences).
 
 Variance bounds (why, and how): a posterior variance is never negative, so every estimate is clamped at 0.
 If ``variance_bound`` is given (data in [-r, r] has per-dimension variance <= r^2, Analytic-DPM Thm. 2) every
@@ -33,9 +38,11 @@ from dataclasses import dataclass
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-COVARIANCES = ("none", "isotropic", "diagonal", "exact_diagonal", "full")
-JACOBIAN_MODES = ("auto", "reverse", "forward")
-JACOBIAN_COVARIANCES = ("diagonal", "exact_diagonal", "full")
+COVARIANCES = ("none", "isotropic", "diagonal", "exact_diagonal", "full", "projection")
+JACOBIAN_MODES = ("auto", "reverse", "forward", "finite_difference")
+JACOBIAN_COVARIANCES = ("diagonal", "exact_diagonal", "full", "projection")
+#: relative step of finite-difference Jacobian products: h = FINITE_DIFFERENCE_STEP * sigma
+FINITE_DIFFERENCE_STEP = 1e-2
 DEFAULT_MAX_FULL_DIM = 1024
 
 Generator = torch.Generator | list[torch.Generator] | None
@@ -46,8 +53,9 @@ Denoiser = Callable[[torch.Tensor], torch.Tensor]
 class DenoisingMoments:
     """q(x | y) = N(mu, Sigma) at one noise level, for a batch of N points y.
 
-    ``variance`` holds Sigma in the structure's own form: ``None`` (none), shape (N,) (isotropic, Sigma = v I),
-    the shape of ``mu`` (diagonal), or (N, d, d) (full, symmetric PSD). ``num_forward`` / ``num_backward`` /
+    ``variance`` holds Sigma in the structure's own form: ``None`` (none, projection), shape (N,) (isotropic,
+    Sigma = v I), the shape of ``mu`` (diagonal), or (N, d, d) (full, symmetric PSD). ``projection`` instead holds
+    its one structured ``draw`` sigma J z, made when the moments were computed. ``num_forward`` / ``num_backward`` /
     ``num_jvp`` count the batched model passes spent on these moments.
     """
 
@@ -55,17 +63,22 @@ class DenoisingMoments:
     sigma: torch.Tensor
     covariance: str
     variance: torch.Tensor | None = None
+    draw: torch.Tensor | None = None
     num_forward: int = 1
     num_backward: int = 0
     num_jvp: int = 0
 
     def sample(self, generator: Generator = None) -> torch.Tensor:
-        """Draw x ~ N(mu, Sigma) (in ``mu``'s dtype, float32 or float64)."""
+        """Draw x ~ N(mu, Sigma) (in ``mu``'s dtype, float32 or float64); ``projection``: mu + its draw."""
+        if self.covariance == "projection":
+            return self.mu + self.draw
         z = randn_tensor(self.mu.shape, generator=generator, device=self.mu.device, dtype=self.mu.dtype)
         return self.mu + self.scale(z)
 
     def scale(self, z: torch.Tensor) -> torch.Tensor:
         """Sigma^(1/2) z, for z of ``mu``'s shape."""
+        if self.covariance == "projection":
+            raise ValueError("covariance='projection' holds one draw, not Sigma: use `sample()`.")
         if self.covariance == "none":
             return torch.zeros_like(z)
         if self.covariance == "full":
@@ -78,6 +91,8 @@ class DenoisingMoments:
         """trace(Sigma) / d per sample, shape (N,)."""
         if self.covariance == "none":
             return torch.zeros(self.mu.shape[0], dtype=self.mu.dtype, device=self.mu.device)
+        if self.covariance == "projection":  # a one-draw estimate
+            return self.draw.flatten(1).pow(2).mean(-1)
         if self.covariance == "isotropic":
             return self.variance
         if self.covariance == "full":
@@ -169,12 +184,15 @@ def _forward_mode_safe() -> Iterator[None]:
 
 
 class _Linearisation:
-    """mu = f(y) and products with J = d f / d y, by reverse mode (one forward kept, one backward per product)
-    or forward mode (one JVP per product; the first JVP also gives mu)."""
+    """mu = f(y) and products with J = d f / d y, by reverse mode (one forward kept, one backward per product),
+    forward mode (one JVP per product; the first JVP also gives mu) or finite differences (one forward per
+    product, J v ~ (f(y + h v) - f(y)) / h with h = ``FINITE_DIFFERENCE_STEP`` * sigma)."""
 
-    def __init__(self, denoiser: Denoiser, y: torch.Tensor, mode: str):
+    def __init__(self, denoiser: Denoiser, y: torch.Tensor, mode: str, sigma: torch.Tensor | None = None):
         self.denoiser, self.mode = denoiser, mode
         self.num_forward = self.num_backward = self.num_jvp = 0
+        self.y = y.detach()
+        self.mu: torch.Tensor | None = None
         if mode == "reverse":
             with torch.enable_grad():
                 self.y = y.detach().requires_grad_(True)
@@ -183,21 +201,25 @@ class _Linearisation:
                 raise RuntimeError("the denoiser output does not depend differentiably on its input")
             self.mu = self.mu_graph.detach()
             self.num_forward = 1
-        else:
-            self.y = y.detach()
-            self.mu = None
+        elif mode == "finite_difference":
+            self.step = FINITE_DIFFERENCE_STEP * _per_sample(sigma, y)
 
     @property
     def transpose(self) -> bool:
         return self.mode == "reverse"
 
     def product(self, v: torch.Tensor) -> torch.Tensor:
-        """J^T v (reverse mode) or J v (forward mode)."""
+        """J^T v (reverse mode) or J v (forward mode, finite differences)."""
         if self.mode == "reverse":
             self.num_backward += 1
             with torch.enable_grad():
                 (g,) = torch.autograd.grad(self.mu_graph, self.y, v, retain_graph=True)
             return g
+        if self.mode == "finite_difference":
+            mu = self.mean()
+            self.num_forward += 1
+            with torch.no_grad():
+                return (self.denoiser(self.y + self.step * v) - mu) / self.step
         self.num_jvp += 1
         with torch.enable_grad(), _forward_mode_safe():
             mu, jv = torch.func.jvp(self.denoiser, (self.y,), (v,))
@@ -213,10 +235,10 @@ class _Linearisation:
         return self.mu
 
 
-def _linearise(denoiser: Denoiser, y: torch.Tensor, mode: str) -> _Linearisation:
+def _linearise(denoiser: Denoiser, y: torch.Tensor, mode: str, sigma: torch.Tensor) -> _Linearisation:
     """Pick the Jacobian mode; ``auto`` tries reverse mode, then forward mode, and names both failures."""
     if mode != "auto":
-        return _Linearisation(denoiser, y, mode)
+        return _Linearisation(denoiser, y, mode, sigma)
     try:
         return _Linearisation(denoiser, y, "reverse")
     except (RuntimeError, NotImplementedError) as err:
@@ -254,11 +276,13 @@ def denoising_moments(
         y: the noisy points, y = x + sigma * eps, batch first; computed in float64 if ``y`` is float64, else
             float32, whatever dtype the model runs in.
         sigma: the noise level, a float or a per-sample tensor (N,).
-        covariance: one of ``"none"``, ``"isotropic"``, ``"diagonal"``, ``"exact_diagonal"``, ``"full"``.
+        covariance: one of ``"none"``, ``"isotropic"``, ``"diagonal"``, ``"exact_diagonal"``, ``"full"``,
+            ``"projection"``.
         num_probes: Rademacher probes of the Hutchinson estimate (``diagonal``).
-        generator: the torch generator(s) the probes are drawn from.
+        generator: the torch generator(s) the probes (and the ``projection`` draw) are drawn from.
         jacobian: ``"reverse"`` (one forward kept, one backward per probe), ``"forward"`` (one JVP per probe),
-            or ``"auto"`` (reverse, else forward).
+            ``"finite_difference"`` (one more forward per probe, step 1e-2 sigma), or ``"auto"`` (reverse, else
+            forward).
         variance_bound: optional upper bound on every per-dimension variance (see the module docstring).
         max_full_dim: ``full`` and ``exact_diagonal`` refuse dimensions above this (d products, (N, d, d)).
 
@@ -271,7 +295,7 @@ def denoising_moments(
     if covariance == "diagonal" and (not isinstance(num_probes, int) or num_probes < 1):
         raise ValueError(f"`num_probes` must be a positive integer; got {num_probes!r}.")
     dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
-    y = y.detach().to(dtype)
+    y = y.detach().to(dtype).contiguous()  # forward-mode AD refuses expanded (stride-0) inputs
     sigma = torch.as_tensor(sigma, dtype=dtype, device=y.device).expand(y.shape[0]).clone()
     if not torch.all(torch.isfinite(sigma) & (sigma > 0)):
         raise ValueError(f"`sigma` must be positive and finite; got {sigma}.")
@@ -289,9 +313,14 @@ def denoising_moments(
         variance = isotropic_variance(y, mu, sigma, variance_bound) if covariance == "isotropic" else None
         return DenoisingMoments(mu=mu, sigma=sigma, covariance=covariance, variance=variance)
 
-    lin = _linearise(denoiser, y, jacobian)
+    lin = _linearise(denoiser, y, jacobian, sigma)
     scale = _per_sample(sigma**2, y)
-    if covariance == "diagonal":
+    draw = None
+    if covariance == "projection":
+        variance = None
+        z = randn_tensor(y.shape, generator=generator, device=y.device, dtype=dtype)
+        draw = _per_sample(sigma, y) * lin.product(z)
+    elif covariance == "diagonal":
         diag = hutchinson_diagonal(lin.product, y, num_probes, generator)
         variance = _clamp_variance(scale * diag, variance_bound)
     else:
@@ -307,6 +336,7 @@ def denoising_moments(
         sigma=sigma,
         covariance=covariance,
         variance=variance,
+        draw=draw,
         num_forward=lin.num_forward,
         num_backward=lin.num_backward,
         num_jvp=lin.num_jvp,

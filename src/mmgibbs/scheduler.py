@@ -24,6 +24,7 @@ where r is the noise that x implies for x_t and c the share of it that is kept:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -70,7 +71,8 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
 
     Args:
         covariance: ``"none"`` (mean only), ``"isotropic"`` (Analytic-DPM batch estimate), or, inside
-            :class:`MomentMatchingGibbsPipeline` only, ``"diagonal"``, ``"exact_diagonal"``, ``"full"``.
+            :class:`MomentMatchingGibbsPipeline` only, ``"diagonal"``, ``"exact_diagonal"``, ``"full"``,
+            ``"projection"`` (see ``mmgibbs.moments``).
         gibbs_sweeps: Gibbs sweeps per noise level; the model is called levels x sweeps times.
         schedule: ``"annealed"`` (levels from high to low noise) or ``"single_level"`` (every sweep at ``sigma``).
         sigma: the noise level of the single-level chain (VE frame; VP models use the nearest timestep).
@@ -78,7 +80,8 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         eta: share of fresh noise in the ancestral transition: 1 is the DDPM posterior, 0 a DDIM step.
         final_output: return the last drawn ``"sample"`` x or the last posterior ``"mean"`` mu.
         num_probes: Rademacher probes of the Hutchinson diagonal (pipeline only).
-        jacobian: ``"auto"``, ``"reverse"`` or ``"forward"`` mode for Jacobian covariances (pipeline only).
+        jacobian: ``"auto"``, ``"reverse"``, ``"forward"`` or ``"finite_difference"`` Jacobian products for
+            Jacobian covariances (pipeline only).
         variance_bound: optional upper bound on per-dimension posterior variances (r^2 for data in [-r, r]).
         noise_family: ``"vp"``, ``"ve"``, ``"edm"`` or ``"flow"``; inferred by :meth:`from_config`.
         The remaining arguments are the source scheduler's noise-schedule settings, with diffusers' meanings.
@@ -319,7 +322,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         mu = moments.mu.to(work)
         if cfg.clip_sample:
             mu = mu.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
-            moments = DenoisingMoments(mu, moments.sigma, moments.covariance, moments.variance)
+            moments = dataclasses.replace(moments, mu=mu)
         x = moments.sample(generator).to(work) if moments.covariance != "none" else mu
 
         if i == len(self.timesteps) - 1:
