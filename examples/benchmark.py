@@ -103,6 +103,17 @@ def digits_rows(quick: bool) -> list[Row]:
         Row("MMGibbs annealed, ancestral, diagonal (1 probe)", "mmgibbs", n, {"covariance": "diagonal"})
         for n in (10, 20)
     ]
+    proj = {"covariance": "projection", "jacobian": "finite_difference"}  # one extra forward per level
+    for label, settings in [
+        ("MMGibbs annealed, ancestral, projection (fin. diff.)", proj),
+        ("MMGibbs annealed, ancestral eta=0, projection (fin. diff.)", {**proj, "eta": 0.0}),
+        (
+            "MMGibbs annealed, ancestral eta=0, projection (fin. diff.), trailing",
+            {**proj, "eta": 0.0, "timestep_spacing": "trailing"},
+        ),
+        ("MMGibbs annealed, gibbs (paper), projection (fin. diff.)", {**proj, "transition": "gibbs"}),
+    ]:
+        rows += [Row(label, "mmgibbs", n, settings) for n in (10, 25)]
     rows += [Row("MMGibbs annealed, ancestral, full (64 backward/level)", "mmgibbs", 10, {"covariance": "full"})]
     rows += [
         Row("MMGibbs single level sigma=0.5 (t=158), isotropic", "mmgibbs", n, {**iso, "schedule": "single_level"})
@@ -120,6 +131,14 @@ def single_level_rows(quick: bool) -> list[Row]:
         rows += [Row("Langevin (y samples)", "langevin", n), Row("Langevin + Tweedie jump", "langevin+jump", n)]
         rows += [Row(f"MMGibbs {c}", "single-mmgibbs", n, {"covariance": c}) for c in ("none", "isotropic")]
         rows += [Row("MMGibbs diagonal (1 probe)", "single-mmgibbs", n, {"covariance": "diagonal"})]
+        rows += [
+            Row(
+                "MMGibbs projection (fin. diff.)",
+                "single-mmgibbs",
+                n,
+                {"covariance": "projection", "jacobian": "finite_difference"},
+            )
+        ]
         if n <= 10 and not quick:
             rows += [Row("MMGibbs full", "single-mmgibbs", n, {"covariance": "full"})]
     return rows

@@ -3,7 +3,7 @@ noise level sigma (here exact: ``GaussianMixtureDenoiser``), and the samplers of
 
 * the noisy marginal p~ itself and unadjusted Langevin on its score (started from N(0, I));
 * the moment-matching Gibbs chain x -> y = x + sigma eps -> x ~ N(mu(y), Sigma(y)), started from N(0, I),
-  with covariance none / isotropic / diagonal (Hutchinson) / exact diagonal / full,
+  with covariance none / isotropic / diagonal (Hutchinson) / exact diagonal / full / projection,
   run by ``MomentMatchingGibbsPipeline`` exactly as for a UNet;
 * the exact-posterior Gibbs chain x ~ p(x | y) (what the moment matching approximates).
 
@@ -21,11 +21,9 @@ from pathlib import Path
 
 import torch
 
-from mmgibbs import GaussianMixtureDenoiser, MMGibbsScheduler, MomentMatchingGibbsPipeline
+from mmgibbs import COVARIANCES, GaussianMixtureDenoiser, MMGibbsScheduler, MomentMatchingGibbsPipeline
 from mmgibbs.baselines import langevin
 from mmgibbs.metrics import energy_distance, mmd2, reference_bandwidth
-
-COVARIANCES = ("none", "isotropic", "diagonal", "exact_diagonal", "full")
 
 
 def build_pipeline(sigma: float, covariance: str = "full", num_probes: int = 4) -> MomentMatchingGibbsPipeline:

@@ -257,7 +257,17 @@ def _linearise(denoiser: Denoiser, y: torch.Tensor, mode: str, sigma: torch.Tens
         ) from err
 
 
-# ---------------------------------------------------------------------------------------------- entry point
+# ---------------------------------------------------------------------------------------------- entry points
+def moments_from_mean(
+    y: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, covariance: str, variance_bound: float | None = None
+) -> DenoisingMoments:
+    """The moments that need no derivatives (``none``, ``isotropic``) from one denoiser output mu(y)."""
+    if covariance in JACOBIAN_COVARIANCES:
+        raise ValueError(f"covariance={covariance!r} needs the denoiser's Jacobian, not only mu(y).")
+    variance = isotropic_variance(y, mu, sigma, variance_bound) if covariance == "isotropic" else None
+    return DenoisingMoments(mu=mu, sigma=sigma, covariance=covariance, variance=variance)
+
+
 def denoising_moments(
     denoiser: Denoiser,
     y: torch.Tensor,
@@ -309,9 +319,7 @@ def denoising_moments(
 
     if covariance not in JACOBIAN_COVARIANCES:
         with torch.no_grad():
-            mu = denoiser(y).to(dtype)
-        variance = isotropic_variance(y, mu, sigma, variance_bound) if covariance == "isotropic" else None
-        return DenoisingMoments(mu=mu, sigma=sigma, covariance=covariance, variance=variance)
+            return moments_from_mean(y, denoiser(y).to(dtype), sigma, covariance, variance_bound)
 
     lin = _linearise(denoiser, y, jacobian, sigma)
     scale = _per_sample(sigma**2, y)

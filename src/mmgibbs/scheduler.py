@@ -41,7 +41,7 @@ from .moments import (
     JACOBIAN_MODES,
     DenoisingMoments,
     Generator,
-    isotropic_variance,
+    moments_from_mean,
 )
 from .noise import _DEFAULT_PREDICTION, NOISE_FAMILIES, NoiseSchedule, _check_choice, infer_noise_family
 
@@ -164,15 +164,12 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         inferred from the source class, e.g. ``MMGibbsScheduler.from_config(pipe.scheduler.config,
         covariance="isotropic", gibbs_sweeps=2)``."""
         config = dict(config or {})
-        if config.get("_class_name") != cls.__name__ and config.get("noise_family") is None:
+        if config.get("noise_family") is None:  # another scheduler's config
             # diffusers drops the keys a source left at *its* defaults (`_use_default_values`), which would swap in
             # ours (e.g. DDPM's clip_sample=True, Euler's linspace spacing): keep the source's noise schedule whole
             config.pop("_use_default_values", None)
-        if config.get("_class_name") != cls.__name__ and "noise_family" not in kwargs:
-            family = infer_noise_family({**config, **kwargs})
-            kwargs["noise_family"] = family
-            if config.get("prediction_type") is None and "prediction_type" not in kwargs:
-                kwargs["prediction_type"] = NoiseSchedule.from_config(config, noise_family=family).prediction_type
+            if "noise_family" not in kwargs:
+                kwargs["noise_family"] = infer_noise_family({**config, **kwargs})
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def __len__(self) -> int:
@@ -314,10 +311,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         else:
             mu = self.noise_schedule.posterior_mean(model_output.to(work), x_t, self.timesteps[i].cpu())
             sigma = torch.full((x_t.shape[0],), s_t / alpha_t, dtype=work, device=x_t.device)
-            variance = None
-            if cfg.covariance == "isotropic":
-                variance = isotropic_variance(x_t / alpha_t, mu, sigma, cfg.variance_bound)
-            moments = DenoisingMoments(mu=mu, sigma=sigma, covariance=cfg.covariance, variance=variance)
+            moments = moments_from_mean(x_t / alpha_t, mu, sigma, cfg.covariance, cfg.variance_bound)
 
         mu = moments.mu.to(work)
         if cfg.clip_sample:
