@@ -218,18 +218,18 @@ class Bench:
     def _gen(self, seed: int) -> torch.Generator:
         return torch.Generator().manual_seed(seed)
 
+    @torch.no_grad()
     def run_diffusers(self, row: Row, seed: int) -> tuple[torch.Tensor, dict[str, float]]:
-        self.ddpm.scheduler = DIFFUSERS_SCHEDULERS[row.name].from_config(self.ddpm_config)
-        calls = []
-        handle = self.unet.register_forward_pre_hook(lambda *_: calls.append(1))
-        try:
-            out = self.ddpm(
-                batch_size=self.n, num_inference_steps=row.steps, generator=self._gen(seed), output_type="np"
-            )
-        finally:
-            handle.remove()
-        images = torch.from_numpy(out.images).permute(0, 3, 1, 2) * 2 - 1
-        return images, {"forwards": len(calls), "backward": 0, "jvps": 0}
+        """The standard loop with init_noise_sigma and scale_model_input (DDPMPipeline skips both, which breaks
+        Euler-type schedulers; for DDPM, DDIM and DPM-Solver it is the same loop)."""
+        scheduler = DIFFUSERS_SCHEDULERS[row.name].from_config(self.ddpm_config)
+        scheduler.set_timesteps(row.steps)
+        g = self._gen(seed)
+        sample = randn_tensor((self.n, 1, 8, 8), generator=g) * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            out = self.unet(scheduler.scale_model_input(sample, t), t).sample
+            sample = scheduler.step(out, t, sample, generator=g).prev_sample
+        return sample, {"forwards": len(scheduler.timesteps), "backward": 0, "jvps": 0}
 
     def run_mmgibbs(self, row: Row, seed: int) -> tuple[torch.Tensor, dict[str, float]]:
         settings = dict(row.settings)
