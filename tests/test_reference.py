@@ -75,6 +75,13 @@ def test_forward_returns_the_exact_prediction_for_image_shaped_inputs(family: st
     torch.testing.assert_close(mu, model.posterior_mean(x_t / alpha, sig))
 
 
+def test_component_variance_is_the_per_mode_variance() -> None:
+    model = GaussianMixtureDenoiser.paper_toy(std=0.2)
+    x = model.sample(20000, torch.Generator().manual_seed(0))
+    assert model.component_variance(x) == pytest.approx(0.04, rel=0.05)
+    assert model.component_variance(0.5 * x) == pytest.approx(0.01, rel=0.05)  # shrunk modes are seen as such
+
+
 def test_save_and_load_round_trip(tmp_path) -> None:
     model = _model(scheduler_config={"_class_name": "DDPMScheduler", "prediction_type": "v_prediction"})
     model.save_pretrained(tmp_path)

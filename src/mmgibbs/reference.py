@@ -208,6 +208,14 @@ class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
         """Index of the most probable clean component of each x, shape (N,)."""
         return self._posterior_terms(self._flat(x), 0.0)[1].argmax(-1)
 
+    def component_variance(self, x: torch.Tensor) -> float:
+        """Per-dimension variance of samples around their own component, averaged over components with at least
+        two samples: the paper's "variance per mode" (equal to the mean of diag(C_k) / d for exact samples)."""
+        flat = self._flat(x).to(torch.float64)
+        comp = self.component(x)
+        per_component = [flat[comp == k].var(0).mean() for k in range(len(self.means)) if (comp == k).sum() > 1]
+        return float(torch.stack(per_component).mean())
+
     def _categorical(self, probs: torch.Tensor, generator: Generator) -> torch.Tensor:
         u = torch.rand(probs.shape[0], 1, generator=_first(generator), dtype=torch.float64).to(probs.device)
         return (probs.cumsum(-1) < u).sum(-1).clamp(max=probs.shape[-1] - 1)
