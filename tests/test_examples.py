@@ -112,3 +112,15 @@ def test_shipped_checkpoints_load() -> None:
     assert any("Attn" in type(b).__name__ for b in pipe.unet.down_blocks)
     assert pipe.scheduler.config.num_train_timesteps == 1000 and pipe.scheduler.config.prediction_type == "epsilon"
     assert torch.isfinite(next(pipe.unet.parameters())).all()
+
+
+def test_benchmark_quick_run_prints_measured_tables(tmp_path) -> None:
+    """The benchmark's smoke mode end to end: cached results, the report and the sample grids."""
+    out = tmp_path / "bench"
+    args = [sys.executable, "examples/benchmark.py", "--quick", "--threads", "1", "--out-dir", str(out)]
+    result = _run([*args, "--section", "toy"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = (out / "report_toy.md").read_text()
+    for row in ("| DPM-Solver++ (2M) | 20 | 20 |", "| MMGibbs ancestral, isotropic | 20 | 20 |", "| 0.3 | 10 |"):
+        assert row in report
+    assert "nan ± nan" not in report
