@@ -308,7 +308,7 @@ def summarise(bench: Bench, row: Row, results: list[dict]) -> dict[str, Any]:
     return {
         "row": row,
         "fd": fd.mean(),
-        "fd_std": fd.std(ddof=1) if len(fd) > 1 else float("nan"),
+        "fd_std": _spread(fd),
         "fd_seeds": fd,
         "kl": kl.mean(),
         "equiv": bench.equivalents(per_sample),
@@ -485,10 +485,14 @@ def toy_annealed_table(bench: Bench, n: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _mean_std(values: list[float], digits: int) -> str:
+def _spread(values: np.ndarray | list[float]) -> float:
+    """Sample standard deviation over seeds (nan for one seed)."""
     v = np.asarray(values)
-    std = v.std(ddof=1) if len(v) > 1 else float("nan")
-    return f"{v.mean():.{digits}f} ± {std:.{digits}f}"
+    return float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+
+
+def _mean_std(values: list[float], digits: int) -> str:
+    return f"{np.mean(values):.{digits}f} ± {_spread(values):.{digits}f}"
 
 
 def save_grids(summaries: list[dict[str, Any]], path: Path) -> None:

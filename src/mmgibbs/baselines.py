@@ -65,7 +65,7 @@ def predictor_corrector(
 
     At each of ``scheduler.timesteps`` (set beforehand): ``corrector_steps`` Langevin steps on p(x_t),
     x_t <- x_t + eps grad log p(x_t) + sqrt(2 eps) z with eps = 2 (snr ||z|| / ||grad||)^2 (batch norms) and
-    grad log p(x_t) = (alpha_t mu - x_t) / s_t^2 from the model; then the predictor, ``scheduler.step`` (use
+    grad log p(x_t) = (alpha_t mu - x_t) / s_t^2 from the model (Tweedie); then the predictor, ``scheduler.step`` (use
     ``covariance="none"``, ``transition="ancestral"``: DDPM's ancestral step). ``corrector_steps + 1`` model calls
     per level.
     """
@@ -73,8 +73,9 @@ def predictor_corrector(
     for i, t in enumerate(scheduler.timesteps):
         alpha, s = scheduler.level(i)
         mu_of = schedule.denoiser(model, t.cpu())
+        score_y = tweedie_score(mu_of, s / alpha)
         for _ in range(corrector_steps):
-            grad = (alpha * mu_of(sample / alpha) - sample) / s**2
+            grad = score_y(sample / alpha) / alpha  # x_t = alpha_t y: grad log p(x_t) = grad log p~(y) / alpha_t
             z = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
             ratio = z.flatten(1).norm(dim=-1).mean() / grad.flatten(1).norm(dim=-1).mean()
             eps = 2 * (snr * ratio) ** 2
