@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -62,13 +63,21 @@ def test_offline_hub_id_says_how_to_pass_a_local_folder() -> None:
     assert "pass a local folder" in result.stderr and "--model" in result.stderr
 
 
+def _free_port() -> int:
+    """A port nothing listens on now (a fixed one collides with a lingering or parallel run)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_distributed_job_gathers_each_process_slice(tmp_path) -> None:
     out = tmp_path / "grid.png"
     array = tmp_path / "images.npy"
     result = _run(
         [
             sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(_free_port()),
             "examples/distributed_sample.py", "--batch-size", "6", "--steps", "3", "--seed", "5",
             "--out", str(out), "--save-array", str(array),
         ]
