@@ -103,3 +103,32 @@ def test_invalid_components_are_refused() -> None:
         GaussianMixtureDenoiser.from_components([[0.0], [1.0]], [[[1.0]], [[1.0]]], weights=[1.0, -1.0])
     with pytest.raises(ValueError, match="sample_shape"):
         GaussianMixtureDenoiser(num_components=1, dim=4, sample_shape=[3])
+
+
+def test_forward_and_mean_skip_the_covariance_path(monkeypatch) -> None:
+    """The mean needs responsibilities and component means only: forward never builds posterior covariances (an
+    (N, K, d, d) tensor was 1.3 GB per call at d = 64, N = 4000), and its result is the exact prediction."""
+    model = _model()
+    x_t, t = model.sample_noisy(7, 0.6, torch.Generator().manual_seed(2)), torch.tensor(400)
+    expected = model(x_t, t).sample
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the covariance path was called")
+
+    monkeypatch.setattr(GaussianMixtureDenoiser, "component_posterior_covariances", refuse)
+    torch.testing.assert_close(model(x_t, t).sample, expected, rtol=0, atol=0)
+    model.posterior_mean(x_t, 0.6)
+    model.score(x_t, 0.6)
+    with pytest.raises(AssertionError, match="covariance path"):
+        model.posterior_covariance(x_t, 0.6)
+
+
+def test_posterior_covariance_is_the_mixture_of_component_moments() -> None:
+    """Cov[x | y] = sum_k pi_k (C'_k + m'_k m'_k^T) - mu mu^T, written out with the (N, K, d, d) terms."""
+    model = _model()
+    y = model.sample_noisy(5, 0.5, torch.Generator().manual_seed(3))
+    _, resp, post_mean, _ = model._posterior_terms(y, 0.5)
+    comp = model.component_posterior_covariances(0.5)
+    mean = (resp.unsqueeze(-1) * post_mean).sum(1)
+    second = (resp[..., None, None] * (comp + post_mean.unsqueeze(-1) * post_mean.unsqueeze(-2))).sum(1)
+    torch.testing.assert_close(model.posterior_covariance(y, 0.5), second - mean.unsqueeze(-1) * mean.unsqueeze(-2))

@@ -140,21 +140,21 @@ class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
     # ------------------------------------------------------------------ closed forms
     def _posterior_terms(
         self, y: torch.Tensor, sigma: torch.Tensor | float
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """For flat float64 y (N, d): log p~(y) (N,), responsibilities pi (N, K), component posterior means m'
-        (N, K, d), component posterior covariances C' (N, K, d, d) and per-component scores (N, K, d)."""
+        (N, K, d) and per-component scores (N, K, d). Everything the posterior mean needs and nothing more: the
+        component posterior covariances C'_k do not depend on y and come from
+        :meth:`component_posterior_covariances` only where a covariance or a draw is asked for."""
         n, d = y.shape
         sig = self._per_sample_sigma(sigma, n)
         eye = torch.eye(d, dtype=torch.float64, device=y.device)
         log_p = torch.empty(n, dtype=torch.float64, device=y.device)
         resp = torch.empty(n, self.config.num_components, dtype=torch.float64, device=y.device)
         post_mean = torch.empty(n, self.config.num_components, d, dtype=torch.float64, device=y.device)
-        post_cov = torch.empty(n, self.config.num_components, d, d, dtype=torch.float64, device=y.device)
         scores = torch.empty_like(post_mean)
         for s in torch.unique(sig):  # the moments depend on sigma only through S_k = C_k + sigma^2 I
             idx = (sig == s).nonzero().squeeze(-1)
-            cov_s = self.covariances + s**2 * eye  # (K, d, d)
-            chol = torch.linalg.cholesky(cov_s)
+            chol = torch.linalg.cholesky(self.covariances + s**2 * eye)  # (K, d, d)
             diff = y[idx, None, :] - self.means[None]  # (n, K, d)
             sol = torch.einsum("kij,nkj->nki", torch.cholesky_inverse(chol), diff)  # S_k^{-1} (y - m_k)
             maha = (diff * sol).sum(-1)
@@ -163,10 +163,16 @@ class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
             log_p[idx] = torch.logsumexp(log_comp, dim=-1)
             resp[idx] = torch.softmax(log_comp, dim=-1)
             post_mean[idx] = self.means[None] + torch.einsum("kij,nkj->nki", self.covariances, sol)
-            gain = torch.cholesky_solve(self.covariances, chol)  # S_k^{-1} C_k
-            post_cov[idx] = (self.covariances - self.covariances @ gain).unsqueeze(0).expand(len(idx), -1, -1, -1)
             scores[idx] = -sol
-        return log_p, resp, post_mean, post_cov, scores
+        return log_p, resp, post_mean, scores
+
+    def component_posterior_covariances(self, sigma: float | torch.Tensor) -> torch.Tensor:
+        """C'_k = C_k - C_k (C_k + sigma^2 I)^{-1} C_k for one noise level, shape (K, d, d), float64."""
+        eye = torch.eye(self.config.dim, dtype=torch.float64, device=self.means.device)
+        s = torch.as_tensor(sigma, dtype=torch.float64, device=self.means.device)
+        chol = torch.linalg.cholesky(self.covariances + s**2 * eye)
+        cov = self.covariances - self.covariances @ torch.cholesky_solve(self.covariances, chol)
+        return 0.5 * (cov + cov.transpose(-1, -2))
 
     def noisy_log_prob(self, y: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         """log p~(y) of y = x + sigma * eps, shape (N,)."""
@@ -178,30 +184,41 @@ class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
 
     def score(self, y: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         """grad log p~(y), with ``y``'s shape, float64."""
-        _, resp, _, _, scores = self._posterior_terms(self._flat(y), sigma)
+        _, resp, _, scores = self._posterior_terms(self._flat(y), sigma)
         return (resp.unsqueeze(-1) * scores).sum(1).reshape(y.shape)
 
     def posterior_mean(self, y: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         """E[x | y], with ``y``'s shape, float64."""
-        _, resp, post_mean, _, _ = self._posterior_terms(self._flat(y), sigma)
+        _, resp, post_mean, _ = self._posterior_terms(self._flat(y), sigma)
         return (resp.unsqueeze(-1) * post_mean).sum(1).reshape(y.shape)
 
     def posterior_covariance(self, y: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-        """Cov[x | y], shape (N, d, d), float64."""
-        _, resp, post_mean, post_cov, _ = self._posterior_terms(self._flat(y), sigma)
-        mean = (resp.unsqueeze(-1) * post_mean).sum(1)
-        second = (resp[..., None, None] * (post_cov + post_mean.unsqueeze(-1) * post_mean.unsqueeze(-2))).sum(1)
-        return second - mean.unsqueeze(-1) * mean.unsqueeze(-2)
+        """Cov[x | y] = sum_k pi_k C'_k + sum_k pi_k (m'_k - mu)(m'_k - mu)^T, shape (N, d, d), float64 (no
+        (N, K, d, d) intermediate)."""
+        flat = self._flat(y)
+        _, resp, post_mean, _ = self._posterior_terms(flat, sigma)
+        sig = self._per_sample_sigma(sigma, flat.shape[0])
+        centred = post_mean - (resp.unsqueeze(-1) * post_mean).sum(1, keepdim=True)  # m'_k - mu, (N, K, d)
+        cov = torch.einsum("nk,nki,nkj->nij", resp, centred, centred)
+        for s in torch.unique(sig):
+            idx = (sig == s).nonzero().squeeze(-1)
+            cov[idx] += torch.einsum("nk,kij->nij", resp[idx], self.component_posterior_covariances(s))
+        return cov
 
     def posterior_sample(
         self, y: torch.Tensor, sigma: torch.Tensor | float, generator: Generator = None
     ) -> torch.Tensor:
         """An exact draw x ~ p(x | y) (the exact-posterior Gibbs step), with ``y``'s shape, float64."""
-        _, resp, post_mean, post_cov, _ = self._posterior_terms(self._flat(y), sigma)
+        flat = self._flat(y)
+        _, resp, post_mean, _ = self._posterior_terms(flat, sigma)
+        sig = self._per_sample_sigma(sigma, flat.shape[0])
         k = self._categorical(resp, generator)
         rows = torch.arange(len(k), device=k.device)
         z = randn_tensor(post_mean[:, 0].shape, generator=generator, device=y.device, dtype=torch.float64)
-        chol = torch.linalg.cholesky(post_cov[rows, k])
+        chol = torch.empty(len(k), flat.shape[1], flat.shape[1], dtype=torch.float64, device=flat.device)
+        for s in torch.unique(sig):
+            idx = (sig == s).nonzero().squeeze(-1)
+            chol[idx] = torch.linalg.cholesky(self.component_posterior_covariances(s))[k[idx]]
         return (post_mean[rows, k] + (chol @ z.unsqueeze(-1)).squeeze(-1)).reshape(y.shape)
 
     def component(self, x: torch.Tensor) -> torch.Tensor:
