@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .moments import Denoiser, DenoisingMoments, Generator
+from .moments import Denoiser, Generator
 from .scheduler import MMGibbsScheduler
 
 
@@ -69,19 +69,19 @@ def predictor_corrector(
     ``covariance="none"``, ``transition="ancestral"``: DDPM's ancestral step). ``corrector_steps + 1`` model calls
     per level.
     """
-    schedule = scheduler.noise_schedule
+
+    def predict(model_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return model(model_input, t.expand(len(model_input))).sample
+
+    denoiser = scheduler.denoiser(predict)
     for i, t in enumerate(scheduler.timesteps):
         alpha, s = scheduler.level(i)
-        mu_of = schedule.denoiser(model, t.cpu())
-        score_y = tweedie_score(mu_of, s / alpha)
+        score_y = tweedie_score(lambda y, i=i: denoiser(y, i), s / alpha)
         for _ in range(corrector_steps):
             grad = score_y(sample / alpha) / alpha  # x_t = alpha_t y: grad log p(x_t) = grad log p~(y) / alpha_t
             z = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
             ratio = z.flatten(1).norm(dim=-1).mean() / grad.flatten(1).norm(dim=-1).mean()
             eps = 2 * (snr * ratio) ** 2
             sample = sample + eps * grad + (2 * eps).sqrt() * z
-        predicted = DenoisingMoments(
-            mu=mu_of(sample / alpha), sigma=torch.full((len(sample),), s / alpha), covariance="none"
-        )
-        sample = scheduler.step(predicted, t, sample, generator).prev_sample
+        sample = scheduler.step(predict(scheduler.scale_model_input(sample, t), t), t, sample, generator).prev_sample
     return sample

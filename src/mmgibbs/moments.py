@@ -32,6 +32,7 @@ at high noise otherwise give variances far above what any distribution on the da
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -306,9 +307,16 @@ def denoising_moments(
         raise ValueError(f"`num_probes` must be a positive integer; got {num_probes!r}.")
     dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
     y = y.detach().to(dtype).contiguous()  # forward-mode AD refuses expanded (stride-0) inputs
-    sigma = torch.as_tensor(sigma, dtype=dtype, device=y.device).expand(y.shape[0]).clone()
-    if not torch.all(torch.isfinite(sigma) & (sigma > 0)):
+    if isinstance(sigma, torch.Tensor):  # checked where it lives: a CPU tensor or float needs no device sync
+        valid = sigma.device.type != "cpu" or bool(torch.all(torch.isfinite(sigma) & (sigma > 0)))
+    else:
+        valid = math.isfinite(sigma) and sigma > 0
+    if not valid:
         raise ValueError(f"`sigma` must be positive and finite; got {sigma}.")
+    if isinstance(sigma, torch.Tensor):
+        sigma = sigma.to(y.device, dtype).expand(y.shape[0]).clone()
+    else:  # a fill, not a host-to-device copy
+        sigma = torch.full((y.shape[0],), float(sigma), dtype=dtype, device=y.device)
     d = y[0].numel()
     if covariance in ("full", "exact_diagonal") and d > max_full_dim:
         raise ValueError(

@@ -288,63 +288,51 @@ class NoiseSchedule:
         alpha, s = self.coefficients(timestep, x)
         return alpha * x + s * noise
 
-    def _edm_coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        sd = self.sigma_data
-        c_skip = sd**2 / (sigma**2 + sd**2)
-        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
-        c_in = 1.0 / (sigma**2 + sd**2).sqrt()
-        return c_skip, (c_out if self.prediction_type == "epsilon" else -c_out), c_in
+    def preconditioning(self, timestep: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(c_in, c_skip, c_out)`` in float64: the network sees c_in x_t, and every prediction type is affine in
+        the network output F, mu = c_skip x_t + c_out F (the table in the module docstring)."""
+        alpha, s = self.alpha_s(timestep)
+        one, zero = torch.ones_like(alpha), torch.zeros_like(alpha)
+        if self.family == "edm":
+            norm = (s**2 + self.sigma_data**2).sqrt()
+            c_out = s * self.sigma_data / norm
+            return 1.0 / norm, self.sigma_data**2 / norm**2, c_out if self.prediction_type == "epsilon" else -c_out
+        table = {
+            "epsilon": (1.0 / alpha, -s / alpha),
+            "v_prediction": (alpha / (alpha**2 + s**2), -s / (alpha**2 + s**2)),
+            "sample": (zero, one),
+            "flow": (1.0 / (alpha + s), -s / (alpha + s)),
+            "score": (1.0 / alpha, s**2 / alpha),
+        }
+        return (one, *table[self.prediction_type])
+
+    def _shaped(self, timestep: torch.Tensor | float, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """:meth:`preconditioning` shaped to broadcast against ``like`` (batch-first), in its float dtype."""
+        dtype = like.dtype if like.is_floating_point() else torch.float32
+        coefs = self.preconditioning(timestep)
+        shape = (-1,) + (1,) * (like.ndim - 1) if coefs[0].ndim == 1 else ()
+        return tuple(c.to(like.device, dtype).reshape(shape) for c in coefs)
 
     def model_input(self, x_t: torch.Tensor, timestep: torch.Tensor | float) -> torch.Tensor:
-        """What the network is fed: x_t, or c_in * x_t for EDM preconditioning."""
-        if self.family != "edm":
-            return x_t
-        _, s = self.coefficients(timestep, x_t)
-        return x_t * self._edm_coefficients(s)[2]
+        """What the network is fed: c_in x_t (x_t itself but for EDM preconditioning)."""
+        return x_t if self.family != "edm" else x_t * self._shaped(timestep, x_t)[0]
 
     def unscale_model_input(self, model_input: torch.Tensor, timestep: torch.Tensor | float) -> torch.Tensor:
         """Inverse of :meth:`model_input`."""
-        if self.family != "edm":
-            return model_input
-        _, s = self.coefficients(timestep, model_input)
-        return model_input / self._edm_coefficients(s)[2]
+        return model_input if self.family != "edm" else model_input / self._shaped(timestep, model_input)[0]
 
     # ------------------------------------------------------------------ prediction <-> mu
     def posterior_mean(
         self, model_output: torch.Tensor, x_t: torch.Tensor, timestep: torch.Tensor | float
     ) -> torch.Tensor:
-        """mu = E[x | x_t] from the model's prediction (see the module docstring for each type)."""
-        alpha, s = self.coefficients(timestep, x_t)
-        out = model_output.to(x_t.dtype)
-        if self.family == "edm":
-            c_skip, c_out, _ = self._edm_coefficients(s)
-            return c_skip * x_t + c_out * out
-        if self.prediction_type == "epsilon":
-            return (x_t - s * out) / alpha
-        if self.prediction_type == "v_prediction":
-            return (alpha * x_t - s * out) / (alpha**2 + s**2)
-        if self.prediction_type == "sample":
-            return out
-        if self.prediction_type == "flow":
-            return (x_t - s * out) / (alpha + s)
-        return (x_t + s**2 * out) / alpha  # score
+        """mu = E[x | x_t] = c_skip x_t + c_out F from the model's prediction F (module docstring)."""
+        _, c_skip, c_out = self._shaped(timestep, x_t)
+        return c_skip * x_t + c_out * model_output.to(x_t.dtype)
 
     def prediction(self, mu: torch.Tensor, x_t: torch.Tensor, timestep: torch.Tensor | float) -> torch.Tensor:
         """The model output whose posterior mean is ``mu`` (inverse of :meth:`posterior_mean`)."""
-        alpha, s = self.coefficients(timestep, x_t)
-        if self.family == "edm":
-            c_skip, c_out, _ = self._edm_coefficients(s)
-            return (mu - c_skip * x_t) / c_out
-        eps = (x_t - alpha * mu) / s
-        if self.prediction_type == "epsilon":
-            return eps
-        if self.prediction_type == "v_prediction":
-            return alpha * eps - s * mu
-        if self.prediction_type == "sample":
-            return mu
-        if self.prediction_type == "flow":
-            return eps - mu
-        return -eps / s  # score
+        _, c_skip, c_out = self._shaped(timestep, x_t)
+        return (mu - c_skip * x_t) / c_out
 
     def denoiser(
         self,

@@ -4,7 +4,10 @@ For each of the scheduler's levels x sweeps steps at timestep t (sigma = s_t / a
 
     y = x_t / alpha_t                                  (the variance-exploding frame)
     mu, Sigma = moments of the model's denoiser at y   (``mmgibbs.moments``, Jacobian covariances included)
-    x_t <- scheduler.step(N(mu, Sigma), t, x_t)        (draw x, re-noise to the next step's level)
+    x ~ N(mu, Sigma), re-noised to the next level      (``mmgibbs.gibbs``, the one kernel)
+
+The pipeline only adapts: it builds the denoiser closure from the model (``MMGibbsScheduler.denoiser``) and
+runs :func:`mmgibbs.gibbs.sample` with the scheduler's settings.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from .moments import denoising_moments
+from . import gibbs
 from .scheduler import MMGibbsScheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -138,7 +141,6 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             if v is not None
         }
         scheduler = MMGibbsScheduler.from_config(self.scheduler.config, **overrides) if overrides else self.scheduler
-        cfg, schedule = scheduler.config, scheduler.noise_schedule
         scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
 
         shape = (batch_size, *_sample_shape(self.unet))
@@ -154,27 +156,29 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         if sample.shape != shape:
             raise ValueError(f"The starting sample must have shape {shape}; got {tuple(sample.shape)}.")
 
-        counts = {"num_forward": 0, "num_backward": 0, "num_jvp": 0}
-        mu = sample
-        for i, t in enumerate(self.progress_bar(scheduler.timesteps)):
-            alpha, s = scheduler.level(i)
-            moments = denoising_moments(
-                schedule.denoiser(self.unet, t.cpu()),
-                sample / alpha,
-                s / alpha,
-                covariance=cfg.covariance,
-                num_probes=cfg.num_probes,
-                generator=generator,
-                jacobian=cfg.jacobian,
-                variance_bound=cfg.variance_bound,
-            )
-            for key in counts:
-                counts[key] += getattr(moments, key)
-            sample, mu = scheduler.step(moments, t, sample, generator=generator, return_dict=False)
-            if callback_on_step_end is not None:
-                local = {"sample": sample, "mu": mu}
-                returned = callback_on_step_end(self, i, t, {k: local[k] for k in tensor_inputs}) or {}
-                sample = returned.get("sample", sample)
+        def predict(model_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            out = self.unet(model_input.to(self.unet.dtype), t.expand(len(model_input)))
+            return out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+
+        def callback(i: int, y: torch.Tensor, mu: torch.Tensor) -> torch.Tensor | None:
+            last = i == len(scheduler.timesteps) - 1
+            local = {"sample": y if last else scheduler.from_ve(y, i + 1), "mu": mu}
+            returned = callback_on_step_end(self, i, scheduler.timesteps[i], {k: local[k] for k in tensor_inputs})
+            if not returned or "sample" not in returned:
+                return None
+            return returned["sample"] if last else scheduler.to_ve(returned["sample"], i + 1)
+
+        result = gibbs.sample(
+            scheduler.denoiser(predict),
+            scheduler.ve_sigmas(),
+            scheduler.to_ve(sample, 0),
+            **scheduler.gibbs_settings(),
+            generator=generator,
+            callback=callback if callback_on_step_end is not None else None,
+            progress=self.progress_bar,
+        )
+        sample = result.sample
+        counts = {k: getattr(result, k) for k in ("num_forward", "num_backward", "num_jvp")}
 
         self.maybe_free_model_hooks()
         images = self._postprocess(sample, output_type)

@@ -5,27 +5,29 @@ At a noise level sigma one Gibbs sweep of Zhang et al. (2023) is
     y = x + sigma * eps                     (re-noise)
     x ~ N(mu(y), Sigma(y))                  (moment-matched denoising posterior, see ``mmgibbs.moments``)
 
-The scheduler keeps the sample in the model's own frame, x_t = alpha_t * y, so ``init_noise_sigma`` and
-``scale_model_input`` are those the model was trained with (1 and identity for VP models, whatever config the
-scheduler came from). Moving from level t to the next level s, with x drawn at level t:
+The algorithm, the transition between levels included, is ``mmgibbs.gibbs`` (one kernel); this module adapts it
+to diffusers' scheduler interface. The scheduler keeps the sample in the model's own frame, x_t = alpha_t * y, so
+``init_noise_sigma`` and ``scale_model_input`` are those the model was trained with (1 and identity for VP models,
+whatever config the scheduler came from). The frame change is written once: :meth:`MMGibbsScheduler.to_ve` /
+:meth:`MMGibbsScheduler.from_ve` for the sample, :meth:`MMGibbsScheduler.denoiser` for the model, where every
+prediction type is affine in the network output F: mu = c_skip x_t + c_out F(c_in x_t).
+
+In model-frame terms, moving from level t to the next level s with x drawn at level t is
 
     x_s = alpha_s x + s_s (c r + sqrt(1 - c^2) z),    r = (x_t - alpha_t x) / s_t,   z ~ N(0, I),
-
-where r is the noise that x implies for x_t and c the share of it that is kept:
 
 * ``transition="gibbs"`` (the paper): c = 0, fresh re-noising; also every sweep within one level.
 * ``transition="ancestral"``: c^2 = 1 - eta^2 (1 - sigma_s^2 / sigma_t^2). With ``eta=1``, c = sigma_s / sigma_t
   and x_s ~ q(x_s | x_t, x), the DDPM posterior with x ~ N(mu, Sigma) integrated out:
   x_s ~ N(a x_t + b mu, b^2 Sigma + var_ts I), a = s_s c / s_t, b = alpha_s - a alpha_t, var_ts = s_s^2 (1 - c^2);
   with Sigma = 0 this is DDPM's step (Analytic-DPM's when Sigma = v I). ``eta=0`` keeps all of r: a DDIM step
-  around the drawn x (deterministic DDIM when Sigma = 0). For every eta, an exact posterior draw x would give
-  x_s the exact marginal at level s; the moment-matched Gaussian makes that exact for Gaussian data.
+  around the drawn x (deterministic DDIM when Sigma = 0).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,21 +35,12 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import randn_tensor
 
-from .moments import (
-    COVARIANCES,
-    JACOBIAN_COVARIANCES,
-    JACOBIAN_MODES,
-    DenoisingMoments,
-    Generator,
-    moments_from_mean,
-)
+from .gibbs import FINAL_OUTPUTS, TRANSITIONS, LevelDenoiser, gibbs_step
+from .moments import COVARIANCES, JACOBIAN_COVARIANCES, JACOBIAN_MODES, Generator, moments_from_mean
 from .noise import _DEFAULT_PREDICTION, NOISE_FAMILIES, NoiseSchedule, _check_choice, infer_noise_family
 
 SCHEDULES = ("annealed", "single_level")
-TRANSITIONS = ("ancestral", "gibbs")
-FINAL_OUTPUTS = ("sample", "mean")
 
 
 @dataclass
@@ -219,7 +212,11 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
 
     def _set_levels(self, timesteps: torch.Tensor) -> None:
         alpha, s = self.noise_schedule.alpha_s(timesteps)
+        c_in, c_skip, c_out = self.noise_schedule.preconditioning(timesteps)
         self._alpha, self._s = alpha.cpu(), s.cpu()
+        # per step, as Python floats: no host-device traffic inside the sampling loop
+        table = torch.stack([alpha, s / alpha, c_in, c_skip, c_out], dim=-1)
+        self._levels: list[tuple[float, ...]] = [tuple(row) for row in table.tolist()]
         self.sigmas = torch.cat([(s / alpha).float(), torch.zeros(1)]).cpu()  # VE sigma per step, then 0
         self._step_index: int | None = None
         self._begin_index: int | None = None
@@ -272,25 +269,83 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         """``(alpha_t, s_t)`` of step ``step_index``; sigma = s_t / alpha_t."""
         return float(self._alpha[step_index]), float(self._s[step_index])
 
+    # ------------------------------------------------------------------ the frame change, written once
+    def to_ve(self, sample: torch.Tensor, step_index: int) -> torch.Tensor:
+        """y = x_t / alpha_t: the model-frame sample of step ``step_index`` in the variance-exploding frame."""
+        return sample / self._levels[step_index][0]
+
+    def from_ve(self, y: torch.Tensor, step_index: int) -> torch.Tensor:
+        """x_t = alpha_t y: inverse of :meth:`to_ve`."""
+        return y * self._levels[step_index][0]
+
+    def ve_sigmas(self) -> list[float]:
+        """sigma = s_t / alpha_t of every step (levels x sweeps) in float64, for :func:`mmgibbs.gibbs.sample`."""
+        return [level[1] for level in self._levels]
+
+    def _mean(self, model_output: torch.Tensor, x_t: torch.Tensor, step_index: int) -> torch.Tensor:
+        _, _, _, c_skip, c_out = self._levels[step_index]
+        return c_skip * x_t + c_out * model_output.to(x_t.dtype)
+
+    def denoiser(self, predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> LevelDenoiser:
+        """The kernel's denoiser ``(y, i) -> mu`` around ``predict(model_input, timestep) -> prediction``.
+
+        x_t = alpha_t y; the network sees c_in x_t (:meth:`scale_model_input`) at ``timesteps[i]``; mu = c_skip x_t +
+        c_out F(c_in x_t) (see ``mmgibbs.noise``). ``predict`` carries the conditioning, guidance and output
+        convention of the model family and may run in any dtype; mu comes back in y's dtype.
+        """
+
+        def mu(y: torch.Tensor, i: int) -> torch.Tensor:
+            alpha, _, c_in, _, _ = self._levels[i]
+            x_t = alpha * y
+            return self._mean(predict(c_in * x_t if c_in != 1.0 else x_t, self.timesteps[i]), x_t, i)
+
+        return mu
+
+    def gibbs_settings(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`mmgibbs.gibbs.sample` that this scheduler's config sets."""
+        cfg = self.config
+        return {
+            "covariance": cfg.covariance,
+            "num_probes": cfg.num_probes,
+            "jacobian": cfg.jacobian,
+            "variance_bound": cfg.variance_bound,
+            "transition": cfg.transition,
+            "eta": cfg.eta,
+            "final_output": cfg.final_output,
+            "clip_range": self._clip_range(),
+        }
+
+    def _clip_range(self) -> float | None:
+        return self.config.clip_sample_range if self.config.clip_sample else None
+
     # ------------------------------------------------------------------ the Gibbs step
     def step(
         self,
-        model_output: torch.Tensor | DenoisingMoments,
+        model_output: torch.Tensor,
         timestep: torch.Tensor | float,
         sample: torch.Tensor,
         generator: Generator = None,
         return_dict: bool = True,
     ) -> MMGibbsSchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
-        """One Gibbs sweep: x ~ N(mu, Sigma) at this level, then re-noise to the next step's level.
+        """One Gibbs sweep (``mmgibbs.gibbs``): x ~ N(mu, Sigma) at this level, then re-noise to the next step's.
 
         Args:
-            model_output: the model's prediction at ``sample`` (``none``/``isotropic`` covariance), or the
-                :class:`DenoisingMoments` of this level computed by :class:`MomentMatchingGibbsPipeline`.
+            model_output: the model's prediction at ``sample`` (of the config's ``prediction_type``).
             timestep: the current timestep (steps are counted by index; this only seeds the first index).
             sample: x_t, the current model input (before ``scale_model_input``).
             generator: torch generator(s) for the draws.
+            return_dict: return a :class:`MMGibbsSchedulerOutput` rather than a tuple.
+
+        Only ``covariance="none"`` and ``"isotropic"`` can be stepped from a model output; the Jacobian covariances
+        need the model itself (:class:`MomentMatchingGibbsPipeline`).
         """
         cfg = self.config
+        if cfg.covariance in JACOBIAN_COVARIANCES:
+            raise ValueError(
+                f"covariance={cfg.covariance!r} needs the model's Jacobian, which a standard pipeline loop does "
+                "not give the scheduler. Use `MomentMatchingGibbsPipeline` (which computes it), or "
+                "covariance='none' / 'isotropic' here."
+            )
         if self._step_index is None:
             self._init_step_index(timestep)
         i = self._step_index
@@ -298,40 +353,24 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
             raise IndexError("`step` called more often than there are timesteps; call `set_timesteps` again.")
         work = torch.float64 if sample.dtype == torch.float64 else torch.float32
         x_t = sample.to(work)
-        alpha_t, s_t = self.level(i)
-
-        if isinstance(model_output, DenoisingMoments):
-            moments = model_output
-        elif cfg.covariance in JACOBIAN_COVARIANCES:
-            raise ValueError(
-                f"covariance={cfg.covariance!r} needs the model's Jacobian, which a standard pipeline loop does "
-                "not give the scheduler. Use `MomentMatchingGibbsPipeline` (which computes it), or "
-                "covariance='none' / 'isotropic' here."
-            )
-        else:
-            mu = self.noise_schedule.posterior_mean(model_output.to(work), x_t, self.timesteps[i].cpu())
-            sigma = torch.full((x_t.shape[0],), s_t / alpha_t, dtype=work, device=x_t.device)
-            moments = moments_from_mean(x_t / alpha_t, mu, sigma, cfg.covariance, cfg.variance_bound)
-
-        mu = moments.mu.to(work)
-        if cfg.clip_sample:
-            mu = mu.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
-            moments = dataclasses.replace(moments, mu=mu)
-        x = moments.sample(generator).to(work) if moments.covariance != "none" else mu
-
-        if i == len(self.timesteps) - 1:
-            prev = x if cfg.final_output == "sample" else mu
-            if cfg.clip_sample:
-                prev = prev.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
-        else:
-            alpha_s, s_s = self.level(i + 1)
-            # sigma_s / sigma_t, written so that alpha_t = 0 (pure noise) gives 0; 1 within a level
-            ratio = min(s_s * alpha_t / (alpha_s * s_t), 1.0)
-            c = math.sqrt(1.0 - cfg.eta**2 * (1.0 - ratio**2)) if cfg.transition == "ancestral" and ratio < 1 else 0.0
-            z = randn_tensor(x.shape, generator=generator, device=x.device, dtype=work)
-            r = (x_t - alpha_t * x) / s_t
-            prev = alpha_s * x + s_s * (c * r + math.sqrt(1.0 - c**2) * z)
-
+        y, sigma = self.to_ve(x_t, i), self._levels[i][1]
+        mu = self._mean(model_output, x_t, i)
+        moments = moments_from_mean(
+            y, mu, torch.full((len(y),), sigma, dtype=work, device=y.device), cfg.covariance, cfg.variance_bound
+        )
+        last = i == len(self.timesteps) - 1
+        out, mu = gibbs_step(
+            moments,
+            y,
+            sigma,
+            None if last else self._levels[i + 1][1],
+            transition=cfg.transition,
+            eta=cfg.eta,
+            final_output=cfg.final_output,
+            clip_range=self._clip_range(),
+            generator=generator,
+        )
+        prev = out if last else self.from_ve(out, i + 1)
         self._step_index = i + 1
         prev, mu = prev.to(sample.dtype), mu.to(sample.dtype)
         if not return_dict:

@@ -1,0 +1,176 @@
+"""The Gibbs kernel: moment-matching denoising Gibbs sampling over any denoiser, in one function.
+
+Everything here lives in the variance-exploding frame of Zhang et al. (2023), y = x + sigma * eps; the model's
+own frame x_t = alpha_t * y is the business of the caller (:meth:`MMGibbsScheduler.denoiser` builds the closure).
+Given steps i = 0 .. n-1 with noise levels sigma_0 >= ... >= sigma_{n-1} (a level repeated once per Gibbs sweep)
+and a denoiser ``(y, i) -> mu(y) = E[x | y]`` at level i:
+
+    for i in 0 .. n-1:
+        1. mu, Sigma = moments of the denoiser at (y, i)              Tweedie: Sigma = sigma_i^2 d mu / d y
+        2. x ~ N(mu, Sigma)                                           the moment-matched posterior draw
+           (with ``known`` = (x_k, keep): x <- keep * x_k + (1 - keep) * x, a Gibbs step on the unknown part)
+        3. if i = n-1: return x (or mu)
+        4. r = (y - x) / sigma_i                                      the noise that x implies for y
+           y <- x + sigma_{i+1} (c r + sqrt(1 - c^2) z),  z ~ N(0, I)  re-noise to the next level
+
+where c, the share of r that is kept, is 0 for the paper's fresh re-noising (``transition="gibbs"``, and every
+sweep within a level) and c^2 = 1 - eta^2 (1 - sigma_{i+1}^2 / sigma_i^2) for ``transition="ancestral"``: with
+eta = 1 that is the DDPM posterior q(y_{i+1} | y_i, x) with x ~ N(mu, Sigma) integrated out; eta = 0 is a DDIM step
+around the drawn x. For every eta an exact posterior draw x would leave y_{i+1} with the exact marginal at level
+i+1; the moment-matched Gaussian makes that exact for Gaussian data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from .moments import DEFAULT_MAX_FULL_DIM, DenoisingMoments, Generator, denoising_moments
+
+TRANSITIONS = ("ancestral", "gibbs")
+FINAL_OUTPUTS = ("sample", "mean")
+
+#: ``(y, step index) -> mu(y)`` in the variance-exploding frame
+LevelDenoiser = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+@dataclass
+class GibbsOutput:
+    """The chain's result and what it cost.
+
+    Args:
+        sample: the last draw x (or the last posterior mean, ``final_output="mean"``), in y's dtype.
+        mean: the last posterior mean mu.
+        num_forward, num_backward, num_jvp: batched model forward passes, backward passes (reverse-mode Jacobian
+            products) and forward-mode Jacobian-vector products, summed over all steps.
+    """
+
+    sample: torch.Tensor
+    mean: torch.Tensor
+    num_forward: int = 0
+    num_backward: int = 0
+    num_jvp: int = 0
+
+
+def kept_noise_share(sigma: float, sigma_next: float, transition: str = "ancestral", eta: float = 1.0) -> float:
+    """c, the share of the implied noise r kept when moving from ``sigma`` to ``sigma_next`` (module docstring).
+
+    0 for ``transition="gibbs"`` and within a level (sigma_next >= sigma); sqrt(1 - eta^2 (1 - (sigma_next /
+    sigma)^2)) for ``"ancestral"``.
+    """
+    ratio = sigma_next / sigma if sigma_next < sigma else 1.0
+    if transition == "gibbs" or ratio >= 1.0:
+        return 0.0
+    return math.sqrt(1.0 - eta**2 * (1.0 - ratio**2))
+
+
+def gibbs_step(
+    moments: DenoisingMoments,
+    y: torch.Tensor,
+    sigma: float,
+    sigma_next: float | None,
+    *,
+    transition: str = "ancestral",
+    eta: float = 1.0,
+    final_output: str = "sample",
+    clip_range: float | None = None,
+    known: tuple[torch.Tensor, torch.Tensor] | None = None,
+    generator: Generator = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 2-4 of the kernel: draw x ~ N(mu, Sigma) at level ``sigma``, then re-noise it to ``sigma_next``.
+
+    Returns ``(y_next, mu)``; after the last step (``sigma_next=None``) ``(x, mu)`` (or ``(mu, mu)``).
+    ``clip_range`` clamps mu to [-r, r] (diffusers' ``clip_sample``); ``known = (x_known, keep)`` replaces the draw
+    where ``keep`` is 1. Random numbers are drawn in this order: the draw x (unless ``covariance="none"``), then
+    the re-noising z.
+    """
+    mu = moments.mu.to(y.dtype)
+    if clip_range is not None:
+        mu = mu.clamp(-clip_range, clip_range)
+        moments = dataclasses.replace(moments, mu=mu)
+    x = moments.sample(generator).to(y.dtype) if moments.covariance != "none" else mu
+    if known is not None:
+        x_known, keep = known
+        x = torch.lerp(x, x_known.to(x.dtype), keep.to(x.dtype))
+    if sigma_next is None:
+        out = x if final_output == "sample" else mu
+        return (out.clamp(-clip_range, clip_range) if clip_range is not None else out), mu
+    c = kept_noise_share(sigma, sigma_next, transition, eta)
+    z = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    r = (y - x) / sigma
+    return x + sigma_next * (c * r + math.sqrt(1.0 - c**2) * z), mu
+
+
+def sample(
+    denoiser: LevelDenoiser,
+    sigmas: Sequence[float],
+    y: torch.Tensor,
+    *,
+    covariance: str = "isotropic",
+    num_probes: int = 1,
+    jacobian: str = "auto",
+    variance_bound: float | None = None,
+    max_full_dim: int = DEFAULT_MAX_FULL_DIM,
+    transition: str = "ancestral",
+    eta: float = 1.0,
+    final_output: str = "sample",
+    clip_range: float | None = None,
+    known: tuple[torch.Tensor, torch.Tensor] | None = None,
+    generator: Generator = None,
+    callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
+    progress: Callable[[Sequence[float]], Sequence[float]] = iter,
+) -> GibbsOutput:
+    """Run the chain (module docstring) from ``y`` at ``sigmas[0]``; one step per entry of ``sigmas``.
+
+    Args:
+        denoiser: ``(y, i) -> mu`` at step i (``MMGibbsScheduler.denoiser`` builds it from a model).
+        sigmas: the noise level of every step, a Python sequence of floats (levels x sweeps entries).
+        y: the starting point in the frame of ``sigmas[0]``; the chain runs in its dtype (float32 or float64).
+        covariance, num_probes, jacobian, variance_bound, max_full_dim: how Sigma is estimated
+            (:func:`mmgibbs.moments.denoising_moments`).
+        transition, eta, final_output, clip_range, known: see :func:`gibbs_step`.
+        generator: torch generator(s) for probes and draws; a list gives each sample its own stream.
+        callback: called as ``callback(i, y_next, mu)`` after every step (``y_next`` is the final sample after the
+            last); a returned tensor replaces ``y_next``.
+        progress: wraps the steps, e.g. a pipeline's ``progress_bar``.
+    """
+    counts = {"num_forward": 0, "num_backward": 0, "num_jvp": 0}
+    mu = y
+    n = len(sigmas)
+    for i in progress(range(n)):
+        sigma = float(sigmas[i])
+        moments = denoising_moments(
+            lambda v, i=i: denoiser(v, i),
+            y,
+            sigma,
+            covariance=covariance,
+            num_probes=num_probes,
+            generator=generator,
+            jacobian=jacobian,
+            variance_bound=variance_bound,
+            max_full_dim=max_full_dim,
+        )
+        for key in counts:
+            counts[key] += getattr(moments, key)
+        sigma_next = float(sigmas[i + 1]) if i + 1 < n else None
+        y, mu = gibbs_step(
+            moments,
+            y,
+            sigma,
+            sigma_next,
+            transition=transition,
+            eta=eta,
+            final_output=final_output,
+            clip_range=clip_range,
+            known=known,
+            generator=generator,
+        )
+        if callback is not None:
+            replaced = callback(i, y, mu)
+            y = y if replaced is None else replaced
+    return GibbsOutput(sample=y, mean=mu, **counts)
