@@ -21,6 +21,17 @@ denoiser. Covariance structures (each estimator is one small function below):
                       ~ 0 across), smaller than Sigma in between. Unlike isotropic or diagonal noise it stays on
                       the data manifold, at the cost of one Jacobian product per draw (one forward by finite
                       differences).
+* ``calibrated``:     the expected posterior covariance, estimated once per model and level and cached
+                      (``mmgibbs.calibration``): by the law of total covariance, with eps_hat = (y - mu(y)) / sigma,
+
+                          E_y[Cov[x | y]] = sigma^2 (I - E[eps_hat eps_hat^T]) = E[(x - mu(y)) (x - mu(y))^T],
+
+                      the second form from clean samples x and y = x + sigma * eps (PSD by construction and far less
+                      noisy in the small directions). It is stored low rank + diagonal per cluster of mu(y), i.e.
+                      E[Cov[x | y] | cluster of mu(y)]: per-sample structure at zero extra calls, no coupling of
+                      the samples of a batch (:func:`low_rank_plus_diagonal`, :class:`LowRankCovariance`).
+* ``calibrated_jacobian``: ``calibrated`` corrected per sample with ``num_probes`` Jacobian products on the span of
+                      the table's leading directions (:func:`jacobian_correction`).
 
 Variance bounds (why, and how): a posterior variance is never negative, so every estimate is clamped at 0.
 If ``variance_bound`` is given (data in [-r, r] has per-dimension variance <= r^2, Analytic-DPM Thm. 2) every
@@ -35,13 +46,25 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-COVARIANCES = ("none", "isotropic", "diagonal", "exact_diagonal", "full", "projection")
+COVARIANCES = (
+    "none",
+    "isotropic",
+    "diagonal",
+    "exact_diagonal",
+    "full",
+    "projection",
+    "calibrated",
+    "calibrated_jacobian",
+)
 JACOBIAN_MODES = ("auto", "reverse", "forward", "finite_difference")
-JACOBIAN_COVARIANCES = ("diagonal", "exact_diagonal", "full", "projection")
+JACOBIAN_COVARIANCES = ("diagonal", "exact_diagonal", "full", "projection", "calibrated_jacobian")
+#: covariances read from a calibrated table (``mmgibbs.calibration.CovarianceTable``)
+CALIBRATED_COVARIANCES = ("calibrated", "calibrated_jacobian")
 #: relative step of finite-difference Jacobian products: h = FINITE_DIFFERENCE_STEP * sigma
 FINITE_DIFFERENCE_STEP = 1e-2
 DEFAULT_MAX_FULL_DIM = 1024
@@ -50,12 +73,19 @@ Generator = torch.Generator | list[torch.Generator] | None
 Denoiser = Callable[[torch.Tensor], torch.Tensor]
 
 
+class CalibratedLevel(Protocol):
+    """What the ``calibrated`` covariances read: ``mmgibbs.calibration.LevelCovariance``."""
+
+    def covariance(self, mu: torch.Tensor) -> LowRankCovariance: ...
+
+
 @dataclass
 class DenoisingMoments:
     """q(x | y) = N(mu, Sigma) at one noise level, for a batch of N points y.
 
     ``variance`` holds Sigma in the structure's own form: ``None`` (none, projection), shape (N,) (isotropic,
-    Sigma = v I), the shape of ``mu`` (diagonal), or (N, d, d) (full, symmetric PSD). ``projection`` instead holds
+    Sigma = v I), the shape of ``mu`` (diagonal), (N, d, d) (full, symmetric PSD), or a :class:`LowRankCovariance`
+    (calibrated, calibrated_jacobian). ``projection`` instead holds
     its one structured ``draw`` sigma J z, made when the moments were computed. ``num_forward`` / ``num_backward`` /
     ``num_jvp`` count the batched model passes spent on these moments.
     """
@@ -73,6 +103,8 @@ class DenoisingMoments:
         """Draw x ~ N(mu, Sigma) (in ``mu``'s dtype, float32 or float64); ``projection``: mu + its draw."""
         if self.covariance == "projection":
             return self.mu + self.draw
+        if isinstance(self.variance, LowRankCovariance):
+            return self.mu + self.variance.sample(generator, self.mu)
         z = randn_tensor(self.mu.shape, generator=generator, device=self.mu.device, dtype=self.mu.dtype)
         return self.mu + self.scale(z)
 
@@ -82,6 +114,8 @@ class DenoisingMoments:
             raise ValueError("covariance='projection' holds one draw, not Sigma: use `sample()`.")
         if self.covariance == "none":
             return torch.zeros_like(z)
+        if isinstance(self.variance, LowRankCovariance):
+            raise ValueError(f"covariance={self.covariance!r} draws several normal vectors: use `sample()`.")
         if self.covariance == "full":
             evals, evecs = torch.linalg.eigh(self.variance)
             root = evecs * evals.clamp(min=0).sqrt().unsqueeze(-2)  # Q diag(sqrt(lambda))
@@ -96,9 +130,61 @@ class DenoisingMoments:
             return self.draw.flatten(1).pow(2).mean(-1)
         if self.covariance == "isotropic":
             return self.variance
+        if isinstance(self.variance, LowRankCovariance):
+            return self.variance.mean_variance()
         if self.covariance == "full":
             return torch.diagonal(self.variance, dim1=-2, dim2=-1).mean(-1)
         return self.variance.flatten(1).mean(-1)
+
+
+@dataclass
+class LowRankCovariance:
+    """Per-sample low-rank + diagonal covariances over the flattened sample (d entries):
+
+        Sigma = B C B^T + (I - B B^T) (F F^T + diag(D)) (I - B B^T),        C = R R^T,
+
+    with ``factor`` F (N, d, r), ``diagonal`` D (N, d) and, for a per-sample correction on a k-dimensional span
+    (:func:`jacobian_correction`), orthonormal ``basis`` B (N, d, k) and ``core_root`` R (N, k, k); without a basis
+    Sigma = F F^T + diag(D). Memory is N d (r + k + 1), never d^2.
+    """
+
+    factor: torch.Tensor
+    diagonal: torch.Tensor
+    basis: torch.Tensor | None = None
+    core_root: torch.Tensor | None = None
+
+    def scale(self, z_factor: torch.Tensor, z: torch.Tensor, z_core: torch.Tensor | None = None) -> torch.Tensor:
+        """Sigma^(1/2)-distributed draw from normals z_factor (N, r), z (N, d) and z_core (N, k): (N, d)."""
+        out = torch.einsum("ndr,nr->nd", self.factor, z_factor) + self.diagonal.sqrt() * z
+        if self.basis is None:
+            return out
+        out = out - torch.einsum("ndk,nk->nd", self.basis, torch.einsum("ndk,nd->nk", self.basis, out))
+        return out + torch.einsum("ndk,nk->nd", self.basis, torch.einsum("nkj,nj->nk", self.core_root, z_core))
+
+    def sample(self, generator: Generator, like: torch.Tensor) -> torch.Tensor:
+        """x - mu ~ N(0, Sigma) with ``like``'s shape; normals drawn in the order z_factor, z, z_core."""
+        n = like.shape[0]
+        kw = {"generator": generator, "device": like.device, "dtype": like.dtype}
+        z_factor = randn_tensor((n, self.factor.shape[-1]), **kw)
+        z = randn_tensor((n, self.diagonal.shape[-1]), **kw)
+        z_core = randn_tensor((n, self.basis.shape[-1]), **kw) if self.basis is not None else None
+        return self.scale(z_factor.to(self.factor.dtype), z.to(self.factor.dtype), z_core).reshape(like.shape)
+
+    def dense(self) -> torch.Tensor:
+        """Sigma as (N, d, d) (for tests and small d)."""
+        cov = self.factor @ self.factor.transpose(-1, -2) + torch.diag_embed(self.diagonal)
+        if self.basis is None:
+            return cov
+        eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+        proj = eye - self.basis @ self.basis.transpose(-1, -2)
+        core = self.core_root @ self.core_root.transpose(-1, -2)
+        return proj @ cov @ proj + self.basis @ core @ self.basis.transpose(-1, -2)
+
+    def mean_variance(self) -> torch.Tensor:
+        """trace(Sigma) / d per sample, shape (N,)."""
+        if self.basis is None:
+            return (self.factor.pow(2).sum((-1, -2)) + self.diagonal.sum(-1)) / self.diagonal.shape[-1]
+        return torch.diagonal(self.dense(), dim1=-2, dim2=-1).mean(-1)
 
 
 def _per_sample(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -161,6 +247,83 @@ def full_covariance(jacobian: torch.Tensor, sigma: torch.Tensor, variance_bound:
     evals, evecs = torch.linalg.eigh(sym)
     evals = _clamp_variance(evals, variance_bound)
     return (evecs * evals.unsqueeze(-2)) @ evecs.transpose(-1, -2)
+
+
+def expected_posterior_covariance(y: torch.Tensor, mu: torch.Tensor, sigma: float) -> torch.Tensor:
+    """E_y[Cov[x | y]] = sigma^2 (I - E[eps_hat eps_hat^T]), eps_hat = (y - mu(y)) / sigma, from noisy points y ~ p~
+    and the denoiser's predictions mu(y) alone (law of total covariance: E[eps eps_hat^T] = E[eps_hat eps_hat^T]).
+
+    Returns the (d, d) matrix, spectrum clamped to [0, sigma^2]. Unbiased, but with N points its error in a
+    direction is ~ sigma^2 sqrt(2 / N), far above the small posterior variances (~ lambda << sigma^2) at high
+    noise: :func:`low_rank_plus_diagonal` of clean-sample residuals is the estimator the calibration uses.
+    """
+    eps = ((y - mu) / sigma).flatten(1)
+    eye = torch.eye(eps.shape[1], dtype=eps.dtype, device=eps.device)
+    evals, evecs = torch.linalg.eigh(eye - eps.T @ eps / len(eps))
+    return sigma**2 * (evecs * evals.clamp(0.0, 1.0).unsqueeze(-2)) @ evecs.T
+
+
+def low_rank_plus_diagonal(
+    residuals: torch.Tensor, rank: int, exact_max_dim: int = 2048
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """F F^T + diag(D) ~ E[r r^T] from residual rows r = x - mu(x + sigma * eps) (n, d).
+
+    F (d, rank), columns in decreasing variance, spans the top principal directions of the second moment
+    M = R^T R / n (eigh of M for d <= ``exact_max_dim``, else a randomized SVD of R, ``torch.svd_lowrank``);
+    D = diag(M) - diag(F F^T) >= 0, so
+    the diagonal, i.e. every per-pixel variance, is matched exactly and the rest of M is dropped (an under-estimate
+    in the discarded directions' correlations only). E[r r^T] = E_y[Cov[x | y]] (module docstring).
+    """
+    r = residuals.flatten(1)
+    n, d = r.shape
+    second = r.pow(2).mean(0)
+    rank = min(rank, d, n)
+    if rank == 0:
+        return r.new_zeros(d, 0), second
+    if d <= exact_max_dim:
+        evals, evecs = torch.linalg.eigh(r.T @ r / n)
+        factor = (evecs[:, -rank:] * evals[-rank:].clamp(min=0.0).sqrt()).flip(-1)  # decreasing variance
+    else:
+        _, s, v = torch.svd_lowrank(r / math.sqrt(n), q=min(rank + 8, n, d), niter=4)
+        factor = v[:, :rank] * s[:rank]
+    return factor, (second - factor.pow(2).sum(-1)).clamp(min=0.0)
+
+
+def compress_low_rank(factor: torch.Tensor, diagonal: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """F F^T + diag(D) with F of more than ``rank`` columns -> the same form with ``rank`` columns: the top singular
+    directions of F are kept and the rest moves to the diagonal, so diag(F F^T) + D is unchanged."""
+    if factor.shape[-1] <= rank:
+        return factor, diagonal
+    u, s, _ = torch.linalg.svd(factor, full_matrices=False)
+    kept = u[..., :rank] * s[..., None, :rank]
+    dropped = (u[..., rank:] * s[..., None, rank:]).pow(2).sum(-1)
+    return kept, diagonal + dropped
+
+
+def jacobian_correction(
+    prior: LowRankCovariance,
+    product: Callable[[torch.Tensor], torch.Tensor],
+    directions: torch.Tensor,
+    sigma: torch.Tensor,
+    variance_bound: float | None = None,
+) -> LowRankCovariance:
+    """Correct a prior covariance per sample on a k-dimensional span, from k Jacobian products:
+
+        Q = orth(directions) (N, d, k),   A = sigma^2 sym(Q^T J Q) clamped to [0, bound],
+        Sigma = Q A Q^T + (I - Q Q^T) Sigma_prior (I - Q Q^T).
+
+    On span(Q) Sigma is the sample's own posterior covariance sigma^2 J (exact for an exact denoiser); elsewhere the
+    prior's. ``product`` is v -> J v or J^T v (J is symmetric for an exact denoiser, so either serves).
+    """
+    n, d, k = directions.shape
+    q, _ = torch.linalg.qr(directions)
+    jq = torch.stack([product(q[..., j]) for j in range(k)], dim=-1).reshape(n, d, k)
+    core = q.transpose(-1, -2) @ jq
+    core = 0.5 * (core + core.transpose(-1, -2)) * (sigma**2).reshape(-1, 1, 1)
+    evals, evecs = torch.linalg.eigh(core)
+    evals = _clamp_variance(evals, variance_bound)
+    root = evecs * evals.sqrt().unsqueeze(-2)
+    return LowRankCovariance(prior.factor, prior.diagonal, q, root)
 
 
 # ---------------------------------------------------------------------------------------------- Jacobian products
@@ -258,15 +421,39 @@ def _linearise(denoiser: Denoiser, y: torch.Tensor, mode: str, sigma: torch.Tens
         ) from err
 
 
+def _flat_product(product: Callable[[torch.Tensor], torch.Tensor], like: torch.Tensor) -> Callable:
+    """A Jacobian product over flattened (N, d) vectors for a model on ``like``'s shape."""
+    return lambda v: product(v.reshape(like.shape).contiguous()).reshape(like.shape[0], -1)
+
+
 # ---------------------------------------------------------------------------------------------- entry points
 def moments_from_mean(
-    y: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, covariance: str, variance_bound: float | None = None
+    y: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    covariance: str,
+    variance_bound: float | None = None,
+    calibration: CalibratedLevel | None = None,
 ) -> DenoisingMoments:
-    """The moments that need no derivatives (``none``, ``isotropic``) from one denoiser output mu(y)."""
+    """The moments that need no derivatives (``none``, ``isotropic``, ``calibrated``) from one denoiser output
+    mu(y); ``calibrated`` reads the level's covariance from ``calibration`` (``LevelCovariance.covariance(mu)``)."""
     if covariance in JACOBIAN_COVARIANCES:
         raise ValueError(f"covariance={covariance!r} needs the denoiser's Jacobian, not only mu(y).")
-    variance = isotropic_variance(y, mu, sigma, variance_bound) if covariance == "isotropic" else None
+    if covariance == "calibrated":
+        variance = _calibrated(calibration, covariance).covariance(mu)
+    else:
+        variance = isotropic_variance(y, mu, sigma, variance_bound) if covariance == "isotropic" else None
     return DenoisingMoments(mu=mu, sigma=sigma, covariance=covariance, variance=variance)
+
+
+def _calibrated(calibration: CalibratedLevel | None, covariance: str) -> CalibratedLevel:
+    if calibration is None:
+        raise ValueError(
+            f"covariance={covariance!r} reads a calibrated covariance table: calibrate one first "
+            "(`MomentMatchingGibbsPipeline.calibrate_covariance`, or `mmgibbs.calibration.calibrate_covariance` "
+            "and `MMGibbsScheduler.set_covariance_table`)."
+        )
+    return calibration
 
 
 def denoising_moments(
@@ -279,6 +466,7 @@ def denoising_moments(
     jacobian: str = "auto",
     variance_bound: float | None = None,
     max_full_dim: int = DEFAULT_MAX_FULL_DIM,
+    calibration: CalibratedLevel | None = None,
 ) -> DenoisingMoments:
     """The Gaussian q(x | y) = N(mu(y), Sigma(y)) of a denoiser ``y -> mu(y)`` at noise level ``sigma``.
 
@@ -288,14 +476,17 @@ def denoising_moments(
             float32, whatever dtype the model runs in.
         sigma: the noise level, a float or a per-sample tensor (N,).
         covariance: one of ``"none"``, ``"isotropic"``, ``"diagonal"``, ``"exact_diagonal"``, ``"full"``,
-            ``"projection"``.
-        num_probes: Rademacher probes of the Hutchinson estimate (``diagonal``).
+            ``"projection"``, ``"calibrated"``, ``"calibrated_jacobian"``.
+        num_probes: Rademacher probes of the Hutchinson estimate (``diagonal``); Jacobian products of the
+            per-sample correction (``calibrated_jacobian``).
         generator: the torch generator(s) the probes (and the ``projection`` draw) are drawn from.
         jacobian: ``"reverse"`` (one forward kept, one backward per probe), ``"forward"`` (one JVP per probe),
             ``"finite_difference"`` (one more forward per probe, step 1e-2 sigma), or ``"auto"`` (reverse, else
             forward).
         variance_bound: optional upper bound on every per-dimension variance (see the module docstring).
         max_full_dim: ``full`` and ``exact_diagonal`` refuse dimensions above this (d products, (N, d, d)).
+        calibration: this level's calibrated covariance (``mmgibbs.calibration.LevelCovariance``) for the
+            ``calibrated`` covariances.
 
     Gradients are enabled locally, so this works inside a pipeline's ``torch.no_grad()``.
     """
@@ -303,7 +494,7 @@ def denoising_moments(
         raise ValueError(f"`covariance` must be one of {', '.join(map(repr, COVARIANCES))}; got {covariance!r}.")
     if jacobian not in JACOBIAN_MODES:
         raise ValueError(f"`jacobian` must be one of {', '.join(map(repr, JACOBIAN_MODES))}; got {jacobian!r}.")
-    if covariance == "diagonal" and (not isinstance(num_probes, int) or num_probes < 1):
+    if covariance in ("diagonal", "calibrated_jacobian") and (not isinstance(num_probes, int) or num_probes < 1):
         raise ValueError(f"`num_probes` must be a positive integer; got {num_probes!r}.")
     dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
     y = y.detach().to(dtype).contiguous()  # forward-mode AD refuses expanded (stride-0) inputs
@@ -325,9 +516,11 @@ def denoising_moments(
             "'isotropic', or raise `max_full_dim`."
         )
 
+    if covariance in CALIBRATED_COVARIANCES:
+        _calibrated(calibration, covariance)
     if covariance not in JACOBIAN_COVARIANCES:
         with torch.no_grad():
-            return moments_from_mean(y, denoiser(y).to(dtype), sigma, covariance, variance_bound)
+            return moments_from_mean(y, denoiser(y).to(dtype), sigma, covariance, variance_bound, calibration)
 
     lin = _linearise(denoiser, y, jacobian, sigma)
     scale = _per_sample(sigma**2, y)
@@ -336,6 +529,10 @@ def denoising_moments(
         variance = None
         z = randn_tensor(y.shape, generator=generator, device=y.device, dtype=dtype)
         draw = _per_sample(sigma, y) * lin.product(z)
+    elif covariance == "calibrated_jacobian":
+        prior = calibration.covariance(lin.mean().to(dtype))
+        directions = prior.factor[..., :num_probes]
+        variance = jacobian_correction(prior, _flat_product(lin.product, y), directions, sigma, variance_bound)
     elif covariance == "diagonal":
         diag = hutchinson_diagonal(lin.product, y, num_probes, generator)
         variance = _clamp_variance(scale * diag, variance_bound)

@@ -1,0 +1,290 @@
+"""Calibrated posterior covariances: estimated once per model and noise level, cached, used at zero extra calls.
+
+At a level sigma (y = x + sigma * eps) the law of total covariance gives the expected posterior covariance
+
+    E_y[Cov[x | y]] = sigma^2 (I - E[eps_hat eps_hat^T]) = E[(x - mu(y)) (x - mu(y))^T],
+
+where mu(y) = E[x | y] is the model's denoiser and eps_hat = (y - mu(y)) / sigma. The right-hand form needs clean
+samples x (the model's own samples, or data) and one model call per sample and level; it is PSD by construction
+and, unlike the eps_hat form, accurate in the directions whose posterior variance is far below sigma^2.
+
+One matrix per level ignores that the posterior differs between samples (between the modes of the data, most of
+all at low noise). The table therefore keeps one covariance per cluster of the denoised prediction:
+
+    Sigma_c = E[(x - mu(y)) (x - mu(y))^T | mu(y) in cluster c],   c = nearest centroid of mu(y) (k-means),
+
+the best predictor of Cov[x | y] that is a function of the cluster of mu(y), shrunk towards the pooled one with
+weight n_c / (n_c + shrinkage) (n_c calibration samples in the cluster). Each Sigma_c is stored low rank + diagonal
+(``F F^T + diag(D)``, :func:`mmgibbs.moments.low_rank_plus_diagonal`), so a table costs levels x clusters x d x
+(rank + 1) numbers and scales to latents with d ~ 1e4 - 1e5.
+
+At sampling time a sample's covariance depends on its own mu(y) only: no coupling between the samples of a batch,
+batch size 1 works, a NaN stays in its sample, and the variances are those of the model's own residuals at that
+level (bounded by the data's variance), so a handful of levels cannot blow up. Calibration cost (reported
+apart): ``num_samples`` model calls per calibrated level, plus whatever produced the clean samples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .moments import LowRankCovariance, compress_low_rank, low_rank_plus_diagonal
+
+#: ``(y, step index) -> mu(y)`` in the variance-exploding frame (as ``mmgibbs.gibbs.LevelDenoiser``)
+LevelDenoiser = Callable[[torch.Tensor, int], torch.Tensor]
+TABLE_FILE = "covariance_table.safetensors"
+#: two levels are the same when their sigmas agree to this relative tolerance
+SIGMA_RTOL = 1e-6
+
+
+def kmeans(
+    points: torch.Tensor, num_clusters: int, generator: torch.Generator | None = None, iterations: int = 25
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means (k-means++ seeding from ``generator``, then Lloyd iterations) of the rows of ``points`` (n, d).
+
+    Returns ``(centroids (C, d), assignment (n,))`` with C = min(num_clusters, n).
+    """
+    n = points.shape[0]
+    c = min(num_clusters, n)
+    first = int(torch.randint(n, (1,), generator=generator))
+    centroids = [points[first]]
+    dist = (points - points[first]).pow(2).sum(-1)
+    for _ in range(1, c):
+        probs = dist / dist.sum() if float(dist.sum()) > 0 else torch.full_like(dist, 1.0 / n)
+        pick = int(torch.multinomial(probs.float().cpu(), 1, generator=generator))
+        centroids.append(points[pick])
+        dist = torch.minimum(dist, (points - points[pick]).pow(2).sum(-1))
+    centroids = torch.stack(centroids)
+    assignment = torch.cdist(points, centroids).argmin(-1)
+    for _ in range(iterations):
+        counts = torch.bincount(assignment, minlength=c).to(points.dtype)
+        sums = torch.zeros_like(centroids).index_add_(0, assignment, points)
+        filled = counts > 0
+        centroids[filled] = sums[filled] / counts[filled, None]
+        new = torch.cdist(points, centroids).argmin(-1)
+        if torch.equal(new, assignment):
+            break
+        assignment = new
+    return centroids, assignment
+
+
+@dataclass
+class LevelCovariance:
+    """The calibrated covariance of one noise level: per cluster of mu, ``factor`` F_c (C, d, r) (columns in
+    decreasing variance) and ``diagonal`` D_c (C, d), Sigma_c = F_c F_c^T + diag(D_c); ``centroids`` (C, d)."""
+
+    sigma: float
+    centroids: torch.Tensor
+    factor: torch.Tensor
+    diagonal: torch.Tensor
+
+    def assign(self, mu: torch.Tensor) -> torch.Tensor:
+        """The cluster of each sample's own prediction mu (N, ...): nearest centroid (a NaN row gets cluster 0)."""
+        if self.centroids.shape[0] == 1:
+            return torch.zeros(mu.shape[0], dtype=torch.long, device=mu.device)
+        dist = torch.cdist(mu.flatten(1).to(self.centroids), self.centroids).nan_to_num(nan=math.inf)
+        return dist.argmin(-1)
+
+    def covariance(self, mu: torch.Tensor) -> LowRankCovariance:
+        """The per-sample :class:`LowRankCovariance` of a batch with predictions mu, in mu's dtype and device."""
+        cluster = self.assign(mu)
+        factor = self.factor.to(mu.device, mu.dtype)[cluster]
+        return LowRankCovariance(factor, self.diagonal.to(mu.device, mu.dtype)[cluster])
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LevelCovariance:
+        tensors = (self.centroids, self.factor, self.diagonal)
+        return LevelCovariance(self.sigma, *(t.to(device=device, dtype=dtype) for t in tensors))
+
+    def dense(self) -> torch.Tensor:
+        """Sigma_c as (C, d, d) (for tests and small d)."""
+        return self.factor @ self.factor.transpose(-1, -2) + torch.diag_embed(self.diagonal)
+
+
+def calibrate_level(
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: float,
+    num_clusters: int = 16,
+    rank: int = 16,
+    shrinkage: float = 64.0,
+    generator: torch.Generator | None = None,
+) -> LevelCovariance:
+    """The :class:`LevelCovariance` at ``sigma`` from clean samples x (n, ...) and mu = mu(x + sigma * eps).
+
+    Residuals r = x - mu; pooled F_p F_p^T + diag(D_p) ~ E[r r^T]; per k-means cluster c of mu the same from the
+    cluster's residuals, mixed as w_c Sigma_c + (1 - w_c) Sigma_pooled with w_c = n_c / (n_c + ``shrinkage``) and
+    brought back to ``rank`` columns (:func:`mmgibbs.moments.compress_low_rank`, diagonal kept exact).
+    """
+    r, m = (x - mu).flatten(1), mu.flatten(1)
+    pooled_factor, pooled_diag = low_rank_plus_diagonal(r, rank)
+    if num_clusters <= 1:
+        centroids = m.mean(0, keepdim=True)
+        return LevelCovariance(sigma, centroids, pooled_factor[None], pooled_diag[None])
+    centroids, assignment = kmeans(m, num_clusters, generator)
+    factors, diagonals = [], []
+    for c in range(centroids.shape[0]):
+        rc = r[assignment == c]
+        weight = len(rc) / (len(rc) + shrinkage)
+        if len(rc) >= 2:
+            fc, dc = low_rank_plus_diagonal(rc, rank)
+        else:
+            fc, dc = pooled_factor.new_zeros(pooled_factor.shape), torch.zeros_like(pooled_diag)
+        mixed = torch.cat([math.sqrt(weight) * fc, math.sqrt(1.0 - weight) * pooled_factor], dim=-1)
+        f, d = compress_low_rank(mixed, weight * dc + (1.0 - weight) * pooled_diag, rank)
+        factors.append(f)
+        diagonals.append(d)
+    factor = torch.stack(factors)
+    order = factor.pow(2).sum(-2).argsort(-1, descending=True)  # columns by decreasing variance
+    factor = torch.gather(factor, -1, order.unsqueeze(-2).expand_as(factor))
+    return LevelCovariance(sigma, centroids, factor, torch.stack(diagonals))
+
+
+@dataclass
+class CovarianceTable:
+    """Calibrated covariances by noise level (VE sigma), with what they cost.
+
+    ``num_samples`` clean samples, ``num_forward`` batched model passes and ``sample_forwards`` single-sample model
+    evaluations were spent (not counting how the clean samples were made). ``settings`` records the calibration's
+    arguments and sources.
+    """
+
+    levels: list[LevelCovariance] = field(default_factory=list)
+    num_samples: int = 0
+    num_forward: int = 0
+    sample_forwards: int = 0
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def sigmas(self) -> list[float]:
+        return [lv.sigma for lv in self.levels]
+
+    def find(self, sigma: float) -> LevelCovariance | None:
+        for lv in self.levels:
+            if math.isclose(lv.sigma, sigma, rel_tol=SIGMA_RTOL):
+                return lv
+        return None
+
+    def level(self, sigma: float) -> LevelCovariance:
+        """The calibrated covariance of level ``sigma``; a ValueError names the missing level."""
+        found = self.find(float(sigma))
+        if found is None:
+            raise ValueError(
+                f"No calibrated covariance for sigma={float(sigma):.6g} (calibrated: {len(self.levels)} levels). "
+                "Calibrate for this schedule first, e.g. `pipe.calibrate_covariance(num_inference_steps=...)` with "
+                "the same number of steps and timestep spacing you sample with."
+            )
+        return found
+
+    def merge(self, other: CovarianceTable) -> CovarianceTable:
+        """Both tables' levels (this table's where both have one) and summed costs."""
+        levels = list(self.levels) + [lv for lv in other.levels if self.find(lv.sigma) is None]
+        levels.sort(key=lambda lv: -lv.sigma)
+        return CovarianceTable(
+            levels,
+            max(self.num_samples, other.num_samples),
+            self.num_forward + other.num_forward,
+            self.sample_forwards + other.sample_forwards,
+            {**other.settings, **self.settings},
+        )
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> CovarianceTable:
+        levels = [lv.to(device, dtype) for lv in self.levels]
+        return CovarianceTable(levels, self.num_samples, self.num_forward, self.sample_forwards, dict(self.settings))
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> None:
+        """Write the table as one safetensors file (tensors per level; sigmas and costs in the metadata)."""
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for i, lv in enumerate(self.levels):
+            tensors[f"{i}.centroids"] = lv.centroids.contiguous().cpu()
+            tensors[f"{i}.factor"] = lv.factor.contiguous().cpu()
+            tensors[f"{i}.diagonal"] = lv.diagonal.contiguous().cpu()
+        meta = {
+            "sigmas": json.dumps([repr(s) for s in self.sigmas]),
+            "num_samples": str(self.num_samples),
+            "num_forward": str(self.num_forward),
+            "sample_forwards": str(self.sample_forwards),
+            "settings": json.dumps(self.settings),
+        }
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> CovarianceTable:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            sigmas = [float(s) for s in json.loads(meta["sigmas"])]
+            levels = [
+                LevelCovariance(s, *(f.get_tensor(f"{i}.{name}") for name in ("centroids", "factor", "diagonal")))
+                for i, s in enumerate(sigmas)
+            ]
+        return cls(
+            levels,
+            int(meta["num_samples"]),
+            int(meta["num_forward"]),
+            int(meta["sample_forwards"]),
+            json.loads(meta["settings"]),
+        )
+
+
+def calibrate_covariance(
+    denoiser: LevelDenoiser,
+    sigmas: Sequence[float],
+    samples: torch.Tensor,
+    *,
+    num_clusters: int = 16,
+    rank: int = 16,
+    shrinkage: float = 64.0,
+    batch_size: int | None = None,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+    progress: Callable[[Iterable[int]], Iterable[int]] = iter,
+) -> CovarianceTable:
+    """Calibrate the covariance of every distinct level of a schedule from clean ``samples`` (n, ...).
+
+    Args:
+        denoiser: ``(y, i) -> mu(y)`` at step i of the schedule (``MMGibbsScheduler.denoiser``), in the VE frame.
+        sigmas: the schedule's VE noise levels, one per step (``MMGibbsScheduler.ve_sigmas()``); repeated levels
+            (Gibbs sweeps) are calibrated once.
+        samples: clean samples x: the model's own (e.g. from a long sampler run) or data.
+        num_clusters, rank, shrinkage: the table's structure (:func:`calibrate_level`).
+        batch_size: model batch (default: all samples at once).
+        generator: the generator of the calibration noise eps and of the k-means seeding.
+        dtype: the table's storage dtype (default: float64 for float64 samples, else float32).
+
+    Per level: y = x + sigma * eps, mu = denoiser(y, i), then :func:`calibrate_level`. Costs ``len(samples)`` model
+    evaluations per distinct level, recorded in the returned table.
+    """
+    x = samples.detach()
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x = x.to(work)
+    n = x.shape[0]
+    batch = batch_size or n
+    table = CovarianceTable(
+        num_samples=n, settings={"num_clusters": num_clusters, "rank": rank, "shrinkage": shrinkage}
+    )
+    for i in progress(range(len(sigmas))):
+        sigma = float(sigmas[i])
+        if table.find(sigma) is not None:
+            continue
+        mu = torch.empty_like(x)
+        for start in range(0, n, batch):
+            chunk = x[start : start + batch]
+            eps = torch.randn(chunk.shape, generator=generator, dtype=work).to(chunk.device)
+            with torch.no_grad():
+                mu[start : start + batch] = denoiser(chunk + sigma * eps, i).to(work)
+            table.num_forward += 1
+        table.sample_forwards += n
+        level = calibrate_level(x, mu, sigma, num_clusters, rank, shrinkage, generator)
+        table.levels.append(level.to(dtype=dtype or work))
+    table.levels.sort(key=lambda lv: -lv.sigma)
+    return table
