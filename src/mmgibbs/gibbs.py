@@ -26,11 +26,15 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .moments import DEFAULT_MAX_FULL_DIM, DenoisingMoments, Generator, denoising_moments
+from .moments import CALIBRATED_COVARIANCES, DEFAULT_MAX_FULL_DIM, DenoisingMoments, Generator, denoising_moments
+
+if TYPE_CHECKING:
+    from .calibration import CovarianceTable
 
 TRANSITIONS = ("ancestral", "gibbs")
 FINAL_OUTPUTS = ("sample", "mean")
@@ -116,6 +120,7 @@ def sample(
     jacobian: str = "auto",
     variance_bound: float | None = None,
     max_full_dim: int = DEFAULT_MAX_FULL_DIM,
+    covariance_table: CovarianceTable | None = None,
     transition: str = "ancestral",
     eta: float = 1.0,
     final_output: str = "sample",
@@ -133,6 +138,8 @@ def sample(
         y: the starting point in the frame of ``sigmas[0]``; the chain runs in its dtype (float32 or float64).
         covariance, num_probes, jacobian, variance_bound, max_full_dim: how Sigma is estimated
             (:func:`mmgibbs.moments.denoising_moments`).
+        covariance_table: the calibrated covariances (``mmgibbs.calibration.CovarianceTable``) that
+            ``covariance="calibrated"`` / ``"calibrated_jacobian"`` read, one level per distinct sigma.
         transition, eta, final_output, clip_range, known: see :func:`gibbs_step`.
         generator: torch generator(s) for probes and draws; a list gives each sample its own stream.
         callback: called as ``callback(i, y_next, mu)`` after every step (``y_next`` is the final sample after the
@@ -142,6 +149,14 @@ def sample(
     counts = {"num_forward": 0, "num_backward": 0, "num_jvp": 0}
     mu = y
     n = len(sigmas)
+    calibrated = covariance in CALIBRATED_COVARIANCES
+    if calibrated:  # every level is looked up before the first model call: a missing one fails at once
+        if covariance_table is None:
+            raise ValueError(
+                f"covariance={covariance!r} needs a calibrated `covariance_table` "
+                "(`MomentMatchingGibbsPipeline.calibrate_covariance`)."
+            )
+        levels = [covariance_table.level(float(s)) for s in sigmas]
     for i in progress(range(n)):
         sigma = float(sigmas[i])
         moments = denoising_moments(
@@ -154,6 +169,7 @@ def sample(
             jacobian=jacobian,
             variance_bound=variance_bound,
             max_full_dim=max_full_dim,
+            calibration=levels[i] if calibrated else None,
         )
         for key in counts:
             counts[key] += getattr(moments, key)

@@ -12,7 +12,7 @@ runs :func:`mmgibbs.gibbs.sample` with the scheduler's settings.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -23,6 +23,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from . import gibbs
+from .calibration import CovarianceTable, calibrate_covariance
 from .scheduler import MMGibbsScheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -140,7 +141,10 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             ).items()
             if v is not None
         }
-        scheduler = MMGibbsScheduler.from_config(self.scheduler.config, **overrides) if overrides else self.scheduler
+        scheduler = self.scheduler
+        if overrides:
+            scheduler = MMGibbsScheduler.from_config(self.scheduler.config, **overrides)
+            scheduler.set_covariance_table(self.scheduler.covariance_table)
         scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
 
         shape = (batch_size, *_sample_shape(self.unet))
@@ -156,10 +160,6 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         if sample.shape != shape:
             raise ValueError(f"The starting sample must have shape {shape}; got {tuple(sample.shape)}.")
 
-        def predict(model_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            out = self.unet(model_input.to(self.unet.dtype), t.expand(len(model_input)))
-            return out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
-
         def callback(i: int, y: torch.Tensor, mu: torch.Tensor) -> torch.Tensor | None:
             last = i == len(scheduler.timesteps) - 1
             local = {"sample": y if last else scheduler.from_ve(y, i + 1), "mu": mu}
@@ -169,7 +169,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             return returned["sample"] if last else scheduler.to_ve(returned["sample"], i + 1)
 
         result = gibbs.sample(
-            scheduler.denoiser(predict),
+            scheduler.denoiser(self._predict),
             scheduler.ve_sigmas(),
             scheduler.to_ve(sample, 0),
             **scheduler.gibbs_settings(),
@@ -185,6 +185,87 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return MomentMatchingGibbsPipelineOutput(images=images, **counts)
+
+    def _predict(self, model_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = self.unet(model_input.to(self.unet.dtype), t.expand(len(model_input)))
+        return out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+
+    @torch.no_grad()
+    def calibrate_covariance(
+        self,
+        num_inference_steps: int | Sequence[int] = 50,
+        samples: torch.Tensor | None = None,
+        num_samples: int = 2048,
+        generator: torch.Generator | None = None,
+        batch_size: int | None = None,
+        num_clusters: int = 16,
+        rank: int = 16,
+        shrinkage: float = 64.0,
+        sampler_steps: int | None = None,
+        sampler_covariance: str = "none",
+    ) -> CovarianceTable:
+        """Calibrate ``covariance="calibrated"`` for the levels of ``num_inference_steps`` (``mmgibbs.calibration``).
+
+        Once per model: the table is set on the scheduler (merged with an existing one, the new levels winning),
+        saved by ``save_pretrained`` and used by the pipeline and by the drop-in scheduler alike.
+
+        Args:
+            num_inference_steps: the step count(s) to calibrate for (each schedule's distinct levels, with the
+                scheduler's timestep spacing).
+            samples: clean samples x (batch first, the model's sample shape), e.g. data; default: the model's own,
+                drawn here with ``sampler_steps`` levels of this pipeline (``covariance=sampler_covariance``,
+                ancestral, eta 1: with ``"none"`` and every training step that is DDPM's own sampler).
+            num_samples: how many samples to draw when ``samples`` is None.
+            generator: one torch generator for the self-samples, the calibration noise and the clustering.
+            batch_size: model batch size of the calibration passes and the self-sampling (default: all at once).
+            num_clusters, rank, shrinkage: the table's structure (:func:`mmgibbs.calibration.calibrate_level`).
+            sampler_steps: levels of the self-sampling run (default: the model's training steps).
+            sampler_covariance: the covariance of the self-sampling run.
+
+        Returns the table; its ``sample_forwards`` and ``settings["sampler_sample_forwards"]`` are the calibration's
+        cost in single-sample model evaluations (calibration passes; drawing the self-samples).
+        """
+        steps = [num_inference_steps] if isinstance(num_inference_steps, int) else list(num_inference_steps)
+        settings: dict[str, Any] = {"source": "given samples", "sampler_sample_forwards": 0}
+        if samples is None:
+            sampler_steps = sampler_steps or self.scheduler.noise_schedule.num_train_timesteps
+            batch = batch_size or num_samples
+            drawn = []
+            for start in range(0, num_samples, batch):
+                out = self(
+                    batch_size=min(batch, num_samples - start),
+                    generator=generator,
+                    num_inference_steps=sampler_steps,
+                    covariance=sampler_covariance,
+                    transition="ancestral",
+                    eta=1.0,
+                    output_type="latent",
+                )
+                drawn.append(out.images)
+            samples = torch.cat(drawn)
+            settings = {
+                "source": f"own samples: {sampler_steps} levels, covariance={sampler_covariance!r}, eta 1",
+                "sampler_sample_forwards": num_samples * sampler_steps,
+            }
+        device = self._execution_device
+        samples = samples.to(device)
+        table = self.scheduler.covariance_table
+        for n in steps:
+            self.scheduler.set_timesteps(n, device=device)
+            new = calibrate_covariance(
+                self.scheduler.denoiser(self._predict),
+                self.scheduler.ve_sigmas(),
+                samples,
+                num_clusters=num_clusters,
+                rank=rank,
+                shrinkage=shrinkage,
+                batch_size=batch_size,
+                generator=generator,
+            )
+            new.settings.update(settings)
+            table = new if table is None else new.merge(table)
+        self.scheduler.set_covariance_table(table)
+        return table
 
     def _postprocess(self, sample: torch.Tensor, output_type: str) -> Any:
         if output_type == "latent":

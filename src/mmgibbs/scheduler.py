@@ -27,8 +27,10 @@ In model-frame terms, moving from level t to the next level s with x drawn at le
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +38,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
 
+from .calibration import TABLE_FILE, CovarianceTable
 from .gibbs import FINAL_OUTPUTS, TRANSITIONS, LevelDenoiser, gibbs_step
 from .moments import COVARIANCES, JACOBIAN_COVARIANCES, JACOBIAN_MODES, Generator, moments_from_mean
 from .noise import _DEFAULT_PREDICTION, NOISE_FAMILIES, NoiseSchedule, _check_choice, infer_noise_family
@@ -63,16 +66,18 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
     source's noise schedule (betas, sigmas, shift, prediction type) is kept and its family inferred.
 
     Args:
-        covariance: ``"none"`` (mean only), ``"isotropic"`` (Analytic-DPM batch estimate), or, inside
-            :class:`MomentMatchingGibbsPipeline` only, ``"diagonal"``, ``"exact_diagonal"``, ``"full"``,
-            ``"projection"`` (see ``mmgibbs.moments``).
+        covariance: ``"none"`` (mean only), ``"isotropic"`` (Analytic-DPM batch estimate), ``"calibrated"`` (the
+            per-level expected posterior covariance of a calibrated table, :meth:`set_covariance_table`; zero extra
+            calls), or, inside :class:`MomentMatchingGibbsPipeline` only, ``"diagonal"``, ``"exact_diagonal"``,
+            ``"full"``, ``"projection"``, ``"calibrated_jacobian"`` (see ``mmgibbs.moments``).
         gibbs_sweeps: Gibbs sweeps per noise level; the model is called levels x sweeps times.
         schedule: ``"annealed"`` (levels from high to low noise) or ``"single_level"`` (every sweep at ``sigma``).
         sigma: the noise level of the single-level chain (VE frame; VP models use the nearest timestep).
         transition: how to move between levels, ``"ancestral"`` or ``"gibbs"`` (see the module docstring).
         eta: share of fresh noise in the ancestral transition: 1 is the DDPM posterior, 0 a DDIM step.
         final_output: return the last drawn ``"sample"`` x or the last posterior ``"mean"`` mu.
-        num_probes: Rademacher probes of the Hutchinson diagonal (pipeline only).
+        num_probes: Rademacher probes of the Hutchinson diagonal, or Jacobian products of the
+            ``calibrated_jacobian`` correction (pipeline only).
         jacobian: ``"auto"``, ``"reverse"``, ``"forward"`` or ``"finite_difference"`` Jacobian products for
             Jacobian covariances (pipeline only).
         variance_bound: optional upper bound on per-dimension posterior variances (r^2 for data in [-r, r]).
@@ -139,6 +144,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         _check_choice("noise_family", family, NOISE_FAMILIES)
         self.register_to_config(noise_family=family, prediction_type=prediction_type or _DEFAULT_PREDICTION[family])
         self.noise_schedule = NoiseSchedule.from_config(self.config)
+        self.covariance_table: CovarianceTable | None = None
         self.num_inference_steps: int | None = None
         if schedule == "single_level":
             self.timesteps = self.noise_schedule.timestep_for_sigma(sigma).reshape(1)
@@ -167,6 +173,37 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
 
     def __len__(self) -> int:
         return self.noise_schedule.num_train_timesteps
+
+    # ------------------------------------------------------------------ the calibrated covariance
+    def set_covariance_table(self, table: CovarianceTable | None) -> None:
+        """Use ``table`` (``mmgibbs.calibration.CovarianceTable``) for ``covariance="calibrated"``; it is state, not
+        config: :meth:`save_pretrained` writes it next to the config and :meth:`from_pretrained` reads it back."""
+        self.covariance_table = table
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """The config, and the calibrated covariance table (``covariance_table.safetensors``) if one is set."""
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        if self.covariance_table is not None:
+            self.covariance_table.save(Path(save_directory) / TABLE_FILE)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike | None = None,
+        subfolder: str | None = None,
+        return_unused_kwargs: bool = False,
+        **kwargs: Any,
+    ) -> MMGibbsScheduler | tuple[MMGibbsScheduler, dict[str, Any]]:
+        """The saved config, and the calibrated covariance table saved with it (local folders)."""
+        loaded = super().from_pretrained(
+            pretrained_model_name_or_path, subfolder=subfolder, return_unused_kwargs=return_unused_kwargs, **kwargs
+        )
+        scheduler = loaded[0] if isinstance(loaded, tuple) else loaded
+        if pretrained_model_name_or_path is not None:
+            path = Path(pretrained_model_name_or_path, subfolder or "", TABLE_FILE)
+            if path.is_file():
+                scheduler.set_covariance_table(CovarianceTable.load(path))
+        return loaded
 
     # ------------------------------------------------------------------ timesteps
     def set_timesteps(
@@ -309,6 +346,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
             "num_probes": cfg.num_probes,
             "jacobian": cfg.jacobian,
             "variance_bound": cfg.variance_bound,
+            "covariance_table": self.covariance_table,
             "transition": cfg.transition,
             "eta": cfg.eta,
             "final_output": cfg.final_output,
@@ -336,8 +374,8 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
             generator: torch generator(s) for the draws.
             return_dict: return a :class:`MMGibbsSchedulerOutput` rather than a tuple.
 
-        Only ``covariance="none"`` and ``"isotropic"`` can be stepped from a model output; the Jacobian covariances
-        need the model itself (:class:`MomentMatchingGibbsPipeline`).
+        Only ``covariance="none"``, ``"isotropic"`` and ``"calibrated"`` (once a table is set) can be stepped from a
+        model output; the Jacobian covariances need the model itself (:class:`MomentMatchingGibbsPipeline`).
         """
         cfg = self.config
         if cfg.covariance in JACOBIAN_COVARIANCES:
@@ -355,8 +393,21 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         x_t = sample.to(work)
         y, sigma = self.to_ve(x_t, i), self._levels[i][1]
         mu = self._mean(model_output, x_t, i)
+        calibration = None
+        if cfg.covariance == "calibrated":
+            if self.covariance_table is None:
+                raise ValueError(
+                    "covariance='calibrated' needs a calibrated covariance table: "
+                    "`MomentMatchingGibbsPipeline.calibrate_covariance` (or `set_covariance_table`) first."
+                )
+            calibration = self.covariance_table.level(sigma)
         moments = moments_from_mean(
-            y, mu, torch.full((len(y),), sigma, dtype=work, device=y.device), cfg.covariance, cfg.variance_bound
+            y,
+            mu,
+            torch.full((len(y),), sigma, dtype=work, device=y.device),
+            cfg.covariance,
+            cfg.variance_bound,
+            calibration,
         )
         last = i == len(self.timesteps) - 1
         out, mu = gibbs_step(
