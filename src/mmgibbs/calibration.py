@@ -247,6 +247,7 @@ def calibrate_covariance(
     batch_size: int | None = None,
     generator: torch.Generator | None = None,
     dtype: torch.dtype | None = None,
+    skip: CovarianceTable | None = None,
     progress: Callable[[Iterable[int]], Iterable[int]] = iter,
 ) -> CovarianceTable:
     """Calibrate the covariance of every distinct level of a schedule from clean ``samples`` (n, ...).
@@ -260,6 +261,7 @@ def calibrate_covariance(
         batch_size: model batch (default: all samples at once).
         generator: the generator of the calibration noise eps and of the k-means seeding.
         dtype: the table's storage dtype (default: float64 for float64 samples, else float32).
+        skip: levels this table already holds are not calibrated again.
 
     Per level: y = x + sigma * eps, mu = denoiser(y, i), then :func:`calibrate_level`. Costs ``len(samples)`` model
     evaluations per distinct level, recorded in the returned table.
@@ -274,7 +276,7 @@ def calibrate_covariance(
     )
     for i in progress(range(len(sigmas))):
         sigma = float(sigmas[i])
-        if table.find(sigma) is not None:
+        if table.find(sigma) is not None or (skip is not None and skip.find(sigma) is not None):
             continue
         mu = torch.empty_like(x)
         for start in range(0, n, batch):

@@ -264,15 +264,17 @@ def expected_posterior_covariance(y: torch.Tensor, mu: torch.Tensor, sigma: floa
 
 
 def low_rank_plus_diagonal(
-    residuals: torch.Tensor, rank: int, exact_max_dim: int = 2048
+    residuals: torch.Tensor, rank: int, iterations: int = 8, exact_max_dim: int = 2048
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """F F^T + diag(D) ~ E[r r^T] from residual rows r = x - mu(x + sigma * eps) (n, d).
+    """F F^T + diag(D) ~ M = E[r r^T] from residual rows r = x - mu(x + sigma * eps) (n, d); E[r r^T] is
+    E_y[Cov[x | y]] (module docstring).
 
-    F (d, rank), columns in decreasing variance, spans the top principal directions of the second moment
-    M = R^T R / n (eigh of M for d <= ``exact_max_dim``, else a randomized SVD of R, ``torch.svd_lowrank``);
-    D = diag(M) - diag(F F^T) >= 0, so
-    the diagonal, i.e. every per-pixel variance, is matched exactly and the rest of M is dropped (an under-estimate
-    in the discarded directions' correlations only). E[r r^T] = E_y[Cov[x | y]] (module docstring).
+    Principal-factor iterations: starting from D = 0, F (d, rank) = the top eigenpairs of M - diag(D), then
+    D = diag(M) - diag(F F^T) >= 0, ``iterations`` times. The diagonal, i.e. every per-pixel variance, is matched
+    exactly; a true low rank + diagonal M is a fixed point (plain PCA + diagonal remainder, the first iteration,
+    tilts F towards the large-diagonal pixels). Eigenpairs by ``eigh`` of M - diag(D) for d <= ``exact_max_dim``,
+    else by subspace iteration on v -> R^T (R v) / n - D v, which never forms a d x d matrix. Columns of F come in
+    decreasing variance.
     """
     r = residuals.flatten(1)
     n, d = r.shape
@@ -280,13 +282,32 @@ def low_rank_plus_diagonal(
     rank = min(rank, d, n)
     if rank == 0:
         return r.new_zeros(d, 0), second
-    if d <= exact_max_dim:
-        evals, evecs = torch.linalg.eigh(r.T @ r / n)
-        factor = (evecs[:, -rank:] * evals[-rank:].clamp(min=0.0).sqrt()).flip(-1)  # decreasing variance
-    else:
-        _, s, v = torch.svd_lowrank(r / math.sqrt(n), q=min(rank + 8, n, d), niter=4)
-        factor = v[:, :rank] * s[:rank]
-    return factor, (second - factor.pow(2).sum(-1)).clamp(min=0.0)
+    moment = r.T @ r / n if d <= exact_max_dim else None
+    diag = torch.zeros_like(second)
+    for _ in range(max(iterations, 1)):
+        if moment is not None:
+            evals, evecs = torch.linalg.eigh(moment - torch.diag(diag))
+            evals, evecs = evals[-rank:].flip(-1), evecs[:, -rank:].flip(-1)
+        else:
+            evals, evecs = _top_eigenpairs(lambda v, dg=diag: r.T @ (r @ v) / n - dg[:, None] * v, d, rank, r)
+        factor = evecs * evals.clamp(min=0.0).sqrt()
+        diag = (second - factor.pow(2).sum(-1)).clamp(min=0.0)
+    return factor, diag
+
+
+def _top_eigenpairs(
+    apply: Callable[[torch.Tensor], torch.Tensor], d: int, rank: int, like: torch.Tensor, power: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``rank`` largest eigenpairs of a symmetric operator on R^d by subspace iteration (Rayleigh-Ritz on
+    rank + 8 columns, ``power`` iterations, a fixed start), in decreasing order."""
+    q = min(rank + 8, d)
+    start = torch.randn(d, q, generator=torch.Generator().manual_seed(0), dtype=like.dtype).to(like.device)
+    basis, _ = torch.linalg.qr(apply(start))
+    for _ in range(power):
+        basis, _ = torch.linalg.qr(apply(basis))
+    small = basis.T @ apply(basis)
+    evals, evecs = torch.linalg.eigh(0.5 * (small + small.T))
+    return evals[-rank:].flip(-1), (basis @ evecs)[:, -rank:].flip(-1)
 
 
 def compress_low_rank(factor: torch.Tensor, diagonal: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -249,7 +249,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             }
         device = self._execution_device
         samples = samples.to(device)
-        table = self.scheduler.covariance_table
+        table, old = None, self.scheduler.covariance_table
         for n in steps:
             self.scheduler.set_timesteps(n, device=device)
             new = calibrate_covariance(
@@ -261,10 +261,11 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
                 shrinkage=shrinkage,
                 batch_size=batch_size,
                 generator=generator,
+                skip=table,
             )
             new.settings.update(settings)
-            table = new if table is None else new.merge(table)
-        self.scheduler.set_covariance_table(table)
+            table = new if table is None else table.merge(new)
+        self.scheduler.set_covariance_table(table if old is None else table.merge(old))
         return table
 
     def _postprocess(self, sample: torch.Tensor, output_type: str) -> Any:
