@@ -36,12 +36,18 @@ def test_low_rank_plus_diagonal_recovers_a_known_low_rank_plus_diagonal(exact_ma
     factor, diag = _low_rank_diag(12, 3, seed=0)
     cov = factor @ factor.T + torch.diag(diag)
     r = torch.randn(40000, 12, generator=_gen(1), dtype=F64) @ torch.linalg.cholesky(cov).T
-    f_hat, d_hat = low_rank_plus_diagonal(r, 3, exact_max_dim=exact_max_dim)
+    f_hat, d_hat = low_rank_plus_diagonal(r, 3, iterations=8, exact_max_dim=exact_max_dim)
     assert f_hat.shape == (12, 3) and d_hat.shape == (12,)
     # the diagonal (every per-pixel variance) is matched exactly, the rest within Monte-Carlo error
     torch.testing.assert_close(f_hat.pow(2).sum(-1) + d_hat, r.pow(2).mean(0), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(f_hat @ f_hat.T + torch.diag(d_hat), cov, atol=0.15, rtol=0.0)
     assert torch.all(f_hat.pow(2).sum(0)[:-1] >= f_hat.pow(2).sum(0)[1:])  # columns by decreasing variance
+    pca, pca_diag = low_rank_plus_diagonal(r, 3, iterations=1, exact_max_dim=exact_max_dim)  # the default
+    torch.testing.assert_close(pca.pow(2).sum(-1) + pca_diag, r.pow(2).mean(0), rtol=1e-10, atol=1e-12)
+    top = torch.linalg.eigvalsh(r.T @ r / len(r))[-3:]
+    torch.testing.assert_close(
+        torch.linalg.eigvalsh(pca @ pca.T)[-3:], top, rtol=1e-3 if exact_max_dim == 0 else 1e-8, atol=0.0
+    )
 
 
 def test_compress_low_rank_keeps_the_diagonal_and_the_leading_directions() -> None:

@@ -264,17 +264,19 @@ def expected_posterior_covariance(y: torch.Tensor, mu: torch.Tensor, sigma: floa
 
 
 def low_rank_plus_diagonal(
-    residuals: torch.Tensor, rank: int, iterations: int = 8, exact_max_dim: int = 2048
+    residuals: torch.Tensor, rank: int, iterations: int = 1, exact_max_dim: int = 2048
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """F F^T + diag(D) ~ M = E[r r^T] from residual rows r = x - mu(x + sigma * eps) (n, d); E[r r^T] is
     E_y[Cov[x | y]] (module docstring).
 
-    Principal-factor iterations: starting from D = 0, F (d, rank) = the top eigenpairs of M - diag(D), then
-    D = diag(M) - diag(F F^T) >= 0, ``iterations`` times. The diagonal, i.e. every per-pixel variance, is matched
-    exactly; a true low rank + diagonal M is a fixed point (plain PCA + diagonal remainder, the first iteration,
-    tilts F towards the large-diagonal pixels). Eigenpairs by ``eigh`` of M - diag(D) for d <= ``exact_max_dim``,
-    else by subspace iteration on v -> R^T (R v) / n - D v, which never forms a d x d matrix. Columns of F come in
-    decreasing variance.
+    F (d, rank) = the top eigenpairs of M - diag(D), then D = diag(M) - diag(F F^T) >= 0, starting from D = 0 and
+    repeated ``iterations`` times. The diagonal, i.e. every per-pixel variance, is matched exactly. One iteration
+    (the default) is PCA plus the diagonal remainder; more are principal-factor iterations, of which a true low
+    rank + diagonal M is a fixed point. On the exact digits mixture (rank 16, 16 clusters, 10 levels) the sampler
+    was better with one (excess per-mode KL 3.0 against 3.7 with 8): PCA keeps the leading directions' variance
+    whole, which the draw needs more than the off-diagonal fit. Eigenpairs by ``eigh`` of M - diag(D) for
+    d <= ``exact_max_dim``, else by subspace iteration on v -> R^T (R v) / n - D v, which never forms a d x d
+    matrix. Columns of F come in decreasing variance.
     """
     r = residuals.flatten(1)
     n, d = r.shape
