@@ -1,7 +1,7 @@
 """Sampler benchmark on the shipped digits models and the exact toy; prints markdown tables with their setup.
 
     python examples/benchmark.py                      # everything (about 2-3 hours on 2 CPU cores)
-    python examples/benchmark.py --section digits     # one section: digits | single-level | toy
+    python examples/benchmark.py --section digits     # one section: digits | single-level | toy | image-mixture
     python examples/benchmark.py --quick              # a smoke run: 200 samples, 1 seed, few rows
 
 Sections:
@@ -15,6 +15,10 @@ Sections:
   setting). MMGibbs per covariance and number of sweeps against Langevin on the same model at equal model
   evaluations (its step size tuned over a grid on seed 0's FD, the choice reported), Langevin followed by one
   Tweedie denoising jump, and the noisy marginal itself (train digits plus noise).
+* ``image-mixture``: an exact image-like model, a full-covariance Gaussian mixture fitted to the digits (d = 64),
+  as a DDPM: every diffusers sampler and the MMGibbs covariances (isotropic, calibrated, full) at 10, 20 and 50
+  model-evaluation equivalents, per-mode KL against the true components and its exact-sample floor, weight TV,
+  pixel FD and per-direction variance ratios (``image_mixture.py``; 4000 samples per seed by default).
 * ``toy``: the paper's 2-D mixture with the exact denoiser (``toy_mog.py``): MMD^2 against clean samples for every
   MMGibbs covariance, the exact-posterior Gibbs chain and Langevin, at sigma 0.3 and 0.5.
 
@@ -68,6 +72,8 @@ DIFFUSERS_SCHEDULERS = {
     "UniPC (bh2)": UniPCMultistepScheduler,
 }
 TOY_SCHEDULERS = ("DDPM", "DDIM", "DPM-Solver++ (2M)", "UniPC (bh2)")
+#: step counts of the calibrated digits rows (one table covers them all)
+CALIBRATED_STEPS = (10, 20, 50)
 
 
 @torch.no_grad()
@@ -149,6 +155,18 @@ def digits_rows(quick: bool) -> list[Row]:
         Row("MMGibbs single level sigma=0.5 (t=158), isotropic", "mmgibbs", n, {**iso, "schedule": "single_level"})
         for n in (20, 50)
     ]
+    # the expected posterior covariance per level, calibrated once (mmgibbs.calibration; zero extra calls)
+    for label, settings in [
+        (
+            "MMGibbs annealed, ancestral eta=0, calibrated (16 clusters, rank 16, train digits)",
+            {"covariance": "calibrated", "eta": 0.0, "calibration": "data"},
+        ),
+        (
+            "MMGibbs annealed, ancestral eta=0, calibrated (16 clusters, rank 16, own samples)",
+            {"covariance": "calibrated", "eta": 0.0, "calibration": "own"},
+        ),
+    ]:
+        rows += [Row(label, "mmgibbs", n, settings) for n in CALIBRATED_STEPS]
     if quick:
         rows = [r for r in rows if r.steps <= 20 and "64 backward" not in r.name][::3]
     return rows
@@ -194,6 +212,7 @@ class Bench:
         self.ddpm_config = self.ddpm.scheduler.config
         self.dsm = MomentMatchingGibbsPipeline.from_pretrained(dsm_dir(0.5))
         self.dsm.set_progress_bar_config(disable=True)
+        self.tables: dict[str, Any] = {}
         self.costs = self._measure_costs()
 
     def _measure_costs(self) -> dict[str, float]:
@@ -254,11 +273,43 @@ class Bench:
         sample = standard_loop(self.unet, scheduler, (self.n, 1, 8, 8), self._gen(seed))
         return sample, {"forwards": len(scheduler.timesteps), "backward": 0, "jvps": 0}
 
+    def covariance_table(self, source: str) -> Any:
+        """The digits DDPM's calibrated covariance for :data:`CALIBRATED_STEPS`, from the 1400 train digits
+        ("data") or from 1400 of the model's own samples ("own": DDPM over all 1000 steps); cached on disk."""
+        from mmgibbs.calibration import CovarianceTable
+
+        path = self.out_dir / f"digits_covariance_{source}.safetensors"
+        if source in self.tables:
+            return self.tables[source]
+        if path.exists() and not self.args.force:
+            table = CovarianceTable.load(path)
+        else:
+            pipe = MomentMatchingGibbsPipeline(
+                unet=self.unet, scheduler=MMGibbsScheduler.from_config(self.ddpm_config, covariance="calibrated")
+            )
+            pipe.set_progress_bar_config(disable=True)
+            start = time.perf_counter()
+            samples = self.x_train if source == "data" else None
+            table = pipe.calibrate_covariance(
+                list(CALIBRATED_STEPS),
+                samples=samples,
+                num_samples=len(self.x_train),
+                generator=self._gen(5),
+                batch_size=2000,
+            )
+            table.settings["seconds"] = time.perf_counter() - start
+            table.save(path)
+        self.tables[source] = table
+        return table
+
     def run_mmgibbs(self, row: Row, seed: int) -> tuple[torch.Tensor, dict[str, float]]:
         settings = dict(row.settings)
         if settings.get("schedule") == "single_level":
             settings["sigma"] = 0.5
+        source = settings.pop("calibration", None)
         scheduler = MMGibbsScheduler.from_config(self.ddpm_config, **settings)
+        if source is not None:
+            scheduler.set_covariance_table(self.covariance_table(source))
         pipe = MomentMatchingGibbsPipeline(unet=self.unet, scheduler=scheduler)
         pipe.set_progress_bar_config(disable=True)
         out = pipe(batch_size=self.n, num_inference_steps=row.steps, generator=self._gen(seed), output_type="latent")
@@ -345,9 +396,15 @@ def table(summaries: list[dict[str, Any]], with_kl: bool = True) -> str:
     return "\n".join(lines)
 
 
+def _only(bench: Bench, rows: list[Row]) -> list[Row]:
+    """The rows ``--only`` keeps (all without it)."""
+    keep = bench.args.only
+    return rows if not keep else [r for r in rows if any(k in r.name for k in keep)]
+
+
 def digits_section(bench: Bench) -> str:
     summaries = []
-    for row in digits_rows(bench.args.quick):
+    for row in _only(bench, digits_rows(bench.args.quick)):
         if row.kind == "pc":
             best, results = tuned(bench, row, [{"snr": v} for v in (0.04, 0.08, 0.16)], bench.run_pc)
             summaries.append(summarise(bench, best, results))
@@ -360,15 +417,25 @@ def digits_section(bench: Bench) -> str:
     save_grids(summaries, bench.out_dir / "digits_samples.png")
     best_baseline = _best_under(summaries, lambda r: r.kind in ("diffusers", "pc"), 50)
     best_mmgibbs = _best_under(summaries, lambda r: r.kind == "mmgibbs", 50)
-    # same seeds, same start noise: the per-seed difference is the fair comparison
-    diff = best_mmgibbs["fd_seeds"] - best_baseline["fd_seeds"]
-    verdict = (
-        f"Best at <= 50 forward equivalents (by mean FD): baseline {best_baseline['row'].name} "
-        f"{best_baseline['row'].steps} steps, FD {best_baseline['fd']:.3f} ± {best_baseline['fd_std']:.3f}; "
-        f"{best_mmgibbs['row'].name} {best_mmgibbs['row'].steps} steps, FD {best_mmgibbs['fd']:.3f} ± "
-        f"{best_mmgibbs['fd_std']:.3f}. Paired by seed, MMGibbs minus baseline: "
-        f"{' / '.join(f'{d:+.3f}' for d in diff)} (MMGibbs lower on {int((diff < 0).sum())} of {len(diff)} seeds)."
-    )
+    verdict = ""
+    if best_baseline is not None and best_mmgibbs is not None:
+        # same seeds, same start noise: the per-seed difference is the fair comparison
+        diff = best_mmgibbs["fd_seeds"] - best_baseline["fd_seeds"]
+        verdict = (
+            f"Best at <= 50 forward equivalents (by mean FD): baseline {best_baseline['row'].name} "
+            f"{best_baseline['row'].steps} steps, FD {best_baseline['fd']:.3f} ± {best_baseline['fd_std']:.3f}; "
+            f"{best_mmgibbs['row'].name} {best_mmgibbs['row'].steps} steps, FD {best_mmgibbs['fd']:.3f} ± "
+            f"{best_mmgibbs['fd_std']:.3f}. Paired by seed, MMGibbs minus baseline: "
+            f"{' / '.join(f'{d:+.3f}' for d in diff)} (MMGibbs lower on {int((diff < 0).sum())} of {len(diff)} "
+            "seeds)."
+        )
+    for source, cal in bench.tables.items():
+        verdict += (
+            f"\n\nCalibrated covariance `{source}` (once per model, not in the equivalents): {cal.num_samples} "
+            f"samples ({cal.settings.get('source')}), {len(cal.levels)} levels, {cal.sample_forwards} "
+            f"single-sample forwards, plus {cal.settings.get('sampler_sample_forwards', 0)} to draw own samples; "
+            f"{cal.settings.get('seconds', float('nan')):.0f} s."
+        )
     return (
         f"### Digits DDPM ({bench.n} samples per seed, seeds {bench.args.seeds})\n\n"
         f"Floor (1400 train digits vs the 397 held-out): FD {floor:.3f}. Equivalents count a backward pass or a "
@@ -380,14 +447,14 @@ def digits_section(bench: Bench) -> str:
     )
 
 
-def _best_under(summaries: list[dict], select: Callable[[Row], bool], budget: float) -> dict:
+def _best_under(summaries: list[dict], select: Callable[[Row], bool], budget: float) -> dict | None:
     eligible = [s for s in summaries if select(s["row"]) and s["equiv"] <= budget + 1e-9]
-    return min(eligible, key=lambda s: s["fd"])
+    return min(eligible, key=lambda s: s["fd"]) if eligible else None
 
 
 def single_level_section(bench: Bench) -> str:
     summaries = []
-    for row in single_level_rows(bench.args.quick):
+    for row in _only(bench, single_level_rows(bench.args.quick)):
         if row.kind in ("langevin", "langevin+jump"):
             grid = [{"step": v} for v in (0.05, 0.1, 0.2, 0.5, 1.0, 1.5)]
             best, results = tuned(bench, row, grid, bench.run_single)
@@ -522,18 +589,30 @@ def save_grids(summaries: list[dict[str, Any]], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--section", choices=["all", "digits", "single-level", "toy"], default="all")
+    parser.add_argument("--section", choices=["all", "digits", "single-level", "toy", "image-mixture"], default="all")
     parser.add_argument("--num-samples", type=int, default=2000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out-dir", type=Path, default=Path("benchmark_out"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="200 samples, one seed, a subset of rows")
     parser.add_argument("--force", action="store_true", help="recompute cached results")
+    parser.add_argument(
+        "--only", nargs="+", default=None, help="digits/single-level: only the rows whose name contains one of these"
+    )
     args = parser.parse_args()
     if args.quick:
         args.num_samples, args.seeds = 200, args.seeds[:1]
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
+    if args.section == "image-mixture":  # needs none of the digits models
+        import image_mixture
+
+        n = 1500 if args.quick else max(args.num_samples, 4000)
+        report = image_mixture.section(n, args.seeds, args.out_dir, args.force, args.quick)
+        print(report)
+        (args.out_dir / "report_image-mixture.md").write_text(report)
+        print(f"({time.perf_counter() - start:.0f} s; report in {args.out_dir})")
+        return
     bench = Bench(args)
     print(
         f"# MMGibbs benchmark\n\ntorch {torch.__version__}, {args.threads} threads, {args.num_samples} samples, "
@@ -545,6 +624,12 @@ def main() -> None:
         if args.section in ("all", name):
             report.append(fn(bench))
             print(report[-1], flush=True)
+    if args.section == "all":
+        import image_mixture
+
+        n = max(args.num_samples, 4000)
+        report.append(image_mixture.section(n, args.seeds, args.out_dir, args.force, args.quick))
+        print(report[-1], flush=True)
     (args.out_dir / f"report_{args.section}.md").write_text("\n".join(report))
     print(f"({time.perf_counter() - start:.0f} s; report in {args.out_dir})")
 
