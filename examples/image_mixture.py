@@ -253,44 +253,57 @@ class ImageMixtureBench:
         return res
 
     # calibration -----------------------------------------------------------------------------------------
-    def table(self, source: str, steps: list[int], num_clusters: int = 16, rank: int = 16) -> Any:
-        """A calibrated table for ``steps`` from ``source``: "data" (exact samples) or "own" (the model's own
-        samples: DDPM's ancestral sampler over all 1000 steps, i.e. the pipeline's default)."""
-        key = f"{source}|C={num_clusters}|r={rank}"
+    def table(
+        self,
+        source: str,
+        num_clusters: int = 16,
+        rank: int = 16,
+        num_samples: int = NUM_CALIBRATION,
+        factor_iterations: int = 1,
+    ) -> Any:
+        """A calibrated table for :data:`CALIBRATED_STEPS` from ``source``: "data" (exact samples) or "own" (the
+        model's own samples: DDPM's ancestral sampler over all 1000 steps, the pipeline's default)."""
+        key = f"{source}, {num_clusters} clusters, rank {rank}, {num_samples} samples"
+        key += f", {factor_iterations} factor iterations" if factor_iterations != 1 else ""
         if key in self.tables:
             return self.tables[key]
-        num = NUM_CALIBRATION // 8 if self.quick else NUM_CALIBRATION
+        num = num_samples // 8 if self.quick else num_samples
         pipe = _pipeline(self.model, covariance="calibrated", eta=0.0)
         start = time.perf_counter()
         if source == "data":
             samples = self.model.sample(num, _gen(12345))
             note = f"{num} exact samples"
         else:
-            path = self.out_dir / f"own_samples_{num}.pt"
+            steps_own = 100 if self.quick else 1000
+            path = self.out_dir / f"own_samples_{num}_{steps_own}.pt"
             if path.exists():
                 samples = torch.load(path)
             else:
-                steps_own = 100 if self.quick else 1000
                 samples = _pipeline(self.model, covariance="none", eta=1.0)(
                     batch_size=num, num_inference_steps=steps_own, generator=_gen(4242), output_type="latent"
                 ).images
                 torch.save(samples, path)
-            note = f"{num} own samples (DDPM ancestral, all training steps: {num} x 1000 forwards, once)"
+            note = f"{num} own samples (DDPM ancestral over {steps_own} steps: {num * steps_own} forwards, once)"
         table = pipe.calibrate_covariance(
-            steps, samples=samples, generator=_gen(5), num_clusters=num_clusters, rank=rank, batch_size=4000
+            CALIBRATED_STEPS,
+            samples=samples,
+            generator=_gen(5),
+            num_clusters=num_clusters,
+            rank=rank,
+            batch_size=4000,
+            factor_iterations=factor_iterations,
         )
         seconds = time.perf_counter() - start
         self.calibration_notes.append(
             f"- `{key}`: {note}; {len(table.levels)} levels x {table.num_samples} samples = "
-            f"{table.sample_forwards} forwards ({table.sample_forwards / self.n:.0f} per sample of a {self.n}-sample "
-            f"run, once), {seconds:.0f} s."
+            f"{table.sample_forwards} forwards, {seconds:.0f} s (for a budget of L levels: L x {table.num_samples})."
         )
         self.tables[key] = table
         return table
 
-    def calibrated_pipe(self, source: str, num_clusters: int = 16, rank: int = 16) -> MomentMatchingGibbsPipeline:
+    def calibrated_pipe(self, source: str, **table_settings: Any) -> MomentMatchingGibbsPipeline:
         pipe = _pipeline(self.model, covariance="calibrated", eta=0.0)
-        pipe.scheduler.set_covariance_table(self.table(source, CALIBRATED_STEPS, num_clusters, rank))
+        pipe.scheduler.set_covariance_table(self.table(source, **table_settings))
         return pipe
 
 
@@ -314,7 +327,7 @@ def rows(bench: ImageMixtureBench) -> list[tuple[str, int, str, Callable[[int], 
         ("MMGibbs isotropic, eta 0", lambda b, s: run_mmgibbs(iso, b, n, s, eta=0.0)),
         (
             "MMGibbs calibrated pooled (1 cluster, rank 64), data, eta 0",
-            lambda b, s: run_mmgibbs(bench.calibrated_pipe("data", 1, 64), b, n, s),
+            lambda b, s: run_mmgibbs(bench.calibrated_pipe("data", num_clusters=1, rank=64), b, n, s),
         ),
         (
             "MMGibbs calibrated (16 clusters, rank 16), data, eta 0",
@@ -326,7 +339,7 @@ def rows(bench: ImageMixtureBench) -> list[tuple[str, int, str, Callable[[int], 
         ),
         (
             "MMGibbs calibrated (16 clusters, rank 4), data, eta 0",
-            lambda b, s: run_mmgibbs(bench.calibrated_pipe("data", 16, 4), b, n, s),
+            lambda b, s: run_mmgibbs(bench.calibrated_pipe("data", rank=4), b, n, s),
         ),
         (
             "MMGibbs calibrated (16 clusters, rank 16), own samples, eta 0",
@@ -334,11 +347,33 @@ def rows(bench: ImageMixtureBench) -> list[tuple[str, int, str, Callable[[int], 
         ),
         (
             "MMGibbs hybrid: DDIM above sigma 1, calibrated (16, 16, data) below",
-            lambda b, s: (run_levelwise(model, b, n, s, hybrid(bench.table("data", CALIBRATED_STEPS), 1.0)), float(b)),
+            lambda b, s: (run_levelwise(model, b, n, s, hybrid(bench.table("data"), 1.0)), float(b)),
         ),
     ]
     for name, run in mmgibbs:
         for budget in BUDGETS:
+            out.append((name, budget, f"mmgibbs|{name}|{budget}", lambda s, r=run, b=budget: r(b, s)))
+    bound = _pipeline(model, covariance="isotropic", variance_bound=1.0)
+    ablations = [  # at 10 and 20 only
+        (
+            "MMGibbs isotropic, Analytic-DPM bound (variance <= 1), eta 0",
+            lambda b, s: run_mmgibbs(bound, b, n, s, eta=0.0),
+        ),
+        (
+            "MMGibbs calibrated (16 clusters, rank 64), data, eta 0",
+            lambda b, s: run_mmgibbs(bench.calibrated_pipe("data", rank=64), b, n, s),
+        ),
+        (
+            "MMGibbs calibrated (16 clusters, rank 16), data, 4000 calibration samples, eta 0",
+            lambda b, s: run_mmgibbs(bench.calibrated_pipe("data", num_samples=4000), b, n, s),
+        ),
+        (
+            "MMGibbs calibrated (16 clusters, rank 16), data, principal-factor fit (8 iterations), eta 0",
+            lambda b, s: run_mmgibbs(bench.calibrated_pipe("data", factor_iterations=8), b, n, s),
+        ),
+    ]
+    for name, run in ablations:
+        for budget in (10, 20):
             out.append((name, budget, f"mmgibbs|{name}|{budget}", lambda s, r=run, b=budget: r(b, s)))
     # a per-sample correction with one forward-mode JVP per level: 3 equivalents per level
     for budget in BUDGETS:

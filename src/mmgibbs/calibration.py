@@ -114,15 +114,17 @@ def calibrate_level(
     rank: int = 16,
     shrinkage: float = 64.0,
     generator: torch.Generator | None = None,
+    factor_iterations: int = 1,
 ) -> LevelCovariance:
     """The :class:`LevelCovariance` at ``sigma`` from clean samples x (n, ...) and mu = mu(x + sigma * eps).
 
     Residuals r = x - mu; pooled F_p F_p^T + diag(D_p) ~ E[r r^T]; per k-means cluster c of mu the same from the
     cluster's residuals, mixed as w_c Sigma_c + (1 - w_c) Sigma_pooled with w_c = n_c / (n_c + ``shrinkage``) and
     brought back to ``rank`` columns (:func:`mmgibbs.moments.compress_low_rank`, diagonal kept exact).
+    ``factor_iterations``: of :func:`mmgibbs.moments.low_rank_plus_diagonal` (1: PCA + diagonal remainder).
     """
     r, m = (x - mu).flatten(1), mu.flatten(1)
-    pooled_factor, pooled_diag = low_rank_plus_diagonal(r, rank)
+    pooled_factor, pooled_diag = low_rank_plus_diagonal(r, rank, factor_iterations)
     if num_clusters <= 1:
         centroids = m.mean(0, keepdim=True)
         return LevelCovariance(sigma, centroids, pooled_factor[None], pooled_diag[None])
@@ -132,7 +134,7 @@ def calibrate_level(
         rc = r[assignment == c]
         weight = len(rc) / (len(rc) + shrinkage)
         if len(rc) >= 2:
-            fc, dc = low_rank_plus_diagonal(rc, rank)
+            fc, dc = low_rank_plus_diagonal(rc, rank, factor_iterations)
         else:
             fc, dc = pooled_factor.new_zeros(pooled_factor.shape), torch.zeros_like(pooled_diag)
         mixed = torch.cat([math.sqrt(weight) * fc, math.sqrt(1.0 - weight) * pooled_factor], dim=-1)
@@ -248,6 +250,7 @@ def calibrate_covariance(
     generator: torch.Generator | None = None,
     dtype: torch.dtype | None = None,
     skip: CovarianceTable | None = None,
+    factor_iterations: int = 1,
     progress: Callable[[Iterable[int]], Iterable[int]] = iter,
 ) -> CovarianceTable:
     """Calibrate the covariance of every distinct level of a schedule from clean ``samples`` (n, ...).
@@ -262,6 +265,7 @@ def calibrate_covariance(
         generator: the generator of the calibration noise eps and of the k-means seeding.
         dtype: the table's storage dtype (default: float64 for float64 samples, else float32).
         skip: levels this table already holds are not calibrated again.
+        factor_iterations: of the low rank + diagonal fit (:func:`mmgibbs.moments.low_rank_plus_diagonal`).
 
     Per level: y = x + sigma * eps, mu = denoiser(y, i), then :func:`calibrate_level`. Costs ``len(samples)`` model
     evaluations per distinct level, recorded in the returned table.
@@ -272,7 +276,13 @@ def calibrate_covariance(
     n = x.shape[0]
     batch = batch_size or n
     table = CovarianceTable(
-        num_samples=n, settings={"num_clusters": num_clusters, "rank": rank, "shrinkage": shrinkage}
+        num_samples=n,
+        settings={
+            "num_clusters": num_clusters,
+            "rank": rank,
+            "shrinkage": shrinkage,
+            "factor_iterations": factor_iterations,
+        },
     )
     for i in progress(range(len(sigmas))):
         sigma = float(sigmas[i])
@@ -286,7 +296,7 @@ def calibrate_covariance(
                 mu[start : start + batch] = denoiser(chunk + sigma * eps, i).to(work)
             table.num_forward += 1
         table.sample_forwards += n
-        level = calibrate_level(x, mu, sigma, num_clusters, rank, shrinkage, generator)
+        level = calibrate_level(x, mu, sigma, num_clusters, rank, shrinkage, generator, factor_iterations)
         table.levels.append(level.to(dtype=dtype or work))
     table.levels.sort(key=lambda lv: -lv.sigma)
     return table

@@ -203,6 +203,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         shrinkage: float = 64.0,
         sampler_steps: int | None = None,
         sampler_covariance: str = "none",
+        factor_iterations: int = 1,
     ) -> CovarianceTable:
         """Calibrate ``covariance="calibrated"`` for the levels of ``num_inference_steps`` (``mmgibbs.calibration``).
 
@@ -221,6 +222,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             num_clusters, rank, shrinkage: the table's structure (:func:`mmgibbs.calibration.calibrate_level`).
             sampler_steps: levels of the self-sampling run (default: the model's training steps).
             sampler_covariance: the covariance of the self-sampling run.
+            factor_iterations: of the low rank + diagonal fit (:func:`mmgibbs.moments.low_rank_plus_diagonal`).
 
         Returns the table; its ``sample_forwards`` and ``settings["sampler_sample_forwards"]`` are the calibration's
         cost in single-sample model evaluations (calibration passes; drawing the self-samples).
@@ -262,6 +264,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
                 batch_size=batch_size,
                 generator=generator,
                 skip=table,
+                factor_iterations=factor_iterations,
             )
             new.settings.update(settings)
             table = new if table is None else table.merge(new)
