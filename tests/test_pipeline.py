@@ -9,6 +9,8 @@ tight; at sigma = 0.5 even full covariance leaves 13-16% of samples in bridges b
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -266,7 +268,10 @@ def test_save_load_and_community_pipeline(tmp_path) -> None:
     pipe = MomentMatchingGibbsPipeline.from_pretrained(ddpm_dir)  # a DDPM folder, scheduler converted
     assert isinstance(pipe.scheduler, MMGibbsScheduler) and pipe.scheduler.config.clip_sample is True
     pipe.save_pretrained(mm_dir)
-    assert json.loads((mm_dir / "model_index.json").read_text())["_class_name"] == "MomentMatchingGibbsPipeline"
+    # diffusers' custom-pipeline convention: the class is found from the folder alone
+    index = json.loads((mm_dir / "model_index.json").read_text())
+    assert index["_class_name"] == ["mmgibbs_pipeline", "MomentMatchingGibbsPipeline"]
+    assert (mm_dir / "mmgibbs_pipeline.py").exists()
     again = MomentMatchingGibbsPipeline.from_pretrained(mm_dir)
     assert public(again.scheduler.config) == public(pipe.scheduler.config)
     kwargs = {"batch_size": 2, "num_inference_steps": 2, "output_type": "np"}
@@ -280,6 +285,22 @@ def test_save_load_and_community_pipeline(tmp_path) -> None:
     community.set_progress_bar_config(disable=True)
     c = community(**kwargs, generator=torch.Generator().manual_seed(0)).images
     assert np.array_equal(a, c)
+
+
+def test_saved_pipeline_loads_with_diffusers_alone_in_a_fresh_interpreter(tmp_path) -> None:
+    """`DiffusionPipeline.from_pretrained` on a saved folder, with no `import mmgibbs` in the script."""
+    pipe = MomentMatchingGibbsPipeline(unet=tiny_ddpm_pipeline().unet, scheduler=DDPMScheduler())
+    pipe.save_pretrained(tmp_path)
+    script = (
+        "import sys, torch; from diffusers import DiffusionPipeline\n"
+        f"p = DiffusionPipeline.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)\n"
+        "p.set_progress_bar_config(disable=True)\n"
+        "out = p(batch_size=1, num_inference_steps=2, output_type='latent')\n"
+        "print(type(p).__name__, type(p.scheduler).__name__, tuple(out.images.shape))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "MomentMatchingGibbsPipeline MMGibbsScheduler (1, 1, 8, 8)" in result.stdout
 
 
 def test_gaussian_mixture_pipeline_saves_and_loads(tmp_path) -> None:

@@ -286,8 +286,11 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         _, _, _, c_skip, c_out = self._levels[step_index]
         return c_skip * x_t + c_out * model_output.to(x_t.dtype)
 
-    def denoiser(self, predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> LevelDenoiser:
-        """The kernel's denoiser ``(y, i) -> mu`` around ``predict(model_input, timestep) -> prediction``.
+    def denoiser(
+        self, predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], first_step: int = 0
+    ) -> LevelDenoiser:
+        """The kernel's denoiser ``(y, i) -> mu`` at step ``first_step + i``, around ``predict(model_input,
+        timestep) -> prediction``.
 
         x_t = alpha_t y; the network sees c_in x_t (:meth:`scale_model_input`) at ``timesteps[i]``; mu = c_skip x_t +
         c_out F(c_in x_t) (see ``mmgibbs.noise``). ``predict`` carries the conditioning, guidance and output
@@ -295,6 +298,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         """
 
         def mu(y: torch.Tensor, i: int) -> torch.Tensor:
+            i += first_step
             alpha, _, c_in, _, _ = self._levels[i]
             x_t = alpha * y
             return self._mean(predict(c_in * x_t if c_in != 1.0 else x_t, self.timesteps[i]), x_t, i)
