@@ -132,6 +132,7 @@ class NoiseSchedule:
     prediction_type: str
     num_train_timesteps: int
     alphas_cumprod: torch.Tensor | None = None  # vp, float64
+    betas: torch.Tensor | None = None  # vp, float32 exactly as diffusers' DDPMScheduler builds them
     sigma_min: float = 0.01
     sigma_max: float = 50.0
     sigma_data: float = 0.5  # edm
@@ -158,6 +159,8 @@ class NoiseSchedule:
         # ScoreSdeVe configs declare no prediction type: NCSN++ UNets divide by sigma, their output is the score
         prediction = config.get("prediction_type") or _DEFAULT_PREDICTION[family]
         n_train = int(config.get("num_train_timesteps") or (2000 if family == "ve" else 1000))
+        if family == "vp" and config.get("trained_betas") is not None:
+            n_train = len(config["trained_betas"])  # the betas define the training steps, whatever else is declared
 
         def get(key: str, default: Any) -> Any:
             value = config.get(key)
@@ -165,8 +168,10 @@ class NoiseSchedule:
 
         kwargs: dict[str, Any] = {"family": family, "prediction_type": prediction, "num_train_timesteps": n_train}
         if family == "vp":
-            abar = torch.cumprod(1.0 - _vp_betas(config, n_train).double(), dim=0)
+            betas = _vp_betas(config, n_train)
+            abar = torch.cumprod(1.0 - betas.double(), dim=0)
             kwargs.update(
+                betas=betas,
                 alphas_cumprod=torch.where(abar > 0, abar, _MIN_ALPHA_CUMPROD),
                 timestep_spacing=get("timestep_spacing", "leading"),
                 steps_offset=int(get("steps_offset", 0)),
@@ -197,8 +202,12 @@ class NoiseSchedule:
         t = torch.as_tensor(timestep, dtype=torch.float64)
         if self.family == "vp":
             abar = self.alphas_cumprod.to(t.device)
-            if torch.any(t < 0) or torch.any(t > len(abar) - 1):
-                raise ValueError(f"`timestep` must lie in [0, {len(abar) - 1}] for this VP schedule; got {t}.")
+            if not bool(torch.all((t >= 0) & (t <= len(abar) - 1))):
+                bad = t[~((t >= 0) & (t <= len(abar) - 1))]
+                raise ValueError(
+                    f"`timestep` must lie in [0, {len(abar) - 1}] (the training steps of this VP schedule); got "
+                    f"{bad.numel()} value(s) outside, e.g. {float(bad.flatten()[0])}."
+                )
             lo = t.floor().long().clamp(max=len(abar) - 2)
             frac = t - lo  # fractional timesteps interpolate abar linearly
             a = torch.lerp(abar[lo], abar[lo + 1], frac)

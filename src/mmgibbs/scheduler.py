@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.configuration_utils import ConfigMixin, FrozenDict, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from .moments import (
@@ -44,6 +44,8 @@ from .moments import (
     moments_from_mean,
 )
 from .noise import _DEFAULT_PREDICTION, NOISE_FAMILIES, NoiseSchedule, _check_choice, infer_noise_family
+
+logger = logging.get_logger(__name__)
 
 SCHEDULES = ("annealed", "single_level")
 TRANSITIONS = ("ancestral", "gibbs")
@@ -145,6 +147,18 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         family = noise_family or "vp"
         _check_choice("noise_family", family, NOISE_FAMILIES)
         self.register_to_config(noise_family=family, prediction_type=prediction_type or _DEFAULT_PREDICTION[family])
+        # the resolved family is what marks a config as ours: it must travel through other schedulers' configs,
+        # which drop the keys listed as left at their defaults (diffusers' `_use_default_values`)
+        internal = dict(self._internal_dict)
+        defaults = [k for k in internal.pop("_use_default_values", []) if k != "noise_family"]
+        self._internal_dict = FrozenDict({**internal, "_use_default_values": defaults} if defaults else internal)
+        if family == "vp" and trained_betas is not None and num_train_timesteps != len(trained_betas):
+            if num_train_timesteps is not None:
+                logger.warning(
+                    f"`trained_betas` has {len(trained_betas)} entries but `num_train_timesteps` is "
+                    f"{num_train_timesteps}: the model has {len(trained_betas)} training steps."
+                )
+            self.register_to_config(num_train_timesteps=len(trained_betas))
         self.noise_schedule = NoiseSchedule.from_config(self.config)
         self.num_inference_steps: int | None = None
         if schedule == "single_level":
@@ -174,6 +188,30 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
 
     def __len__(self) -> int:
         return self.noise_schedule.num_train_timesteps
+
+    # ------------------------------------------------------------------ the VP training schedule, as DDPM has it
+    def _vp_betas(self, name: str) -> torch.Tensor:
+        betas = self.noise_schedule.betas
+        if betas is None:  # AttributeError keeps hasattr() False for families without betas
+            raise AttributeError(
+                f"`{name}` exists for VP (beta) schedules only; this one is {self.config.noise_family!r}."
+            )
+        return betas
+
+    @property
+    def betas(self) -> torch.Tensor:
+        """The training betas (float32), exactly as diffusers' DDPMScheduler builds them (VP only)."""
+        return self._vp_betas("betas").clone()
+
+    @property
+    def alphas(self) -> torch.Tensor:
+        """1 - betas (float32, VP only)."""
+        return 1.0 - self._vp_betas("alphas")
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """The cumulative product of ``alphas`` (float32, as DDPMScheduler's; VP only)."""
+        return torch.cumprod(1.0 - self._vp_betas("alphas_cumprod"), dim=0)
 
     # ------------------------------------------------------------------ timesteps
     def set_timesteps(
@@ -247,11 +285,24 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         if self._begin_index is not None:
             self._step_index = self._begin_index
             return
-        t = torch.as_tensor(timestep, dtype=torch.float64).to(self.timesteps.device)
+        t = self._one_timestep(timestep).to(self.timesteps.device)
         hits = (self.timesteps.double() == t).nonzero()
         if len(hits) == 0:
             raise ValueError(f"`timestep` {float(t)} is not in this scheduler's timesteps; call `set_timesteps`.")
         self._step_index = int(hits[0])
+
+    @staticmethod
+    def _one_timestep(timestep: torch.Tensor | float) -> torch.Tensor:
+        """The single level of a step's ``timestep``: a number, a 0-d tensor or a per-sample tensor of equal values."""
+        t = torch.as_tensor(timestep, dtype=torch.float64).flatten()
+        if t.numel() == 0:
+            raise ValueError("`timestep` is empty.")
+        if bool(torch.any(t != t[0])):
+            raise ValueError(
+                "`timestep` holds different per-sample values; every sample of a batch is at one noise level in "
+                f"this scheduler (got {t.unique().tolist()[:4]}...)."
+            )
+        return t[0]
 
     # ------------------------------------------------------------------ the model's frame
     def scale_model_input(self, sample: torch.Tensor, timestep: torch.Tensor | float | None = None) -> torch.Tensor:
@@ -265,8 +316,23 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
     def add_noise(
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor | float
     ) -> torch.Tensor:
-        """x_t = alpha_t x + s_t eps, in the model's frame."""
-        return self.noise_schedule.add_noise(original_samples, noise, torch.as_tensor(timesteps).cpu())
+        """x_t = alpha_t x + s_t eps, in the model's frame; ``timesteps`` is one value or one per sample."""
+        t = torch.as_tensor(timesteps).cpu()
+        if t.ndim > 1:
+            t = t.flatten()
+        if t.ndim == 1 and len(t) == 1:
+            t = t[0]
+        if t.ndim == 1 and len(t) != len(original_samples):
+            raise ValueError(
+                f"`timesteps` must be one value or one per sample; got {len(t)} for a batch of "
+                f"{len(original_samples)}."
+            )
+        if noise.shape != original_samples.shape:
+            raise ValueError(
+                f"`noise` must have the shape of `original_samples` {tuple(original_samples.shape)}; got "
+                f"{tuple(noise.shape)}."
+            )
+        return self.noise_schedule.add_noise(original_samples, noise, t)
 
     def level(self, step_index: int) -> tuple[float, float]:
         """``(alpha_t, s_t)`` of step ``step_index``; sigma = s_t / alpha_t."""
