@@ -222,3 +222,53 @@ def test_steps_are_deterministic_given_a_generator() -> None:
         return x
 
     assert torch.equal(run(0), run(0)) and not torch.equal(run(0), run(1))
+
+
+# ------------------------------------------------------------------------------------------ img2img / inpainting
+def _timesteps_seen(unet: torch.nn.Module) -> tuple[list[float], torch.utils.hooks.RemovableHandle]:
+    seen: list[float] = []
+
+    def hook(_module, args, kwargs) -> None:
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        seen.append(float(torch.as_tensor(t).flatten()[0]))
+
+    return seen, unet.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize(("kind", "sweeps"), [("img2img", 2), ("img2img", 3), ("inpaint", 2)])
+def test_strength_starts_on_a_level_boundary_with_any_number_of_sweeps(kind: str, sweeps: int) -> None:
+    """img2img/inpainting slice ``timesteps[t_start * order:]`` and ``set_begin_index(t_start * order)``:
+    ``order`` is the number of sweeps, so strength 0.5 of 4 levels runs the last 2 levels, each ``sweeps`` times,
+    from the level DDIM starts at (defect: order 1 started mid-level, at the wrong noise, with too many calls)."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+    from PIL import Image
+    from tiny_pipelines import SD_SCHEDULER_CONFIG, TINY_SD_IMAGE_SIZE, tiny_sd_components
+
+    cls = StableDiffusionImg2ImgPipeline if kind == "img2img" else StableDiffusionInpaintPipeline
+    pipe = cls(**tiny_sd_components())
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = MMGibbsScheduler.from_config(pipe.scheduler.config, covariance="isotropic", gibbs_sweeps=sweeps)
+    assert pipe.scheduler.order == sweeps
+    rng = np.random.default_rng(0)
+    size = TINY_SD_IMAGE_SIZE
+    image = Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+    extra = {"mask_image": Image.fromarray(np.full((size, size), 255, dtype=np.uint8))} if kind == "inpaint" else {}
+    seen, handle = _timesteps_seen(pipe.unet)
+    try:
+        out = pipe(
+            "a red cat",
+            image=image,
+            strength=0.5,
+            num_inference_steps=4,
+            guidance_scale=2.0,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+            **extra,
+        ).images
+    finally:
+        handle.remove()
+    ddim = DDIMScheduler(**SD_SCHEDULER_CONFIG)
+    ddim.set_timesteps(4)
+    expected_levels = ddim.timesteps[2:].tolist()
+    assert seen == [float(t) for t in expected_levels for _ in range(sweeps)]
+    assert np.isfinite(out).all()

@@ -75,7 +75,9 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         covariance: ``"none"`` (mean only), ``"isotropic"`` (Analytic-DPM batch estimate), or, inside
             :class:`MomentMatchingGibbsPipeline` only, ``"diagonal"``, ``"exact_diagonal"``, ``"full"``,
             ``"projection"`` (see ``mmgibbs.moments``).
-        gibbs_sweeps: Gibbs sweeps per noise level; the model is called levels x sweeps times.
+        gibbs_sweeps: Gibbs sweeps per noise level; the model is called levels x sweeps times. It is also the
+            scheduler's ``order`` (model calls per level, as Heun-type schedulers have order 2), so that
+            img2img/inpainting `strength` slices (``timesteps[t_start * order:]``) start on a level.
         schedule: ``"annealed"`` (levels from high to low noise) or ``"single_level"`` (every sweep at ``sigma``).
         sigma: the noise level of the single-level chain (VE frame; VP models use the nearest timestep).
         transition: how to move between levels, ``"ancestral"`` or ``"gibbs"`` (see the module docstring).
@@ -94,7 +96,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         "EDMDPMSolverMultistepScheduler",
         "FlowMatchEulerDiscreteScheduler",
     ]
-    order = 1
+    order = 1  # the class default; every instance sets its own, ``gibbs_sweeps``
 
     @register_to_config
     def __init__(
@@ -160,6 +162,9 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
                 )
             self.register_to_config(num_train_timesteps=len(trained_betas))
         self.noise_schedule = NoiseSchedule.from_config(self.config)
+        # Model calls per level, as Heun-type schedulers declare order 2: img2img/inpainting pipelines start at
+        # timesteps[t_start * order] (and set_begin_index(t_start * order)), which must be the first sweep of a level
+        self.order = gibbs_sweeps
         self.num_inference_steps: int | None = None
         if schedule == "single_level":
             self.timesteps = self.noise_schedule.timestep_for_sigma(sigma).reshape(1)
