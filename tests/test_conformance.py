@@ -7,6 +7,7 @@ or of a standard pipeline loop it checks, and most name the defect they guard ag
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import numpy as np
 import pytest
@@ -272,3 +273,208 @@ def test_strength_starts_on_a_level_boundary_with_any_number_of_sweeps(kind: str
     expected_levels = ddim.timesteps[2:].tolist()
     assert seen == [float(t) for t in expected_levels for _ in range(sweeps)]
     assert np.isfinite(out).all()
+
+
+# ------------------------------------------------------------------------------------------ from_config keywords
+def test_from_config_refuses_a_misspelt_setting_and_names_the_close_match() -> None:
+    """Defect: ``from_config(cfg, covarience="full")`` kept the default covariance silently."""
+    from diffusers import EulerDiscreteScheduler
+
+    for config in (DDPMScheduler().config, MMGibbsScheduler().config):
+        with pytest.raises(TypeError, match=r"`covarience`.*Did you mean `covariance`"):
+            MMGibbsScheduler.from_config(config, covarience="full")
+    # an option of another scheduler than the source is no setting either
+    with pytest.raises(TypeError, match=r"`use_karras_sigmas` is not a setting.*DDPMScheduler"):
+        MMGibbsScheduler.from_config(DDPMScheduler().config, use_karras_sigmas=True)
+    # ... while the source's own options are, and they override the config
+    ours = MMGibbsScheduler.from_config(EulerDiscreteScheduler().config, use_karras_sigmas=True)
+    reference = EulerDiscreteScheduler(use_karras_sigmas=True)
+    ours.set_timesteps(6)
+    reference.set_timesteps(6)
+    torch.testing.assert_close(ours.timesteps, reference.timesteps)
+    # keys of the config itself that MMGibbs does not use are accepted (diffusers logs them)
+    config = {**DDPMScheduler().config, "variance_type": "fixed_large", "some_future_option": 3}
+    assert MMGibbsScheduler.from_config(config).config.some_future_option == 3
+
+
+# ------------------------------------------------------------------------------------------ levels of the source
+def _distinct(t: torch.Tensor) -> torch.Tensor:
+    keep = torch.ones(len(t), dtype=torch.bool)
+    keep[1:] = t[1:] != t[:-1]
+    return t[keep]
+
+
+def _layout_cases() -> list[tuple[str, Any, Any]]:
+    """(id, source scheduler, its levels for n steps): the levels written out per class, not by our code."""
+    import diffusers as d
+
+    sd = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    plain = _distinct  # first-order schedulers: their timesteps
+    return [
+        ("euler-karras", d.EulerDiscreteScheduler(**sd, use_karras_sigmas=True), plain),
+        ("euler-exponential", d.EulerDiscreteScheduler(**sd, use_exponential_sigmas=True), plain),
+        ("euler-beta", d.EulerDiscreteScheduler(**sd, use_beta_sigmas=True), plain),
+        ("euler-trailing", d.EulerDiscreteScheduler(**sd, timestep_spacing="trailing"), plain),
+        (
+            "euler-ancestral-leading",
+            d.EulerAncestralDiscreteScheduler(timestep_spacing="leading", steps_offset=1),
+            plain,
+        ),
+        ("lms-karras", d.LMSDiscreteScheduler(**sd, use_karras_sigmas=True), plain),
+        ("dpmsolver-karras", d.DPMSolverMultistepScheduler(**sd, use_karras_sigmas=True), plain),
+        ("dpmsolver-lu-lambdas", d.DPMSolverMultistepScheduler(use_lu_lambdas=True), plain),
+        ("dpmsolver-cosine-clipped", d.DPMSolverMultistepScheduler(beta_schedule="squaredcos_cap_v2"), plain),
+        ("dpmsolver-singlestep", d.DPMSolverSinglestepScheduler(**sd), plain),
+        ("unipc-exponential", d.UniPCMultistepScheduler(use_exponential_sigmas=True), plain),
+        ("deis", d.DEISMultistepScheduler(timestep_spacing="trailing"), plain),
+        ("ddim-trailing", d.DDIMScheduler(timestep_spacing="trailing"), plain),
+        ("ddim-leading-offset", d.DDIMScheduler(**sd, steps_offset=1), plain),
+        ("heun-karras", d.HeunDiscreteScheduler(use_karras_sigmas=True), plain),  # t0, t1, t1, t2, t2, ...
+        ("kdpm2", d.KDPM2DiscreteScheduler(), lambda t: t[::2]),  # t0, mid, t1, mid, t2, ...
+        ("kdpm2-ancestral-karras", d.KDPM2AncestralDiscreteScheduler(use_karras_sigmas=True), lambda t: t[::2]),
+        ("pndm", d.PNDMScheduler(**sd, steps_offset=1), "ddpm"),  # Runge-Kutta warm-up: the base grid is DDPM's
+        ("edm-exponential", d.EDMEulerScheduler(sigma_schedule="exponential"), plain),
+        ("edm-dpmsolver", d.EDMDPMSolverMultistepScheduler(rho=5.0), plain),
+        ("flow-shift", d.FlowMatchEulerDiscreteScheduler(shift=3.0), "flow"),
+        (
+            "flow-terminal-karras",
+            d.FlowMatchEulerDiscreteScheduler(shift_terminal=0.1, use_karras_sigmas=True),
+            "flow",
+        ),
+        (
+            "unipc-flow-sigmas",
+            d.UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction"),
+            "flow",
+        ),
+    ]
+
+
+@pytest.mark.parametrize(("name", "source", "levels_of"), _layout_cases(), ids=[c[0] for c in _layout_cases()])
+def test_levels_are_the_source_schedulers_own(name: str, source, levels_of) -> None:
+    """The source's layout options (Karras/exponential/beta sigmas, spacing, offset, Lu lambdas, flow shift,
+    ...) are honoured, not re-derived (defect: ``use_karras_sigmas`` and friends were silently ignored)."""
+    config = dict(source.config)
+    if name in ("kdpm2-ancestral-karras", "lms-karras"):  # the same keys, but KDPM2 rounds Karras levels
+        config["_class_name"] = type(source).__name__  # as in a config loaded from disk
+    ours = MMGibbsScheduler.from_config(config, gibbs_sweeps=2)
+    for n in (4, 7) if name in ("dpmsolver-lu-lambdas", "pndm", "flow-terminal-karras") else (1, 4, 7):
+        ours.set_timesteps(n)
+        source.set_timesteps(n)
+        if levels_of == "ddpm":
+            ddpm = DDPMScheduler.from_config(source.config)
+            ddpm.set_timesteps(n)
+            expected = ddpm.timesteps.double()
+        elif levels_of == "flow":  # u = 1 (pure noise) is clamped to the largest finite level, u = 1 - 1/T
+            expected = _distinct(source.timesteps.double().clamp(max=999))
+        else:
+            expected = levels_of(source.timesteps.double())
+        assert ours.num_inference_steps == len(expected), n
+        torch.testing.assert_close(ours.timesteps[::2].double(), expected, rtol=0, atol=1e-6)
+        assert torch.equal(ours.timesteps[::2], ours.timesteps[1::2])
+        sigmas = getattr(source, "sigmas", None)
+        if name.startswith(("euler", "edm", "lms")):  # sigmas that are the VE noise of the timesteps
+            torch.testing.assert_close(ours.sigmas[:-1:2], sigmas[: len(expected)].float(), rtol=2e-2, atol=1e-4)
+
+
+def test_a_config_that_fits_schedulers_with_different_levels_must_name_its_source() -> None:
+    from diffusers import KDPM2DiscreteScheduler, LMSDiscreteScheduler
+
+    config = KDPM2DiscreteScheduler(use_karras_sigmas=True).config  # LMS has the same keys, other levels
+    with pytest.raises(ValueError, match="source_scheduler="):
+        MMGibbsScheduler.from_config(config)
+    ours = MMGibbsScheduler.from_config(config, source_scheduler="LMSDiscreteScheduler")
+    reference = LMSDiscreteScheduler(**public(config))
+    ours.set_timesteps(5)
+    reference.set_timesteps(5)
+    torch.testing.assert_close(ours.timesteps, reference.timesteps)
+
+
+def test_steps_offset_never_repeats_a_level() -> None:
+    """Defect: leading spacing with steps_offset=1 at 1000 steps clamped t=1000 to 999, repeating that level."""
+    for scheduler in (
+        MMGibbsScheduler.from_config(DDIMScheduler(steps_offset=1).config),
+        MMGibbsScheduler(steps_offset=1),
+    ):
+        with pytest.raises(ValueError, match=r"steps_offset.*1"):
+            scheduler.set_timesteps(1000)
+        scheduler.set_timesteps(999)
+        assert len(scheduler.timesteps.unique()) == 999 and int(scheduler.timesteps[0]) == 999
+
+
+@pytest.mark.parametrize(
+    ("make", "option"),
+    [
+        (lambda d: d.DDPMScheduler(thresholding=True), "thresholding"),
+        (lambda d: d.DPMSolverMultistepScheduler(final_sigmas_type="sigma_min"), "final_sigmas_type"),
+        (
+            lambda d: d.EulerDiscreteScheduler(timestep_type="continuous", prediction_type="v_prediction"),
+            "timestep_type",
+        ),
+        (lambda d: d.FlowMatchEulerDiscreteScheduler(invert_sigmas=True), "invert_sigmas"),
+    ],
+    ids=["thresholding", "final-sigma-min", "continuous-timesteps", "inverted-sigmas"],
+)
+def test_source_options_that_would_be_ignored_are_refused(make, option: str) -> None:
+    """No option of the source config is silently ignored: it is honoured (the layouts above) or refused."""
+    import diffusers
+
+    source = make(diffusers)
+    with pytest.raises(ValueError, match=rf"`{option}=.*not supported.*Pass `{option}="):
+        MMGibbsScheduler.from_config(source.config)
+    allowed = {"thresholding": False, "final_sigmas_type": "zero", "timestep_type": "discrete", "invert_sigmas": False}
+    MMGibbsScheduler.from_config(source.config, **{option: allowed[option]}).set_timesteps(4)
+
+
+@pytest.mark.parametrize("name", ["CMStochasticIterativeScheduler", "LCMScheduler", "TCDScheduler"])
+def test_consistency_model_configs_are_refused_at_construction(name: str) -> None:
+    """Defect: CM configs were mapped to EDM with a wrong model timestep; LCM/TCD to plain VP. Their models predict
+    the probability-flow ODE's end point, not the posterior mean the Gibbs sampler needs."""
+    import diffusers
+
+    from mmgibbs import NoiseSchedule
+
+    config = getattr(diffusers, name)().config
+    for cfg in (config, {**config, "_class_name": name}):
+        with pytest.raises(ValueError, match=r"consistency model.*posterior mean"):
+            MMGibbsScheduler.from_config(cfg)
+    if name == "CMStochasticIterativeScheduler":
+        with pytest.raises(ValueError, match="consistency model"):
+            NoiseSchedule.from_config({**config, "_class_name": name})
+
+
+@pytest.fixture
+def cosine_dpmsolver_class(monkeypatch):
+    """The real CosineDPMSolverMultistepScheduler; torchsde, which only its ``step`` uses, stubbed if missing."""
+    import importlib
+    import sys
+    import types
+
+    if importlib.util.find_spec("torchsde") is None:
+        monkeypatch.setitem(sys.modules, "torchsde", types.ModuleType("torchsde"))
+    module = importlib.import_module("diffusers.schedulers.scheduling_cosine_dpmsolver_multistep")
+    return module.CosineDPMSolverMultistepScheduler
+
+
+def test_cosine_dpmsolver_config_calls_the_model_with_its_noise_conditioning(cosine_dpmsolver_class) -> None:
+    """Stable Audio's cosine scheduler conditions the network on atan(sigma) * 2 / pi (defect: mapped to EDM's
+    0.25 ln sigma). The timesteps, the network input and the posterior mean are the source's own functions."""
+    reference = cosine_dpmsolver_class(sigma_schedule="karras", sigma_max=300.0)
+    ours = MMGibbsScheduler.from_config({**reference.config, "_class_name": "CosineDPMSolverMultistepScheduler"})
+    assert ours.config.noise_family == "edm" and ours.config.prediction_type == "v_prediction"
+    reference.set_timesteps(6)
+    ours.set_timesteps(6)
+    torch.testing.assert_close(ours.timesteps, reference.timesteps, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours.sigmas, reference.sigmas, rtol=1e-5, atol=1e-6)
+    assert ours.init_noise_sigma == pytest.approx(reference.init_noise_sigma, rel=1e-6)
+    x, out = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    for i, t in enumerate(ours.timesteps):
+        sigma = reference.sigmas[i]
+        torch.testing.assert_close(
+            t, reference.precondition_noise(sigma)[0] if sigma.ndim else reference.precondition_noise(sigma)
+        )
+        torch.testing.assert_close(
+            ours.scale_model_input(x, t), reference.precondition_inputs(x, sigma), rtol=1e-5, atol=1e-6
+        )
+        mu = ours.noise_schedule.posterior_mean(out, x, t)
+        torch.testing.assert_close(mu, reference.precondition_outputs(x, out, sigma), rtol=1e-5, atol=1e-5)
+        ours.step(out, t, x)

@@ -25,16 +25,20 @@ where r is the noise that x implies for x_t and c the share of it that is kept:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import diffusers
 import torch
 from diffusers.configuration_utils import ConfigMixin, FrozenDict, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
+from . import sources
 from .moments import (
     COVARIANCES,
     JACOBIAN_COVARIANCES,
@@ -43,7 +47,15 @@ from .moments import (
     Generator,
     moments_from_mean,
 )
-from .noise import _DEFAULT_PREDICTION, NOISE_FAMILIES, NoiseSchedule, _check_choice, infer_noise_family
+from .noise import (
+    _DEFAULT_PREDICTION,
+    _PREDICTION_ALIASES,
+    NOISE_FAMILIES,
+    NoiseSchedule,
+    _as_float64,
+    _check_choice,
+    infer_noise_family,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -131,6 +143,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         sampling_eps: float = 1e-5,
         shift: float = 1.0,
         use_dynamic_shifting: bool = False,
+        source_scheduler: str | None = None,
     ):
         _check_choice("covariance", covariance, COVARIANCES)
         _check_choice("schedule", schedule, SCHEDULES)
@@ -140,13 +153,16 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         for name, value in (("gibbs_sweeps", gibbs_sweeps), ("num_probes", num_probes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
-        if schedule == "single_level" and (sigma is None or not sigma > 0):
-            raise ValueError(f"schedule='single_level' needs a positive noise level `sigma`; got {sigma!r}.")
+        if schedule == "single_level" and (sigma is None or not (sigma > 0 and math.isfinite(sigma))):
+            raise ValueError(f"schedule='single_level' needs a positive noise level `sigma` (finite); got {sigma!r}.")
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"`eta` must lie in [0, 1]; got {eta!r}.")
         if variance_bound is not None and not variance_bound > 0:
             raise ValueError(f"`variance_bound` must be positive or None; got {variance_bound!r}.")
-        family = noise_family or "vp"
+        sources.refuse_source(source_scheduler)
+        family = noise_family or (
+            infer_noise_family({"source_scheduler": source_scheduler}) if source_scheduler else "vp"
+        )
         _check_choice("noise_family", family, NOISE_FAMILIES)
         self.register_to_config(noise_family=family, prediction_type=prediction_type or _DEFAULT_PREDICTION[family])
         # the resolved family is what marks a config as ours: it must travel through other schedulers' configs,
@@ -167,28 +183,72 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         self.order = gibbs_sweeps
         self.num_inference_steps: int | None = None
         if schedule == "single_level":
-            self.timesteps = self.noise_schedule.timestep_for_sigma(sigma).reshape(1)
+            self.timesteps = self._single_level(sigma).reshape(1)
         elif family == "vp":  # every training step, as DDPMScheduler starts
             self.timesteps = torch.arange(self.noise_schedule.num_train_timesteps).flip(0)
-        else:
-            self.timesteps = self.noise_schedule.inference_timesteps(self.noise_schedule.num_train_timesteps)
+        else:  # with dynamic shifting mu is not known before set_timesteps: the unshifted levels (mu = 0)
+            self.timesteps = self.noise_schedule.inference_timesteps(self.noise_schedule.num_train_timesteps, mu=0.0)
         self._set_levels(self.timesteps)
+
+    def _single_level(self, sigma: float) -> torch.Tensor:
+        """The timestep of the single-level chain's ``sigma``, which must be a level the model was trained at.
+
+        VP and flow models refuse a sigma outside their training levels (ValueError: the nearest training step
+        would be another noise level, or u >= 1); VE and EDM models warn (UserWarning), as the model is then
+        evaluated at a noise level it was not trained at.
+        """
+        schedule = self.noise_schedule
+        lo, hi = schedule.trained_sigma_range()
+        if not lo * (1 - 1e-3) <= sigma <= hi * (1 + 1e-3):
+            message = (
+                f"`sigma`={sigma:g} lies outside the noise levels this {schedule.family.upper()} model was trained "
+                f"at, [{lo:g}, {hi:g}]"
+            )
+            if schedule.family in ("vp", "flow"):
+                raise ValueError(message + ".")
+            warnings.warn(message + "; its predictions there are an extrapolation.", UserWarning, stacklevel=3)
+        return schedule.timestep_for_sigma(sigma)
 
     # ------------------------------------------------------------------ configuration
     @classmethod
     def from_config(
         cls, config: dict[str, Any] | None = None, return_unused_kwargs: bool = False, **kwargs: Any
     ) -> MMGibbsScheduler | tuple[MMGibbsScheduler, dict[str, Any]]:
-        """From the config of any supported scheduler; the noise family (and a missing prediction type) is
-        inferred from the source class, e.g. ``MMGibbsScheduler.from_config(pipe.scheduler.config,
-        covariance="isotropic", gibbs_sweeps=2)``."""
+        """From the config of any supported scheduler, e.g. ``MMGibbsScheduler.from_config(pipe.scheduler.config,
+        covariance="isotropic", gibbs_sweeps=2)``.
+
+        The source scheduler class (``_class_name``, or the class whose arguments the config holds) is kept as
+        ``source_scheduler``: its noise schedule and its layout of levels (``set_timesteps``) are used, and its
+        noise family and a missing prediction type inferred from it. Keys of the config that MMGibbs does not use
+        are kept (diffusers logs them). Explicit keyword arguments must be MMGibbs settings or options of the
+        source scheduler (which then override the config's): anything else, e.g. a misspelt ``covarience=``,
+        raises a TypeError naming it.
+        """
         config = dict(config or {})
-        if config.get("noise_family") is None:  # another scheduler's config
+        native = config.get("noise_family") is not None  # our own config, maybe through another scheduler's
+        if "source_scheduler" in kwargs:
+            source = kwargs["source_scheduler"]
+        else:
+            source = config.get("source_scheduler") if native else sources.identify_source(config)
+        sources.refuse_source(source)
+        ours = frozenset(inspect.signature(cls.__init__).parameters) - {"self"}
+        sources.check_keyword_arguments(kwargs, ours, source)
+        for key in [k for k in kwargs if k not in ours and not k.startswith("_")]:
+            config[key] = kwargs.pop(
+                key
+            )  # an option of the source: diffusers would drop it, it must reach set_timesteps
+        if not native:
             # diffusers drops the keys a source left at *its* defaults (`_use_default_values`), which would swap in
             # ours (e.g. DDPM's clip_sample=True, Euler's linspace spacing): keep the source's noise schedule whole
             config.pop("_use_default_values", None)
+            if source is not None:
+                kwargs.setdefault("source_scheduler", source)
             if "noise_family" not in kwargs:
-                kwargs["noise_family"] = infer_noise_family({**config, **kwargs})
+                kwargs["noise_family"] = infer_noise_family({**config, **kwargs, "_class_name": source})
+            prediction = kwargs.get("prediction_type", config.get("prediction_type"))
+            if prediction in _PREDICTION_ALIASES:
+                kwargs["prediction_type"] = _PREDICTION_ALIASES[prediction]
+        sources.check_options(source, {**config, **kwargs})
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def __len__(self) -> int:
@@ -223,42 +283,105 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         self,
         num_inference_steps: int | None = None,
         device: str | torch.device | None = None,
-        timesteps: list[float] | None = None,
+        timesteps: list[float] | torch.Tensor | None = None,
+        sigmas: list[float] | torch.Tensor | None = None,
         mu: float | None = None,
+        **kwargs: Any,
     ) -> None:
         """Lay out levels x ``gibbs_sweeps`` model calls and reset all state.
+
+        The levels are those the source scheduler (``source_scheduler``, see ``mmgibbs.sources``) lays out for
+        ``num_inference_steps``, with all its layout options; without a source, MMGibbs's own (DDPM's spacing for
+        VP, ScoreSdeVe's geometric VE levels, the Karras/exponential EDM ones, FlowMatchEuler's shifted ramp).
 
         Args:
             num_inference_steps: the number of noise levels (annealed) or of sweeps at ``sigma`` (single level);
                 either way every level is repeated ``gibbs_sweeps`` times.
             device: where ``timesteps`` live.
-            timesteps: custom descending levels instead of ``num_inference_steps`` (annealed only).
-            mu: resolution-dependent shift of flow models with ``use_dynamic_shifting``.
+            timesteps: custom levels, descending, as the model's timesteps (VP: training steps; flow: u * T with
+                u < 1; EDM: c_noise(sigma)), instead of ``num_inference_steps`` (annealed only).
+            sigmas: custom noise levels, descending, in the source scheduler's units (flow: u in (0, 1], as
+                FluxPipeline passes them, shifted like FlowMatchEuler shifts them; u = 1 is clamped to
+                1 - 1/T, the largest level with a finite sigma; VE/EDM: sigma), instead of ``num_inference_steps``.
+            mu: the resolution-dependent shift of flow models with ``use_dynamic_shifting`` (FluxPipeline, SD3);
+                ignored otherwise, as FlowMatchEuler ignores it.
         """
-        cfg = self.config
-        if (num_inference_steps is None) == (timesteps is None):
-            raise ValueError("Pass exactly one of `num_inference_steps` and `timesteps`.")
-        if timesteps is not None:
-            if cfg.schedule == "single_level":
-                raise ValueError("`timesteps` cannot be set for schedule='single_level'; use `sigma`.")
-            levels = torch.as_tensor(timesteps, dtype=torch.float64)
-            if torch.any(levels[1:] >= levels[:-1]):
-                raise ValueError("custom `timesteps` must be strictly descending.")
-        elif (
-            isinstance(num_inference_steps, bool)
-            or not isinstance(num_inference_steps, int)
-            or num_inference_steps < 1
-        ):
-            raise ValueError(f"`num_inference_steps` must be a positive integer; got {num_inference_steps!r}.")
-        elif cfg.schedule == "single_level":
-            levels = self.noise_schedule.timestep_for_sigma(cfg.sigma).reshape(1).repeat(num_inference_steps)
+        if kwargs:
+            if "original_inference_steps" in kwargs:
+                raise ValueError(
+                    "`original_inference_steps` is a LatentConsistencyModelPipeline argument: latent consistency "
+                    "models predict the end point of the probability-flow ODE, not the posterior mean that "
+                    "moment-matching Gibbs sampling needs, so MMGibbsScheduler cannot sample them. Use LCMScheduler "
+                    "with that pipeline, or MomentMatchingGibbsPipeline / a standard pipeline with a diffusion model."
+                )
+            raise TypeError(f"set_timesteps() got unexpected keyword argument(s): {', '.join(sorted(kwargs))}.")
+        cfg, schedule = self.config, self.noise_schedule
+        source = cfg.get("source_scheduler")
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("Pass at most one of `timesteps` and `sigmas`.")
+        custom_name = "timesteps" if timesteps is not None else "sigmas" if sigmas is not None else None
+        custom = timesteps if timesteps is not None else sigmas
+        if mu is not None and schedule.family != "flow":
+            raise ValueError(f"`mu` shifts flow-matching levels; this is a {schedule.family!r} model.")
+        if custom is None:
+            if (
+                isinstance(num_inference_steps, bool)
+                or not isinstance(num_inference_steps, int)
+                or num_inference_steps < 1
+            ):
+                raise ValueError(f"`num_inference_steps` must be a positive integer; got {num_inference_steps!r}.")
         else:
-            levels = self.noise_schedule.inference_timesteps(num_inference_steps, mu=mu)
+            if cfg.schedule == "single_level":
+                raise ValueError(f"`{custom_name}` cannot be set for schedule='single_level'; use `sigma`.")
+            if num_inference_steps is not None and num_inference_steps != len(custom):
+                raise ValueError(
+                    f"`num_inference_steps`={num_inference_steps} does not match the {len(custom)} `{custom_name}`."
+                )
+        if timesteps is not None:
+            levels = schedule.check_timesteps(timesteps, "timesteps")
+        elif sigmas is not None:
+            takes_sigmas = source is not None and sources.SOURCE_LAYOUTS[source] != "native"
+            if takes_sigmas and schedule.family != "vp":
+                takes_sigmas = "sigmas" in inspect.signature(getattr(diffusers, source).set_timesteps).parameters
+            if takes_sigmas:
+                values = _as_float64(sigmas, "sigmas")
+                if bool(torch.any(values <= 0)) or bool(torch.any(values[1:] >= values[:-1])):
+                    raise ValueError("`sigmas` must be positive noise levels, strictly descending.")
+                if schedule.family == "flow" and bool(torch.any(values > 1)):
+                    raise ValueError(f"`sigmas` of a flow model are u in (0, 1]; got {float(values.max()):g}.")
+                levels = self._source_levels(source, sigmas=values.numpy(), mu=mu)
+            else:
+                levels = schedule.timesteps_for_sigmas(sigmas, mu=mu)
+        elif cfg.schedule == "single_level":
+            levels = self._single_level(cfg.sigma).reshape(1).repeat(num_inference_steps)
+        elif source is not None and sources.SOURCE_LAYOUTS[source] != "native":
+            levels = self._source_levels(source, num_inference_steps=num_inference_steps, mu=mu)
+            if len(levels) != num_inference_steps:
+                logger.warning(
+                    f"{source} lays out {len(levels)} distinct levels for {num_inference_steps} steps (its rounded "
+                    "timesteps repeat); each is visited once per sweep."
+                )
+        else:
+            levels = schedule.inference_timesteps(num_inference_steps, mu=mu)
         self.num_inference_steps = len(levels)
         timesteps_all = levels.repeat_interleave(cfg.gibbs_sweeps)
-        dtype = torch.int64 if self.noise_schedule.family == "vp" else torch.float32
-        self.timesteps = timesteps_all.to(dtype).to(device)
+        integral = schedule.family == "vp" and bool(torch.all(levels == levels.round()))
+        self.timesteps = timesteps_all.to(torch.int64 if integral else torch.float32).to(device)
         self._set_levels(timesteps_all)
+
+    def _source_levels(self, source: str, **kwargs: Any) -> torch.Tensor:
+        """The source scheduler's levels, validated; flow levels at u = 1 (alpha = 0) clamped to u = 1 - 1/T."""
+        levels = sources.source_levels(source, self.config, **kwargs)
+        if self.noise_schedule.family == "flow":
+            n = self.noise_schedule.num_train_timesteps
+            levels = levels.clamp(max=n - 1)
+            keep = torch.ones(len(levels), dtype=torch.bool)
+            keep[1:] = levels[1:] != levels[:-1]
+            levels = levels[keep]
+        try:
+            return self.noise_schedule.check_timesteps(levels, f"timesteps laid out by {source}")
+        except ValueError as err:
+            raise ValueError(f"{err} ({source} with {sources.layout_options(source, self.config)})") from None
 
     def _set_levels(self, timesteps: torch.Tensor) -> None:
         alpha, s = self.noise_schedule.alpha_s(timesteps)
