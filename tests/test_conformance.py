@@ -478,3 +478,98 @@ def test_cosine_dpmsolver_config_calls_the_model_with_its_noise_conditioning(cos
         mu = ours.noise_schedule.posterior_mean(out, x, t)
         torch.testing.assert_close(mu, reference.precondition_outputs(x, out, sigma), rtol=1e-5, atol=1e-5)
         ours.step(out, t, x)
+
+
+# ------------------------------------------------------------------------------------------ flow models (Flux, SD3)
+def test_flux_dynamic_shifting_with_sigmas_and_mu() -> None:
+    """FluxPipeline: ``retrieve_timesteps(scheduler, n, device, sigmas=..., mu=...)`` with sigmas u from 1 to 1/n.
+    Defect: with ``use_dynamic_shifting`` the scheduler could not even be built (levels laid out without mu)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+    flux = {"base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15}
+    reference = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, **flux)
+    ours = MMGibbsScheduler.from_config(reference.config, gibbs_sweeps=2)
+    assert "sigmas" in inspect.signature(ours.set_timesteps).parameters  # retrieve_timesteps checks this
+    n = 5
+    sigmas = np.linspace(1.0, 1 / n, n)
+    # Flux reads the shift settings from the scheduler's config
+    mu = calculate_shift(1024, *(ours.config[k] for k in ("base_image_seq_len", "max_image_seq_len")), 0.5, 1.15)
+    timesteps, count = retrieve_timesteps(ours, n, "cpu", sigmas=sigmas, mu=mu)
+    reference.set_timesteps(sigmas=sigmas, mu=mu)
+    # u = 1 (alpha = 0) has no noise level in the VE frame: the first level is the largest finite one, t = 999
+    expected = reference.timesteps.clamp(max=999.0)
+    assert float(reference.timesteps[0]) == 1000.0 and count == len(timesteps) == 2 * n
+    torch.testing.assert_close(timesteps[::2], expected, rtol=1e-6, atol=1e-4)
+    ours.set_timesteps(n, mu=mu)  # the num_inference_steps route of SD3-type pipelines
+    reference.set_timesteps(n, mu=mu)
+    torch.testing.assert_close(ours.timesteps[::2], reference.timesteps.clamp(max=999.0), rtol=1e-6, atol=1e-4)
+    # Flux's loop: set_begin_index(0), then step with a velocity prediction
+    ours.set_timesteps(sigmas=sigmas, mu=mu)
+    ours.set_begin_index(0)
+    latents = torch.randn(2, 16, 8)
+    for t in ours.timesteps:
+        latents = ours.step(torch.randn_like(latents), t, latents, return_dict=False)[0]
+    assert torch.isfinite(latents).all()
+    with pytest.raises(ValueError, match="mu"):
+        ours.set_timesteps(n)
+
+
+@pytest.mark.parametrize(
+    ("config", "kwargs", "match"),
+    [
+        ({}, {"timesteps": []}, r"`timesteps` is empty"),
+        ({}, {"timesteps": [500, float("nan")]}, r"`timesteps` contains NaN"),
+        ({}, {"timesteps": [1000, 500]}, r"`timesteps`.*training steps in \[0, 999\]"),
+        ({}, {"timesteps": [0.9, 0.5, 0.1]}, r"`timesteps`.*continuous times"),
+        ({}, {"timesteps": [10, 20]}, r"`timesteps` must be strictly descending"),
+        ({}, {"sigmas": [14.6, 1.0]}, r"`sigmas` cannot be laid out for a VP model.*`timesteps`"),
+        ("edm", {"timesteps": [80.0, 10.0, 1.0]}, r"`timesteps`.*0.25 \* ln\(sigma\).*`sigmas`"),
+        ("edm", {"sigmas": [80.0, -1.0]}, r"`sigmas` must be positive"),
+        ("flow", {"timesteps": [1000.0, 500.0]}, r"`timesteps` includes t=1000.*pure noise"),
+        ("flow", {"timesteps": [1.0, 0.5]}, r"`timesteps`.*look like u.*`sigmas`"),
+        ("flow", {"sigmas": [1.5, 0.5]}, r"`sigmas`.*\(0, 1\]"),
+        ({}, {"timesteps": [500, 100], "sigmas": [1.0, 0.5]}, r"at most one of `timesteps` and `sigmas`"),
+        ({}, {"num_inference_steps": 3, "timesteps": [500, 100]}, r"`num_inference_steps`=3.*2 `timesteps`"),
+        ({}, {"num_inference_steps": 3, "steps": 4}, r"unexpected keyword.*steps"),
+    ],
+)
+def test_custom_levels_that_are_wrong_are_refused_naming_the_argument(config, kwargs: dict, match: str) -> None:
+    import diffusers
+
+    sources = {"edm": diffusers.EDMEulerScheduler(), "flow": diffusers.FlowMatchEulerDiscreteScheduler()}
+    scheduler = MMGibbsScheduler.from_config(sources[config].config) if config else MMGibbsScheduler()
+    with pytest.raises((ValueError, TypeError), match=match):
+        scheduler.set_timesteps(**kwargs)
+
+
+def test_custom_sigmas_of_each_family() -> None:
+    import diffusers
+
+    edm = MMGibbsScheduler.from_config(diffusers.EDMEulerScheduler().config)
+    edm.set_timesteps(sigmas=[80.0, 10.0, 0.5])
+    torch.testing.assert_close(edm.sigmas, torch.tensor([80.0, 10.0, 0.5, 0.0]), rtol=1e-6, atol=0)
+    flow = MMGibbsScheduler(noise_family="flow")  # MMGibbs's own layout: FlowMatchEuler's units, u = 1 clamped
+    flow.set_timesteps(sigmas=[1.0, 0.5])
+    assert flow.timesteps.tolist() == [999.0, 500.0]
+    euler = MMGibbsScheduler.from_config(diffusers.EulerDiscreteScheduler().config)
+    reference = diffusers.EulerDiscreteScheduler()
+    euler.set_timesteps(sigmas=[14.6, 3.0, 0.5])
+    reference.set_timesteps(sigmas=[14.6, 3.0, 0.5])
+    torch.testing.assert_close(euler.timesteps, reference.timesteps)
+
+
+def test_single_level_sigma_outside_the_trained_levels() -> None:
+    """VP and flow models refuse (ValueError); VE and EDM models warn (UserWarning): their formula is defined, but
+    the model was not trained there. Defect: sigma=inf or 1e4 silently used a training step far from sigma."""
+    for sigma in (float("inf"), float("nan"), 0.0, -1.0):
+        with pytest.raises(ValueError, match="`sigma`"):
+            MMGibbsScheduler(schedule="single_level", sigma=sigma)
+    with pytest.raises(ValueError, match=r"`sigma`=10000 lies outside.*VP.*\[0.01.*157"):
+        MMGibbsScheduler(schedule="single_level", sigma=1e4)
+    with pytest.raises(ValueError, match=r"`sigma`=1e\+06 lies outside.*FLOW"):
+        MMGibbsScheduler(schedule="single_level", sigma=1e6, noise_family="flow")
+    dsm = {"noise_family": "ve", "sigma_min": 0.5, "sigma_max": 0.5, "schedule": "single_level"}
+    MMGibbsScheduler(**dsm, sigma=0.5)  # the level it was trained at: no warning
+    with pytest.warns(UserWarning, match=r"`sigma`=50 lies outside.*VE.*\[0.5, 0.5\]"):
+        MMGibbsScheduler(**dsm, sigma=50.0)

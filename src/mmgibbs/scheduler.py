@@ -340,16 +340,19 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         if timesteps is not None:
             levels = schedule.check_timesteps(timesteps, "timesteps")
         elif sigmas is not None:
+            # VP sigmas only have a layout through the source (Euler's _sigma_to_t); flow sources shift them; EDM
+            # sources take a ramp, not noise levels, under that name: EDM/VE sigmas are laid out here
             takes_sigmas = source is not None and sources.SOURCE_LAYOUTS[source] != "native"
-            if takes_sigmas and schedule.family != "vp":
+            if takes_sigmas and schedule.family == "flow":
                 takes_sigmas = "sigmas" in inspect.signature(getattr(diffusers, source).set_timesteps).parameters
+            takes_sigmas = takes_sigmas and schedule.family in ("vp", "flow")
             if takes_sigmas:
                 values = _as_float64(sigmas, "sigmas")
                 if bool(torch.any(values <= 0)) or bool(torch.any(values[1:] >= values[:-1])):
                     raise ValueError("`sigmas` must be positive noise levels, strictly descending.")
                 if schedule.family == "flow" and bool(torch.any(values > 1)):
                     raise ValueError(f"`sigmas` of a flow model are u in (0, 1]; got {float(values.max()):g}.")
-                levels = self._source_levels(source, sigmas=values.numpy(), mu=mu)
+                levels = self._source_levels(source, sigmas=values.tolist(), mu=mu)
             else:
                 levels = schedule.timesteps_for_sigmas(sigmas, mu=mu)
         elif cfg.schedule == "single_level":
