@@ -573,3 +573,135 @@ def test_single_level_sigma_outside_the_trained_levels() -> None:
     MMGibbsScheduler(**dsm, sigma=0.5)  # the level it was trained at: no warning
     with pytest.warns(UserWarning, match=r"`sigma`=50 lies outside.*VE.*\[0.5, 0.5\]"):
         MMGibbsScheduler(**dsm, sigma=50.0)
+
+
+# ------------------------------------------------------------------------------------------ standard pipelines
+def test_ddim_pipeline_passes_eta_and_use_clipped_model_output() -> None:
+    """DDIMPipeline calls ``step(..., eta=, use_clipped_model_output=, generator=)`` (defect: TypeError). ``eta`` is
+    the ancestral transition's eta for that call: with covariance 'none', eta=0 is DDIM's deterministic step
+    (the noise re-derived from the clipped mean, DDIM's use_clipped_model_output=True)."""
+    from diffusers import DDIMPipeline
+    from tiny_pipelines import tiny_unet2d
+
+    pipe = DDIMPipeline(unet=tiny_unet2d(), scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {"batch_size": 2, "num_inference_steps": 5, "output_type": "np", "use_clipped_model_output": True}
+    reference = pipe(**kwargs, eta=0.0, generator=torch.Generator().manual_seed(0)).images
+    pipe.scheduler = MMGibbsScheduler.from_config(DDIMScheduler().config, covariance="none")  # config eta = 1
+    ours = pipe(**kwargs, eta=0.0, generator=torch.Generator().manual_seed(0)).images
+    np.testing.assert_allclose(ours, reference, atol=1e-4)
+    ancestral = pipe(**kwargs, eta=1.0, generator=torch.Generator().manual_seed(0)).images
+    assert np.isfinite(ancestral).all() and not np.allclose(ancestral, ours, atol=1e-3)
+    assert pipe.scheduler.config.eta == 1.0  # a per-call eta does not change the config
+    kwargs["use_clipped_model_output"] = False  # not possible with clip_sample: the noise comes from the clipped x
+    with pytest.warns(UserWarning, match="use_clipped_model_output=False"):
+        pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+    scheduler = MMGibbsScheduler()
+    scheduler.set_timesteps(2)
+    x = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="`eta`"):
+        scheduler.step(x, scheduler.timesteps[0], x, eta=2.0)
+    with pytest.raises(TypeError, match=r"unexpected keyword.*etta"):
+        scheduler.step(x, scheduler.timesteps[0], x, etta=0.0)
+    with pytest.raises(ValueError, match="`variance_noise`"):
+        scheduler.step(x, scheduler.timesteps[0], x, variance_noise=x)
+
+
+def test_score_sde_ve_pipeline_is_refused_before_any_model_call() -> None:
+    """ScoreSdeVePipeline runs a predictor-corrector loop (set_sigmas, step_correct, step_pred): refused at its
+    first call into the scheduler that only that loop makes, naming what to use instead (defect: AttributeError)."""
+    from diffusers import ScoreSdeVePipeline, ScoreSdeVeScheduler
+    from tiny_pipelines import count_calls, tiny_unet2d
+
+    scheduler = MMGibbsScheduler.from_config(ScoreSdeVeScheduler().config)
+    pipe = ScoreSdeVePipeline(unet=tiny_unet2d(), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    with count_calls(pipe.unet) as calls, pytest.raises(ValueError, match=r"ScoreSdeVePipeline.*MomentMatchingGibbs"):
+        pipe(batch_size=1, num_inference_steps=2)
+    assert calls == []
+    for method in ("step_pred", "step_correct"):
+        with pytest.raises(ValueError, match="predictor-corrector"):
+            getattr(scheduler, method)(torch.zeros(1), 0, torch.zeros(1))
+
+
+def test_latent_consistency_pipeline_is_refused_before_any_model_call() -> None:
+    """LatentConsistencyModelPipeline passes ``original_inference_steps`` to ``set_timesteps``: refused there, naming
+    why (defect: TypeError); an LCM scheduler config is refused at construction (see above)."""
+    from diffusers import LatentConsistencyModelPipeline
+    from tiny_pipelines import SD_SCHEDULER_CONFIG, count_calls, tiny_sd_components
+
+    components = tiny_sd_components()
+    components["scheduler"] = MMGibbsScheduler.from_config(DDIMScheduler(**SD_SCHEDULER_CONFIG).config)
+    pipe = LatentConsistencyModelPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    with count_calls(pipe.unet) as calls, pytest.raises(ValueError, match=r"consistency models.*LCMScheduler"):
+        pipe("a red cat", num_inference_steps=2, output_type="np")
+    assert calls == []
+
+
+def test_saved_pipeline_reloads_in_a_fresh_interpreter(tmp_path) -> None:
+    """A standard pipeline saved with MMGibbsScheduler reloads with ``DiffusionPipeline.from_pretrained`` in a fresh
+    interpreter, by diffusers' convention for custom components: the scheduler folder ships ``mmgibbs_scheduler.py``
+    (it imports the installed package), model_index.json names it, and loading takes ``trust_remote_code=True``.
+    Defect: model_index.json named the module ``mmgibbs.scheduler``, which diffusers 0.42 only finds if the caller
+    imported it first."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from diffusers import DiffusionPipeline
+    from tiny_pipelines import tiny_ddpm_pipeline
+
+    pipe = tiny_ddpm_pipeline()
+    pipe.scheduler = MMGibbsScheduler.from_config(pipe.scheduler.config, covariance="none", gibbs_sweeps=2)
+    folder = tmp_path / "pipe"
+    pipe.save_pretrained(folder)
+    assert json.loads((folder / "model_index.json").read_text())["scheduler"] == [
+        "mmgibbs_scheduler",
+        "MMGibbsScheduler",
+    ]
+    assert (folder / "scheduler" / "mmgibbs_scheduler.py").is_file()
+    code = (
+        "import json, sys, torch\n"
+        "from diffusers import DiffusionPipeline\n"
+        "assert 'mmgibbs' not in sys.modules\n"
+        "pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+        "pipe.set_progress_bar_config(disable=True)\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "out = pipe(batch_size=1, num_inference_steps=2, generator=g, output_type='np').images\n"
+        "cls, sweeps = type(pipe.scheduler), pipe.scheduler.config.gibbs_sweeps\n"
+        "print(json.dumps([cls.__module__, cls.__name__, sweeps, float(out.sum())]))\n"
+    )
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(folder)], capture_output=True, text=True, env=env, timeout=600, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    module, name, sweeps, total = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (module, name, sweeps) == ("mmgibbs.scheduler", "MMGibbsScheduler", 2)
+    expected = pipe(batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
+    assert total == pytest.approx(float(expected.images.sum()), rel=1e-5)
+    # in this interpreter too; without trust_remote_code diffusers says to pass it
+    again = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    assert type(again.scheduler) is MMGibbsScheduler and public(again.scheduler.config) == public(
+        pipe.scheduler.config
+    )
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        DiffusionPipeline.from_pretrained(folder)
+
+
+def test_a_passed_scheduler_is_accepted_without_remote_code(tmp_path) -> None:
+    """Passing the scheduler object skips the folder's loader file; diffusers then checks its type against the
+    library model_index.json names, which importing mmgibbs makes resolvable."""
+    from diffusers import DiffusionPipeline
+    from tiny_pipelines import tiny_ddpm_pipeline
+
+    pipe = tiny_ddpm_pipeline()
+    pipe.scheduler = MMGibbsScheduler.from_config(pipe.scheduler.config)
+    pipe.save_pretrained(tmp_path)
+    scheduler = MMGibbsScheduler.from_pretrained(tmp_path, subfolder="scheduler")
+    loaded = DiffusionPipeline.from_pretrained(tmp_path, scheduler=scheduler)
+    assert loaded.scheduler is scheduler

@@ -267,7 +267,9 @@ def test_save_load_and_community_pipeline(tmp_path) -> None:
     assert isinstance(pipe.scheduler, MMGibbsScheduler) and pipe.scheduler.config.clip_sample is True
     pipe.save_pretrained(mm_dir)
     assert json.loads((mm_dir / "model_index.json").read_text())["_class_name"] == "MomentMatchingGibbsPipeline"
-    again = MomentMatchingGibbsPipeline.from_pretrained(mm_dir)
+    again = MomentMatchingGibbsPipeline.from_pretrained(
+        mm_dir, trust_remote_code=True
+    )  # scheduler/mmgibbs_scheduler.py
     assert public(again.scheduler.config) == public(pipe.scheduler.config)
     kwargs = {"batch_size": 2, "num_inference_steps": 2, "output_type": "np"}
     a = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
@@ -285,7 +287,7 @@ def test_save_load_and_community_pipeline(tmp_path) -> None:
 def test_gaussian_mixture_pipeline_saves_and_loads(tmp_path) -> None:
     pipe = _toy_pipeline(0.3, covariance="full")
     pipe.save_pretrained(tmp_path)
-    loaded = MomentMatchingGibbsPipeline.from_pretrained(tmp_path)
+    loaded = MomentMatchingGibbsPipeline.from_pretrained(tmp_path, trust_remote_code=True)
     assert isinstance(loaded.unet, GaussianMixtureDenoiser) and loaded.unet.means.dtype == torch.float64
     kwargs = {"batch_size": 5, "num_inference_steps": 3, "output_type": "pt"}
     a = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images

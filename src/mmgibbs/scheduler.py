@@ -27,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +60,19 @@ from .noise import (
 )
 
 logger = logging.get_logger(__name__)
+
+#: the module diffusers' pipeline loader imports this scheduler from: a file saved into the scheduler's folder
+LOADER_MODULE = "mmgibbs_scheduler"
+_LOADER_SOURCE = '''"""MMGibbsScheduler for diffusers' pipeline loader (a custom component, see model_index.json).
+
+It needs the diffusers-mmgibbs package (`pip install diffusers-mmgibbs`); load the pipeline with
+`DiffusionPipeline.from_pretrained(path, trust_remote_code=True)`.
+"""
+
+from mmgibbs.scheduler import MMGibbsScheduler
+
+__all__ = ["MMGibbsScheduler"]
+'''
 
 SCHEDULES = ("annealed", "single_level")
 TRANSITIONS = ("ancestral", "gibbs")
@@ -178,6 +193,9 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
                 )
             self.register_to_config(num_train_timesteps=len(trained_betas))
         self.noise_schedule = NoiseSchedule.from_config(self.config)
+        # what a pipeline's model_index.json records as this component's library: the loader file saved beside
+        # the config (see save_pretrained), not `mmgibbs.scheduler`, which diffusers imports only if already imported
+        self.__module__ = LOADER_MODULE
         # Model calls per level, as Heun-type schedulers declare order 2: img2img/inpainting pipelines start at
         # timesteps[t_start * order] (and set_begin_index(t_start * order)), which must be the first sweep of a level
         self.order = gibbs_sweeps
@@ -465,11 +483,69 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
             )
         return self.noise_schedule.add_noise(original_samples, noise, t)
 
+    # ------------------------------------------------------------------ loops MMGibbs does not run
+    _PREDICTOR_CORRECTOR = (
+        "ScoreSdeVePipeline runs a predictor-corrector loop (set_sigmas, step_correct, step_pred) that "
+        "MMGibbsScheduler does not implement: sample this model with "
+        "MomentMatchingGibbsPipeline(unet=pipe.unet, scheduler=pipe.scheduler), whose Gibbs sweeps take the "
+        "corrector's place (gibbs_sweeps), or with ScoreSdeVeScheduler."
+    )
+
+    def set_sigmas(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: only ScoreSdeVePipeline's predictor-corrector loop calls it (see the error)."""
+        raise ValueError(self._PREDICTOR_CORRECTOR)
+
+    def step_pred(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: ScoreSdeVe's predictor step (see :meth:`set_sigmas`)."""
+        raise ValueError(self._PREDICTOR_CORRECTOR)
+
+    def step_correct(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: ScoreSdeVe's Langevin corrector step (see :meth:`set_sigmas`)."""
+        raise ValueError(self._PREDICTOR_CORRECTOR)
+
+    # ------------------------------------------------------------------ saving for diffusers' pipeline loader
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """Save the config, and ``mmgibbs_scheduler.py`` beside it for diffusers' pipeline loader.
+
+        diffusers 0.42 imports a pipeline component's library only if it is its own (diffusers, transformers)
+        or already imported; for any other code its convention is a file in the component's folder, named in
+        model_index.json and run with ``trust_remote_code=True``. This scheduler is recorded there as
+        ``["mmgibbs_scheduler", "MMGibbsScheduler"]`` and the file imports it from the installed package, so a
+        saved pipeline reloads in a fresh interpreter with
+        ``DiffusionPipeline.from_pretrained(path, trust_remote_code=True)``.
+        """
+        os.makedirs(save_directory, exist_ok=True)  # before the config, so that push_to_hub uploads the file too
+        with open(os.path.join(save_directory, LOADER_MODULE + ".py"), "w", encoding="utf-8") as handle:
+            handle.write(_LOADER_SOURCE)
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+
     def level(self, step_index: int) -> tuple[float, float]:
         """``(alpha_t, s_t)`` of step ``step_index``; sigma = s_t / alpha_t."""
         return float(self._alpha[step_index]), float(self._s[step_index])
 
     # ------------------------------------------------------------------ the Gibbs step
+    def _step_eta(self, kwargs: dict[str, Any]) -> float:
+        """The eta of this step: ``kwargs["eta"]`` (DDIMPipeline passes it) or the config's; other kwargs checked."""
+        kwargs = dict(kwargs)
+        eta = kwargs.pop("eta", None)
+        clipped = kwargs.pop("use_clipped_model_output", None)
+        if kwargs.pop("variance_noise", None) is not None:
+            raise ValueError("`variance_noise` is not supported: the draws come from `generator`.")
+        if kwargs:
+            raise TypeError(f"step() got unexpected keyword argument(s): {', '.join(sorted(kwargs))}.")
+        if clipped is False and self.config.clip_sample:
+            warnings.warn(
+                "use_clipped_model_output=False cannot be honoured with clip_sample=True: the transition derives "
+                "its noise from the clipped mean (DDIM's use_clipped_model_output=True).",
+                UserWarning,
+                stacklevel=3,
+            )
+        if eta is None:
+            return self.config.eta
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+            raise ValueError(f"`eta` must lie in [0, 1]; got {eta!r}.")
+        return float(eta)
+
     def step(
         self,
         model_output: torch.Tensor | DenoisingMoments,
@@ -477,6 +553,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         sample: torch.Tensor,
         generator: Generator = None,
         return_dict: bool = True,
+        **kwargs: Any,
     ) -> MMGibbsSchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
         """One Gibbs sweep: x ~ N(mu, Sigma) at this level, then re-noise to the next step's level.
 
@@ -486,7 +563,14 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
             timestep: the current timestep (steps are counted by index; this only seeds the first index).
             sample: x_t, the current model input (before ``scale_model_input``).
             generator: torch generator(s) for the draws.
+            kwargs: what DDIM-style pipelines pass (``DDIMPipeline``): ``eta``, the ancestral transition's eta for
+                this step instead of the config's (the same meaning: 1 the DDPM posterior, 0 a DDIM step);
+                ``use_clipped_model_output``, accepted: the transition always re-derives the noise from the
+                clipped mean (DDIM's True); False is impossible with ``clip_sample`` and warns. They are keyword-only
+                (``**kwargs``), so pipelines that pass ``eta`` only to schedulers whose signature names it (Stable
+                Diffusion's ``prepare_extra_step_kwargs``, default eta 0) do not override the config's eta.
         """
+        eta = self._step_eta(kwargs)
         cfg = self.config
         if self._step_index is None:
             self._init_step_index(timestep)
@@ -524,7 +608,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
             alpha_s, s_s = self.level(i + 1)
             # sigma_s / sigma_t, written so that alpha_t = 0 (pure noise) gives 0; 1 within a level
             ratio = min(s_s * alpha_t / (alpha_s * s_t), 1.0)
-            c = math.sqrt(1.0 - cfg.eta**2 * (1.0 - ratio**2)) if cfg.transition == "ancestral" and ratio < 1 else 0.0
+            c = math.sqrt(1.0 - eta**2 * (1.0 - ratio**2)) if cfg.transition == "ancestral" and ratio < 1 else 0.0
             z = randn_tensor(x.shape, generator=generator, device=x.device, dtype=work)
             r = (x_t - alpha_t * x) / s_t
             prev = alpha_s * x + s_s * (c * r + math.sqrt(1.0 - c**2) * z)
@@ -534,3 +618,9 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return prev, mu
         return MMGibbsSchedulerOutput(prev_sample=prev, pred_original_sample=mu)
+
+
+# Once mmgibbs is imported, the loader module name resolves to this module, so that diffusers also accepts a
+# scheduler passed explicitly, e.g. DiffusionPipeline.from_pretrained(path, scheduler=MMGibbsScheduler...(...)),
+# where it imports the library model_index.json names to check the passed object's type.
+sys.modules.setdefault(LOADER_MODULE, sys.modules[__name__])
