@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import public
-from diffusers import DDIMScheduler, DDPMScheduler, EDMEulerScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    EDMEulerScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
 from diffusers.utils import DummyObject
 
 from mmgibbs import MMGibbsScheduler
@@ -38,6 +44,11 @@ def _round_trip_cases() -> list[tuple[str, MMGibbsScheduler]]:
         ("ddpm-test-config", MMGibbsScheduler(**DDPM_TEST_CONFIG, covariance="none", gibbs_sweeps=2)),
         ("from-ddim", MMGibbsScheduler.from_config(DDIMScheduler(steps_offset=1).config, transition="gibbs")),
         ("from-edm", MMGibbsScheduler.from_config(EDMEulerScheduler(sigma_max=60.0).config, eta=0.5)),
+        ("from-euler-karras", MMGibbsScheduler.from_config(EulerDiscreteScheduler(use_karras_sigmas=True).config)),
+        (
+            "from-flux",
+            MMGibbsScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True).config),
+        ),
     ]
 
 

@@ -259,6 +259,9 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
             # diffusers drops the keys a source left at *its* defaults (`_use_default_values`), which would swap in
             # ours (e.g. DDPM's clip_sample=True, Euler's linspace spacing): keep the source's noise schedule whole
             config.pop("_use_default_values", None)
+            # a None there means the source's default; left out, it stays a default here too, so that a scheduler
+            # converted from this config is not handed an explicit None (EDM's sigma_min=None would crash it)
+            config = {k: v for k, v in config.items() if v is not None}
             if source is not None:
                 kwargs.setdefault("source_scheduler", source)
             if "noise_family" not in kwargs:
