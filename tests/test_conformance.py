@@ -303,6 +303,13 @@ def test_from_config_refuses_a_misspelt_setting_and_names_the_close_match() -> N
     ours.set_timesteps(6)
     reference.set_timesteps(6)
     torch.testing.assert_close(ours.timesteps, reference.timesteps)
+    # also on the way back from another scheduler that left the option at its default
+    euler = EulerDiscreteScheduler.from_config(MMGibbsScheduler().config)
+    again = MMGibbsScheduler.from_config(
+        euler.config, source_scheduler="EulerDiscreteScheduler", use_karras_sigmas=True, timestep_spacing="linspace"
+    )
+    again.set_timesteps(6)
+    torch.testing.assert_close(again.timesteps, reference.timesteps)
     # keys of the config itself that MMGibbs does not use are accepted (diffusers logs them)
     config = {**DDPMScheduler().config, "variance_type": "fixed_large", "some_future_option": 3}
     assert MMGibbsScheduler.from_config(config).config.some_future_option == 3

@@ -251,10 +251,12 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         sources.refuse_source(source)
         ours = frozenset(inspect.signature(cls.__init__).parameters) - {"self"}
         sources.check_keyword_arguments(kwargs, ours, source)
+        # options of the source passed as keywords: diffusers would drop them (not ours), they must reach the
+        # config that set_timesteps builds the source from, and count as given rather than as defaults
         for key in [k for k in kwargs if k not in ours and not k.startswith("_")]:
-            config[key] = kwargs.pop(
-                key
-            )  # an option of the source: diffusers would drop it, it must reach set_timesteps
+            config[key] = kwargs.pop(key)
+            if key in config.get("_use_default_values", []):
+                config["_use_default_values"] = [k for k in config["_use_default_values"] if k != key]
         if not native:
             # diffusers drops the keys a source left at *its* defaults (`_use_default_values`), which would swap in
             # ours (e.g. DDPM's clip_sample=True, Euler's linspace spacing): keep the source's noise schedule whole
@@ -265,7 +267,9 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
             if source is not None:
                 kwargs.setdefault("source_scheduler", source)
             if "noise_family" not in kwargs:
-                kwargs["noise_family"] = infer_noise_family({**config, **kwargs, "_class_name": source})
+                kwargs["noise_family"] = infer_noise_family(
+                    {**config, **kwargs, "_class_name": source or config.get("_class_name")}
+                )
             prediction = kwargs.get("prediction_type", config.get("prediction_type"))
             if prediction in _PREDICTION_ALIASES:
                 kwargs["prediction_type"] = _PREDICTION_ALIASES[prediction]
