@@ -115,7 +115,15 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
             Jacobian covariances (pipeline only).
         variance_bound: optional upper bound on per-dimension posterior variances (r^2 for data in [-r, r]).
         noise_family: ``"vp"``, ``"ve"``, ``"edm"`` or ``"flow"``; inferred by :meth:`from_config`.
+        source_scheduler: the diffusers scheduler class the config came from (set by :meth:`from_config`):
+            ``set_timesteps`` lays out the levels that class lays out, with all its options (``mmgibbs.sources``);
+            ``None`` for MMGibbs's own layout.
         The remaining arguments are the source scheduler's noise-schedule settings, with diffusers' meanings.
+        Options of the source that MMGibbs does not take as arguments stay in the config (``from_config``).
+
+    VP models expose ``betas``, ``alphas`` and ``alphas_cumprod`` as DDPMScheduler does. ``order`` is
+    ``gibbs_sweeps``. :meth:`save_pretrained` also writes the loader file diffusers needs to reload a pipeline with
+    this scheduler in a fresh interpreter (``trust_remote_code=True``).
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers] + [
