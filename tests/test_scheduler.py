@@ -98,7 +98,10 @@ def test_step_beyond_the_schedule_and_bad_arguments_are_refused() -> None:
     with pytest.raises(IndexError, match="set_timesteps"):
         sched.step(x, sched.timesteps[0], x)
     for kwargs, match in [
-        ({"covariance": "spherical"}, "`covariance` must be one of 'none', 'isotropic', 'diagonal'"),
+        (
+            {"covariance": "spherical"},
+            "`covariance` must be one of 'none', 'isotropic', 'isotropic_batch', 'diagonal'",
+        ),
         ({"transition": "ddim"}, "`transition` must be one of 'ancestral', 'gibbs'"),
         ({"schedule": "cosine"}, "`schedule` must be one of 'annealed', 'single_level'"),
         ({"final_output": "median"}, "`final_output` must be one of 'sample', 'mean'"),

@@ -211,6 +211,20 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+        """diffusers' ``from_pretrained``; an :class:`MMGibbsScheduler` in the folder is loaded here directly, so
+        this class (already imported) needs no ``trust_remote_code`` for its own scheduler."""
+        if "scheduler" not in kwargs:
+            hub = {k: kwargs[k] for k in ("cache_dir", "local_files_only", "revision", "token") if k in kwargs}
+            try:
+                config = MMGibbsScheduler.load_config(pretrained_model_name_or_path, subfolder="scheduler", **hub)
+            except OSError:  # no scheduler folder: diffusers' own error comes below
+                config = None
+            if config is not None and config.get("_class_name") == MMGibbsScheduler.__name__:
+                kwargs["scheduler"] = MMGibbsScheduler.from_config(config)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
     def load_config(cls, *args: Any, **kwargs: Any) -> Any:
         """diffusers' ``load_config``; a folder naming this class the custom-pipeline way loads as this class."""
         loaded = super().load_config(*args, **kwargs)
