@@ -313,3 +313,22 @@ def test_per_image_generators_make_an_image_independent_of_its_batch(sd_pipe, co
         assert not torch.allclose(a, b, atol=1e-4)
     else:
         assert torch.allclose(a, b, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- the main job
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_main_job_runs_the_full_method_on_a_saved_pipeline_folder(tmp_path, capsys, family) -> None:
+    """``examples/sample.py --model <folder> --prompt ... --covariance diagonal``: from_pipe over the loaded
+    pipeline, guidance in one batched call per level, one backward pass per level."""
+    import sample
+    from PIL import Image
+
+    folder = tmp_path / family
+    (tiny_stable_diffusion_pipeline() if family == "sd" else tiny_sdxl_pipeline()).save_pretrained(folder)
+    out = tmp_path / "grid.png"
+    arguments = ["--model", str(folder), "--prompt", "a red cat", "--covariance", "diagonal", "--batch-size", "3"]
+    sample.main([*arguments, "--steps", "2", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "UNet2DConditionModel" in printed and "MomentMatchingGibbsPipeline" in printed
+    assert "covariance=diagonal" in printed and "2 UNet forward passes, 2 backward passes" in printed
+    assert Image.open(out).size[0] >= 2 * 16
