@@ -97,8 +97,9 @@ def ddim_host(cls: type, components: dict[str, Any]) -> Any:
 def test_mean_only_eta_zero_chain_is_the_hosts_ddim_run(image, mode) -> None:
     """Sigma = 0, eta = 0 is DDIM: through the adapter the chain reproduces the SDXL host's own DDIM run (two
     encoders, pooled embeddings, size/aesthetic ids, guidance with rescale, img2img start, inpainting re-noising,
-    upcast-aware decoding) from the same generator."""
+    upcast-aware decoding with the VAE's latents_mean/std) from the same generator."""
     components = tiny_sdxl_components()
+    components["vae"].register_to_config(latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 0.5, 1.0, 2.0])
     arguments: dict[str, Any] = dict(num_inference_steps=4, guidance_scale=5.0, guidance_rescale=0.7, output_type="np")
     arguments.update(mode_arguments(mode, image))
     expected = ddim_host(SDXL_HOSTS[mode], components)(PROMPTS, generator=generator(), **arguments).images
@@ -167,6 +168,11 @@ def test_per_image_generators(sdxl_pipe, covariance) -> None:
 
 
 def test_sdxl_arguments_get_clear_errors(sdxl_pipe, image) -> None:
+    class MyPipeline(StableDiffusionXLPipeline):
+        pass
+
+    with pytest.raises(ValueError, match=r"not support the pipeline MyPipeline\. Supported: .*Stable Diffusion XL"):
+        MomentMatchingGibbsPipeline.from_pipe(MyPipeline(**tiny_sdxl_components()))
     with pytest.raises(ValueError, match="`aesthetic_score` conditions image-to-image and inpainting only"):
         sdxl_pipe("a cat", aesthetic_score=7.0, num_inference_steps=1)
     with pytest.raises(ValueError, match="does not take `denoising_end`"):
