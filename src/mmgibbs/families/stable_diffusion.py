@@ -194,6 +194,15 @@ def image_start(
     return Start(latents=x_t, start=start, known=(image_latents, keep), channels=channels)
 
 
+def with_known(latents: torch.Tensor, known: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """The chain's result with the known region set to the image latents (the kernel clamps its draws; this also
+    covers ``final_output="mean"``, whose last posterior mean is close to, not equal to, the image there)."""
+    if known is None:
+        return latents
+    image_latents, keep = known
+    return torch.lerp(latents, image_latents.to(latents.dtype), keep.to(latents.dtype))
+
+
 def chain_dtype(latents: torch.Tensor) -> torch.Tensor:
     """The chain runs in float64 for float64 models, else float32 (half-precision latents are upcast)."""
     return latents.double() if latents.dtype == torch.float64 else latents.float()
@@ -305,7 +314,9 @@ class StableDiffusion(Family):
         return Job(
             latents=chain_dtype(begin.latents),
             predict=guided(call, guidance_scale if cfg else None, guidance_rescale),
-            finish=lambda z, output_type: self.decode(host, z, output_type, generator, positive.dtype),
+            finish=lambda z, output_type: self.decode(
+                host, with_known(z, begin.known), output_type, generator, positive.dtype
+            ),
             start=begin.start,
             known=begin.known,
         )

@@ -36,6 +36,7 @@ from .stable_diffusion import (
     mode_of,
     sibling_host,
     unet_call,
+    with_known,
 )
 
 Size = tuple[int, int]
@@ -179,7 +180,7 @@ class StableDiffusionXL(StableDiffusion):
         return Job(
             latents=chain_dtype(begin.latents),
             predict=guided(call, guidance_scale if cfg else None, guidance_rescale),
-            finish=lambda z, output_type: self.decode_xl(host, z, output_type),
+            finish=lambda z, output_type: self.decode_xl(host, with_known(z, begin.known), output_type),
             start=begin.start,
             known=begin.known,
         )
