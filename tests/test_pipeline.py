@@ -56,7 +56,7 @@ def toy_03():
     return pipe, model, reference, h0, floor
 
 
-@pytest.mark.parametrize("covariance", ["full", "diagonal", "isotropic"])
+@pytest.mark.parametrize("covariance", ["full", "diagonal", "isotropic_batch"])
 def test_single_level_chain_reaches_the_clean_distribution(toy_03, covariance: str) -> None:
     pipe, model, reference, h0, floor = toy_03
     out = pipe(
@@ -70,7 +70,16 @@ def test_single_level_chain_reaches_the_clean_distribution(toy_03, covariance: s
     assert abs(floor) < 2e-3
     assert mmd2(out.images, reference, h0) < 2e-3
     assert model.component_variance(out.images) == pytest.approx(0.04, rel=0.25)  # true per-mode variance 0.04
-    assert out.num_forward == 10 and out.num_backward == {"full": 20, "diagonal": 40, "isotropic": 0}[covariance]
+    assert out.num_forward == 10 and out.num_backward == {"full": 20, "diagonal": 40, "isotropic_batch": 0}[covariance]
+
+
+def test_per_sample_isotropic_in_two_dimensions_reaches_the_floor_with_wider_modes(toy_03) -> None:
+    """In d = 2 the per-sample estimate sigma^2 (1 - ||eps_hat||^2 / 2) has relative noise ~1 and is clamped at 0
+    often, which widens the modes (measured 0.057 vs 0.040); the batch estimate is the choice at such d."""
+    pipe, model, reference, h0, _ = toy_03
+    out = pipe(batch_size=N, num_inference_steps=10, generator=torch.Generator().manual_seed(1), output_type="pt")
+    assert mmd2(out.images, reference, h0) < 2e-3
+    assert 0.045 < model.component_variance(out.images) < 0.07
 
 
 def test_noisy_marginal_langevin_and_mean_only_do_not(toy_03) -> None:

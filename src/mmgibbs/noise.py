@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from .moments import check_network_output
+
 NOISE_FAMILIES = ("vp", "ve", "edm", "flow")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow", "score")
 
@@ -349,14 +351,36 @@ class NoiseSchedule:
         model_dtype = getattr(model, "dtype", None)
         kwargs = dict(model_kwargs or {})
 
+        def predict(model_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            out = model(model_input.to(model_dtype or model_input.dtype), t, **kwargs)
+            return out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+
         def mu(y: torch.Tensor) -> torch.Tensor:
             t = torch.as_tensor(timestep, device=y.device)
-            if t.ndim == 0:
-                t = t.expand(y.shape[0])
-            x_t = self.coefficients(t, y)[0] * y
-            net_in = self.model_input(x_t, t)
-            out = model(net_in.to(model_dtype or y.dtype), t, **kwargs)
-            out = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
-            return self.posterior_mean(out.to(y.dtype), x_t, t)
+            t = t.expand(y.shape[0]) if t.ndim == 0 else t
+            alpha = self.coefficients(t, y)[0]
+            return denoise_in_ve_frame(predict, y, t, alpha, *self._shaped(t, y))
 
         return mu
+
+
+def denoise_in_ve_frame(
+    predict: Callable[[torch.Tensor, Any], torch.Tensor],
+    y: torch.Tensor,
+    timestep: Any,
+    alpha: torch.Tensor | float,
+    c_in: torch.Tensor | float,
+    c_skip: torch.Tensor | float,
+    c_out: torch.Tensor | float,
+) -> torch.Tensor:
+    """The frame change, written once: mu(y) = c_skip x_t + c_out F(c_in x_t, t), x_t = alpha_t y.
+
+    ``predict(model_input, timestep) -> F`` is the network (with its conditioning); it may run in any dtype and mu
+    comes back in ``y``'s. Coefficients are floats (one level) or tensors broadcasting against ``y`` (per sample).
+    The network output is checked against the Jacobian mode in progress (``mmgibbs.moments.check_network_output``).
+    """
+    x_t = alpha * y
+    model_input = c_in * x_t if not (isinstance(c_in, float) and c_in == 1.0) else x_t
+    out = predict(model_input, timestep)
+    check_network_output(model_input, out)
+    return c_skip * x_t + c_out * out.to(y.dtype)

@@ -38,7 +38,14 @@ from diffusers.utils import BaseOutput
 
 from .gibbs import FINAL_OUTPUTS, TRANSITIONS, LevelDenoiser, gibbs_step
 from .moments import COVARIANCES, JACOBIAN_COVARIANCES, JACOBIAN_MODES, Generator, moments_from_mean
-from .noise import _DEFAULT_PREDICTION, NOISE_FAMILIES, NoiseSchedule, _check_choice, infer_noise_family
+from .noise import (
+    _DEFAULT_PREDICTION,
+    NOISE_FAMILIES,
+    NoiseSchedule,
+    _check_choice,
+    denoise_in_ve_frame,
+    infer_noise_family,
+)
 
 SCHEDULES = ("annealed", "single_level")
 
@@ -63,7 +70,8 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
     source's noise schedule (betas, sigmas, shift, prediction type) is kept and its family inferred.
 
     Args:
-        covariance: ``"none"`` (mean only), ``"isotropic"`` (Analytic-DPM batch estimate), or, inside
+        covariance: ``"none"`` (mean only), ``"isotropic"`` (Analytic-DPM's estimate per sample),
+            ``"isotropic_batch"`` (the same averaged over the batch, which couples the samples), or, inside
             :class:`MomentMatchingGibbsPipeline` only, ``"diagonal"``, ``"exact_diagonal"``, ``"full"``,
             ``"projection"`` (see ``mmgibbs.moments``).
         gibbs_sweeps: Gibbs sweeps per noise level; the model is called levels x sweeps times.
@@ -99,7 +107,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         final_output: str = "sample",
         num_probes: int = 1,
         jacobian: str = "auto",
-        variance_bound: float | None = None,
+        variance_bound: float | None = 1.0,
         noise_family: str | None = None,
         num_train_timesteps: int | None = None,
         beta_start: float = 0.0001,
@@ -282,10 +290,6 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         """sigma = s_t / alpha_t of every step (levels x sweeps) in float64, for :func:`mmgibbs.gibbs.sample`."""
         return [level[1] for level in self._levels]
 
-    def _mean(self, model_output: torch.Tensor, x_t: torch.Tensor, step_index: int) -> torch.Tensor:
-        _, _, _, c_skip, c_out = self._levels[step_index]
-        return c_skip * x_t + c_out * model_output.to(x_t.dtype)
-
     def denoiser(
         self, predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], first_step: int = 0
     ) -> LevelDenoiser:
@@ -298,10 +302,8 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         """
 
         def mu(y: torch.Tensor, i: int) -> torch.Tensor:
-            i += first_step
-            alpha, _, c_in, _, _ = self._levels[i]
-            x_t = alpha * y
-            return self._mean(predict(c_in * x_t if c_in != 1.0 else x_t, self.timesteps[i]), x_t, i)
+            alpha, _, c_in, c_skip, c_out = self._levels[first_step + i]
+            return denoise_in_ve_frame(predict, y, self.timesteps[first_step + i], alpha, c_in, c_skip, c_out)
 
         return mu
 
@@ -340,8 +342,8 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
             generator: torch generator(s) for the draws.
             return_dict: return a :class:`MMGibbsSchedulerOutput` rather than a tuple.
 
-        Only ``covariance="none"`` and ``"isotropic"`` can be stepped from a model output; the Jacobian covariances
-        need the model itself (:class:`MomentMatchingGibbsPipeline`).
+        Only ``covariance="none"`` and ``"isotropic(_batch)"`` can be stepped from a model output; the Jacobian
+        covariances need the model itself (:class:`MomentMatchingGibbsPipeline`).
         """
         cfg = self.config
         if cfg.covariance in JACOBIAN_COVARIANCES:
@@ -357,8 +359,8 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
             raise IndexError("`step` called more often than there are timesteps; call `set_timesteps` again.")
         work = torch.float64 if sample.dtype == torch.float64 else torch.float32
         x_t = sample.to(work)
-        y, sigma = self.to_ve(x_t, i), self._levels[i][1]
-        mu = self._mean(model_output, x_t, i)
+        y, (_, sigma, *coefficients) = self.to_ve(x_t, i), self._levels[i]
+        mu = denoise_in_ve_frame(lambda *_: model_output, y, timestep, self._levels[i][0], *coefficients)
         moments = moments_from_mean(
             y, mu, torch.full((len(y),), sigma, dtype=work, device=y.device), cfg.covariance, cfg.variance_bound
         )

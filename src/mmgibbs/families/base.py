@@ -71,7 +71,7 @@ class Family:
     def matches(cls, host_class: str | None, model: torch.nn.Module | None) -> bool:
         if host_class is not None:
             return host_class in cls.hosts
-        return model is not None and type(model).__name__ in cls.model_classes
+        return model is not None and any(c.__name__ in cls.model_classes for c in type(model).__mro__)
 
     def set_timesteps(self, scheduler: Any, num_inference_steps: int, device: Any, arguments: dict[str, Any]) -> None:
         """Lay out the schedule before :meth:`prepare` (Flux overrides it: its shift depends on the image size)."""
