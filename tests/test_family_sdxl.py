@@ -149,9 +149,10 @@ def test_inpainting_keeps_the_known_region_exactly(sdxl_pipe) -> None:
     assert torch.equal(out.images[..., :4], image_latents[..., :4])
 
 
-@pytest.mark.parametrize("covariance", ["none", "diagonal", "projection"])
+@pytest.mark.parametrize("covariance", ["none", "isotropic", "diagonal", "projection"])
 def test_per_image_generators(sdxl_pipe, covariance) -> None:
-    """Image 0 with its own generator does not depend on the rest of the batch (``isotropic``: see the SD test)."""
+    """Image 0 with its own generator does not depend on the rest of the batch (``isotropic_batch`` does: see the
+    SD test)."""
 
     def first(prompts: list[str], seeds: list[int]) -> torch.Tensor:
         out = sdxl_pipe(
