@@ -10,10 +10,11 @@ import torch
 
 from .base import Family, Job, guided, postprocess
 from .stable_diffusion import StableDiffusion
+from .stable_diffusion_xl import StableDiffusionXL
 from .unconditional import Unconditional, model_predict, sample_shape
 
 #: every supported family, tried in order
-FAMILIES: tuple[type[Family], ...] = (Unconditional, StableDiffusion)
+FAMILIES: tuple[type[Family], ...] = (Unconditional, StableDiffusion, StableDiffusionXL)
 
 
 def supported() -> str:
