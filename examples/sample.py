@@ -12,12 +12,17 @@ With the network (Hub ids are real code paths; offline they fail with a message 
     python examples/sample.py --model google/ddpm-cifar10-32 --steps 50 --covariance diagonal --num-probes 2
     python examples/sample.py --model google/ddpm-celebahq-256 --steps 50 --batch-size 4
     python examples/sample.py --model google/ncsnpp-celebahq-256 --steps 100 --batch-size 1
+    python examples/sample.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --covariance diagonal \\
+        --prompt "a photograph of an astronaut riding a horse" --steps 25 --batch-size 1
+    python examples/sample.py --model stabilityai/stable-diffusion-xl-base-1.0 --covariance diagonal \\
+        --prompt "a photograph of an astronaut riding a horse" --steps 25 --batch-size 1 --dtype float16
     python examples/sample.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --mode drop-in \\
         --prompt "a photograph of an astronaut riding a horse" --steps 25 --batch-size 1
 
-``--mode pipeline`` builds ``MomentMatchingGibbsPipeline`` from the loaded UNet and scheduler config (all
-covariance structures); ``--mode drop-in`` swaps ``MMGibbsScheduler`` into the loaded pipeline and runs the
-pipeline's own loop (``none``/``isotropic`` only; the only mode for text-to-image pipelines).
+``--mode pipeline`` runs the full method on any supported model family (unconditional UNets, Stable Diffusion,
+SDXL, ...; see ``mmgibbs.families``): ``MomentMatchingGibbsPipeline.from_pipe(pipe)`` over the loaded pipeline's
+own components, every covariance structure, classifier-free guidance inside the denoiser. ``--mode drop-in``
+swaps ``MMGibbsScheduler`` into the loaded pipeline and runs the pipeline's own loop (``none``/``isotropic``).
 """
 
 from __future__ import annotations
@@ -76,21 +81,21 @@ def scheduler_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_sampler(pipe: DiffusionPipeline, mode: str, settings: dict[str, Any]) -> DiffusionPipeline:
-    """MomentMatchingGibbsPipeline from the pipeline's UNet (``pipeline``), or its own loop (``drop-in``)."""
-    if isinstance(pipe, MomentMatchingGibbsPipeline):  # e.g. the single-noise-level checkpoint
-        scheduler = MMGibbsScheduler.from_config(pipe.scheduler.config, **settings)
-        return MomentMatchingGibbsPipeline(unet=pipe.unet, scheduler=scheduler)
-    if mode == "drop-in":
+    """``MomentMatchingGibbsPipeline.from_pipe(pipe)`` over the pipeline's own components (``pipeline``), or the
+    pipeline's own loop with ``MMGibbsScheduler`` swapped in (``drop-in``)."""
+    if mode == "drop-in" and not isinstance(pipe, MomentMatchingGibbsPipeline):
         pipe.scheduler = MMGibbsScheduler.from_config(pipe.scheduler.config, **settings)
         return pipe
-    if "text_encoder" in pipe.components or not hasattr(pipe, "unet"):
-        raise SystemExit(
-            f"--mode pipeline needs an unconditional UNet pipeline; {type(pipe).__name__} is not one. "
-            "Use --mode drop-in (covariance 'none' or 'isotropic') for it."
-        )
-    return MomentMatchingGibbsPipeline(
-        unet=pipe.unet, scheduler=MMGibbsScheduler.from_config(pipe.scheduler.config, **settings)
-    )
+    try:
+        return MomentMatchingGibbsPipeline.from_pipe(pipe, **settings)
+    except ValueError as err:  # an unsupported family: the message names the supported ones
+        raise SystemExit(f"--mode pipeline: {err}\nUse --mode drop-in (covariance 'none' or 'isotropic').") from err
+
+
+def denoiser_of(sampler: DiffusionPipeline) -> torch.nn.Module:
+    """The sampler's denoising network (``unet`` or ``transformer``)."""
+    unet = getattr(sampler, "unet", None)
+    return unet if unet is not None else sampler.transformer
 
 
 def count_forwards(module: torch.nn.Module) -> tuple[list[int], Any]:
@@ -128,7 +133,7 @@ def save_grid(images: np.ndarray, path: Path, width: int = 512) -> None:
 def sample(sampler: DiffusionPipeline, args: argparse.Namespace, batch_size: int, seed: int) -> tuple[Any, dict]:
     """Run the sampler once; returns (uint8 images, cost record)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    sizes, handle = count_forwards(sampler.unet)
+    sizes, handle = count_forwards(denoiser_of(sampler))
     kwargs: dict[str, Any] = {"num_inference_steps": args.steps, "generator": generator, "output_type": "np"}
     if args.prompt is not None:
         kwargs.update(prompt=[args.prompt] * batch_size, guidance_scale=args.guidance_scale)
@@ -163,7 +168,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="noise levels (annealed) or sweeps (single level)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prompt", default=None, help="text prompt (text-to-image pipelines, --mode drop-in)")
+    parser.add_argument("--prompt", default=None, help="text prompt (text-to-image pipelines)")
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--out", type=Path, default=Path("samples.png"))
@@ -183,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     save_grid(images, args.out)
     cfg = sampler.scheduler.config
     per_sample = cost["unet_forwards"] + cost["backward_passes"] + cost["jvps"]
-    print(f"model:    {args.model} ({type(sampler.unet).__name__}, {cfg.noise_family} noise, {cfg.prediction_type})")
+    network = type(denoiser_of(sampler)).__name__
+    print(f"model:    {args.model} ({network}, {cfg.noise_family} noise, {cfg.prediction_type})")
     print(
         f"sampler:  {type(sampler).__name__} + MMGibbsScheduler, covariance={cfg.covariance}, "
         f"schedule={cfg.schedule}{f' sigma={cfg.sigma}' if cfg.schedule == 'single_level' else ''}, "

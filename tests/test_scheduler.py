@@ -98,7 +98,10 @@ def test_step_beyond_the_schedule_and_bad_arguments_are_refused() -> None:
     with pytest.raises(IndexError, match="set_timesteps"):
         sched.step(x, sched.timesteps[0], x)
     for kwargs, match in [
-        ({"covariance": "spherical"}, "`covariance` must be one of 'none', 'isotropic', 'diagonal'"),
+        (
+            {"covariance": "spherical"},
+            "`covariance` must be one of 'none', 'isotropic', 'isotropic_batch', 'diagonal'",
+        ),
         ({"transition": "ddim"}, "`transition` must be one of 'ancestral', 'gibbs'"),
         ({"schedule": "cosine"}, "`schedule` must be one of 'annealed', 'single_level'"),
         ({"final_output": "median"}, "`final_output` must be one of 'sample', 'mean'"),
@@ -153,11 +156,11 @@ def test_mean_only_eta_zero_transition_is_ddim() -> None:
 
 def test_ancestral_step_has_the_integrated_moments() -> None:
     """x_s ~ N(a x_t + b mu, b^2 v + var_ts) for isotropic Sigma = v I (Monte Carlo over draws)."""
-    sched = MMGibbsScheduler(covariance="isotropic", transition="ancestral")
+    sched = MMGibbsScheduler(covariance="isotropic", transition="ancestral", variance_bound=None)
     sched.set_timesteps(10)
     i = 3
     x_t = torch.full((200000, 1), 0.3, dtype=torch.float64)
-    x_t[::2] = -0.3  # two values so that the batch isotropic estimate is not degenerate
+    x_t[::2] = -0.3
     eps_hat = torch.full_like(x_t, 0.5)
     alpha_t, s_t = sched.level(i)
     alpha_s, s_s = sched.level(i + 1)

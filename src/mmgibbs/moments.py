@@ -9,9 +9,11 @@ so a denoiser y -> mu(y) determines both moments; the Jacobian J = d mu / d y is
 denoiser. Covariance structures (each estimator is one small function below):
 
 * ``none``:           Sigma = 0 (x = mu, the mean-only chain).
-* ``isotropic``:      Sigma = v I with one scalar per level, v = sigma^2 (1 - E||eps_hat||^2 / d),
-                      eps_hat = (y - mu) / sigma, the expectation taken over the batch (Analytic-DPM,
-                      Bao et al. 2022); no extra model calls.
+* ``isotropic``:      Sigma = v I with one scalar per sample, v = sigma^2 (1 - ||eps_hat||^2 / d),
+                      eps_hat = (y - mu) / sigma (Analytic-DPM's estimate, Bao et al. 2022, from the sample
+                      itself, so samples stay independent of each other); no extra model calls.
+* ``isotropic_batch``: the same with ||eps_hat||^2 averaged over the batch (Analytic-DPM's own form): better in
+                      very low dimension, but every sample then depends on the others in its batch.
 * ``diagonal``:       Sigma = sigma^2 diag(J), Hutchinson: diag J ~ mean_k v_k * (J v_k) (forward mode) or
                       v_k * (J^T v_k) (reverse mode) over ``num_probes`` Rademacher probes v_k.
 * ``exact_diagonal``: the diagonal of the whole Jacobian (d products).
@@ -34,26 +36,34 @@ denoiser. Covariance structures (each estimator is one small function below):
                       the table's leading directions (:func:`jacobian_correction`).
 
 Variance bounds (why, and how): a posterior variance is never negative, so every estimate is clamped at 0.
-If ``variance_bound`` is given (data in [-r, r] has per-dimension variance <= r^2, Analytic-DPM Thm. 2) every
-per-dimension variance is clamped above by it. The isotropic scalar estimates the MMSE, which is at most
-sigma^2 (the error of the estimator x_hat = y), so it is clamped above by sigma^2 as well. Learned denoisers
-at high noise otherwise give variances far above what any distribution on the data range can have.
+Data in [-r, r] has per-dimension variance at most r^2 (Popoviciu; Analytic-DPM's Thm. 2 bounds its reverse
+variance the same way), and so has every posterior p(x | y) on that range: with ``variance_bound`` = r^2 every
+per-dimension variance (isotropic, diagonal, the diagonal of ``full``) is clamped above by it. The scheduler's
+default is 1.0, diffusers' image range [-1, 1]; ``None`` removes it. The isotropic scalar estimates the MMSE,
+which is at most sigma^2 (the error of the estimator x_hat = y), so it is clamped above by sigma^2 as well.
+Without the bound, learned denoisers at high noise give variances far above what any distribution on the data
+range can have: at the first of a few levels (sigma ~ 160 for DDPM) one such draw lands the chain far outside it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from diffusers.utils.torch_utils import randn_tensor
+from torch.overrides import TorchFunctionMode
 
 COVARIANCES = (
     "none",
     "isotropic",
+    "isotropic_batch",
     "diagonal",
     "exact_diagonal",
     "full",
@@ -128,7 +138,7 @@ class DenoisingMoments:
             return torch.zeros(self.mu.shape[0], dtype=self.mu.dtype, device=self.mu.device)
         if self.covariance == "projection":  # a one-draw estimate
             return self.draw.flatten(1).pow(2).mean(-1)
-        if self.covariance == "isotropic":
+        if self.covariance.startswith("isotropic"):
             return self.variance
         if isinstance(self.variance, LowRankCovariance):
             return self.variance.mean_variance()
@@ -198,16 +208,25 @@ def _clamp_variance(variance: torch.Tensor, bound: float | None) -> torch.Tensor
 
 # ---------------------------------------------------------------------------------------------- estimators
 def isotropic_variance(
-    y: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, variance_bound: float | None = None
+    y: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    variance_bound: float | None = None,
+    pooled: bool = False,
 ) -> torch.Tensor:
-    """Analytic-DPM variance v = sigma^2 (1 - E||eps_hat||^2 / d), eps_hat = (y - mu) / sigma, over the batch.
+    """Analytic-DPM's variance, one per sample: v_i = sigma^2 (1 - ||eps_hat_i||^2 / d), eps_hat = (y - mu) / sigma.
 
-    Returns shape (N,), the one batch estimate repeated, clamped to [0, min(sigma^2, variance_bound)].
+    By the law of total covariance E_y[v] = tr E_y[Cov[x | y]] / d (Bao et al. 2022), so v_i is a one-sample
+    estimate of the expected posterior variance; it is computed from sample i alone, so no sample's variance depends
+    on the rest of the batch (a NaN stays in its sample; batch size 1 works). Its relative noise is about
+    sqrt(2 / d): negligible for images, large for toy data in d = 2, where ``pooled=True`` (``isotropic_batch``)
+    averages ||eps_hat||^2 over the batch instead, as Analytic-DPM does, at the price of coupling the samples.
+    Clamped to [0, min(sigma^2, bound)]: the MMSE is at most sigma^2 (the error of x_hat = y) and at most the data
+    variance ``variance_bound`` (module docstring). Returns shape (N,).
     """
     eps_sq = ((y - mu) / _per_sample(sigma, y)).flatten(1).pow(2).mean(-1)  # ||eps_hat||^2 / d per sample
-    v = sigma**2 * (1.0 - eps_sq.mean())
-    v = torch.minimum(v.clamp(min=0.0), sigma**2)
-    return _clamp_variance(v, variance_bound)
+    v = sigma**2 * (1.0 - (eps_sq.mean() if pooled else eps_sq))
+    return _clamp_variance(torch.minimum(v, sigma**2), variance_bound)
 
 
 def rademacher(shape: torch.Size, generator: Generator, like: torch.Tensor) -> torch.Tensor:
@@ -242,11 +261,17 @@ def jacobian_matrix(
 
 
 def full_covariance(jacobian: torch.Tensor, sigma: torch.Tensor, variance_bound: float | None) -> torch.Tensor:
-    """Sigma = sigma^2 (J + J^T) / 2, projected to the PSD cone (eigenvalues clamped to [0, bound])."""
+    """Sigma = sigma^2 (J + J^T) / 2 projected to the PSD cone (eigenvalues clamped at 0), then, with a bound,
+    Sigma <- D Sigma D, D = diag(min(1, sqrt(bound / Sigma_jj))): every per-dimension variance at most the bound,
+    the correlations kept (clamping the spectrum instead would cut legitimate directions whose variance exceeds the
+    per-dimension bound, e.g. a stroke of correlated pixels)."""
     sym = 0.5 * (jacobian + jacobian.transpose(-1, -2)) * (sigma**2).reshape(-1, 1, 1)
     evals, evecs = torch.linalg.eigh(sym)
-    evals = _clamp_variance(evals, variance_bound)
-    return (evecs * evals.unsqueeze(-2)) @ evecs.transpose(-1, -2)
+    cov = (evecs * evals.clamp(min=0.0).unsqueeze(-2)) @ evecs.transpose(-1, -2)
+    if variance_bound is None:
+        return cov
+    scale = (variance_bound / torch.diagonal(cov, dim1=-2, dim2=-1).clamp(min=1e-300)).sqrt().clamp(max=1.0)
+    return cov * scale.unsqueeze(-1) * scale.unsqueeze(-2)
 
 
 def expected_posterior_covariance(y: torch.Tensor, mu: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -350,24 +375,67 @@ def jacobian_correction(
 
 
 # ---------------------------------------------------------------------------------------------- Jacobian products
+class NotDifferentiableError(RuntimeError):
+    """The network output does not carry the derivative the chosen Jacobian mode needs."""
+
+
+#: the Jacobian mode of the denoiser call in progress (read by :func:`check_network_output`)
+_DERIVATIVE: contextvars.ContextVar[str | None] = contextvars.ContextVar("mmgibbs_derivative", default=None)
+
+
+@contextlib.contextmanager
+def _derivative(mode: str) -> Iterator[None]:
+    token = _DERIVATIVE.set(mode)
+    try:
+        yield
+    finally:
+        _DERIVATIVE.reset(token)
+
+
+def check_network_output(model_input: torch.Tensor, output: torch.Tensor, mode: str | None = None) -> None:
+    """Refuse a network output that silently lacks the derivative a Jacobian mode needs.
+
+    Frame-change closures (``MMGibbsScheduler.denoiser``, ``NoiseSchedule.denoiser``) call this with the network's
+    input and output. mu = c_skip x_t + c_out F(c_in x_t) still depends on y through the skip term when F does not
+    (a network run under ``torch.no_grad``, a detached output, a round trip through numpy), which would give J = c_skip
+    alpha I, i.e. Sigma = sigma^2 I, without an error. Finite differences of a half-precision output measure rounding.
+    """
+    mode = mode or _DERIVATIVE.get()
+    if mode == "reverse" and model_input.requires_grad and not output.requires_grad:
+        raise NotDifferentiableError(
+            "reverse mode: the network output does not depend differentiably on its input (run under torch.no_grad, "
+            "detached, or computed outside torch)"
+        )
+    if mode == "forward" and fwAD.unpack_dual(model_input).tangent is not None:
+        if fwAD.unpack_dual(output).tangent is None:
+            raise NotDifferentiableError(
+                "forward mode: the network output carries no tangent (detached, or computed outside torch)"
+            )
+    if mode == "finite_difference" and output.dtype in (torch.float16, torch.bfloat16):
+        raise NotDifferentiableError(
+            f"finite differences: the network outputs {output.dtype}, whose rounding (relative 1e-3 / 8e-3) swamps "
+            "the difference of a small step; use jacobian='reverse' or 'forward', or run the model in float32"
+        )
+
+
+class _ContiguousGroupNorm(TorchFunctionMode):
+    """GroupNorm's forward-mode rule views its tangent, which fails for non-contiguous inputs (diffusers' attention
+    blocks transpose before normalising): hand it a contiguous input, within this mode only."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is torch.nn.functional.group_norm:
+            args = (args[0].contiguous(), *args[1:])
+        return func(*args, **(kwargs or {}))
+
+
 @contextlib.contextmanager
 def _forward_mode_safe() -> Iterator[None]:
-    """Forward-mode AD through diffusers UNets needs the math attention backend (the fused SDPA kernels have no
-    JVP rule on CPU) and contiguous GroupNorm inputs (its forward-mode rule views a non-contiguous tangent)."""
-    from torch.nn import functional
+    """Forward-mode AD through diffusers models: the math attention backend (the fused SDPA kernels have no JVP rule
+    on CPU) and contiguous GroupNorm inputs; both scoped to this block, nothing patched process-wide."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    group_norm = functional.group_norm
-
-    def contiguous_group_norm(input: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        return group_norm(input.contiguous(), *args, **kwargs)
-
-    functional.group_norm = contiguous_group_norm
-    try:
-        with sdpa_kernel([SDPBackend.MATH]):
-            yield
-    finally:
-        functional.group_norm = group_norm
+    with sdpa_kernel([SDPBackend.MATH]), _ContiguousGroupNorm():
+        yield
 
 
 class _Linearisation:
@@ -381,11 +449,11 @@ class _Linearisation:
         self.y = y.detach()
         self.mu: torch.Tensor | None = None
         if mode == "reverse":
-            with torch.enable_grad():
+            with torch.enable_grad(), _derivative("reverse"):
                 self.y = y.detach().requires_grad_(True)
                 self.mu_graph = denoiser(self.y)
             if not self.mu_graph.requires_grad:
-                raise RuntimeError("the denoiser output does not depend differentiably on its input")
+                raise NotDifferentiableError("the denoiser output does not depend differentiably on its input")
             self.mu = self.mu_graph.detach()
             self.num_forward = 1
         elif mode == "finite_difference":
@@ -405,43 +473,57 @@ class _Linearisation:
         if self.mode == "finite_difference":
             mu = self.mean()
             self.num_forward += 1
-            with torch.no_grad():
+            with torch.no_grad(), _derivative("finite_difference"):
                 return (self.denoiser(self.y + self.step * v) - mu) / self.step
         self.num_jvp += 1
-        with torch.enable_grad(), _forward_mode_safe():
-            mu, jv = torch.func.jvp(self.denoiser, (self.y,), (v,))
+        with torch.no_grad(), _forward_mode_safe(), _derivative("forward"), fwAD.dual_level():
+            primal, tangent = fwAD.unpack_dual(self.denoiser(fwAD.make_dual(self.y, v.to(self.y.dtype))))
+        if tangent is None:
+            raise NotDifferentiableError("forward mode: the denoiser output carries no tangent")
         if self.mu is None:
-            self.mu = mu.detach()
-        return jv.detach()
+            self.mu = primal
+        return tangent
 
     def mean(self) -> torch.Tensor:
         if self.mu is None:
-            with torch.no_grad():
+            with torch.no_grad(), _derivative(self.mode):
                 self.mu = self.denoiser(self.y)
             self.num_forward += 1
+            if self.mode == "finite_difference":
+                check_network_output(self.y, self.mu, self.mode)  # a denoiser returning half precision itself
         return self.mu
 
 
 def _linearise(denoiser: Denoiser, y: torch.Tensor, mode: str, sigma: torch.Tensor) -> _Linearisation:
-    """Pick the Jacobian mode; ``auto`` tries reverse mode, then forward mode, and names both failures."""
+    """Pick the Jacobian mode; ``auto`` tries reverse mode, then forward mode, then finite differences (with a
+    warning naming why), and names every failure if none works."""
     if mode != "auto":
-        return _Linearisation(denoiser, y, mode, sigma)
-    try:
-        return _Linearisation(denoiser, y, "reverse")
-    except (RuntimeError, NotImplementedError) as err:
-        with torch.no_grad():
-            denoiser(y)  # a failing model (not a failing derivative) raises its own error here
-        reverse_error = f"{type(err).__name__}: {str(err).splitlines()[0]}"
-    try:
-        lin = _Linearisation(denoiser, y, "forward")
-        lin.product(torch.zeros_like(y))  # fails here if forward mode cannot run (and gives mu)
+        lin = _Linearisation(denoiser, y, mode, sigma)
+        lin.mean() if mode == "finite_difference" else None  # refuses a half-precision network here
         return lin
-    except (RuntimeError, NotImplementedError) as err:
-        raise RuntimeError(
-            f"Cannot differentiate the denoiser for a Jacobian covariance: reverse mode failed ({reverse_error}), "
-            f"forward mode failed ({type(err).__name__}: {str(err).splitlines()[0]}). Use covariance='none' or "
-            "'isotropic', which need no derivatives."
-        ) from err
+    failures = []
+    for candidate in ("reverse", "forward", "finite_difference"):
+        try:
+            lin = _Linearisation(denoiser, y, candidate, sigma)
+            if candidate == "forward":
+                lin.product(torch.zeros_like(y))  # fails here if forward mode cannot run (and gives mu)
+            elif candidate == "finite_difference":
+                lin.mean()
+        except (RuntimeError, NotImplementedError) as err:
+            if not failures and not isinstance(err, NotDifferentiableError):
+                with torch.no_grad():
+                    denoiser(y)  # a failing model (not a failing derivative) raises its own error here
+            failures.append(f"{candidate}: {type(err).__name__}: {str(err).splitlines()[0]}")
+            continue
+        if failures:
+            warnings.warn(
+                f"jacobian='auto' uses {candidate} Jacobian products because " + "; ".join(failures), stacklevel=4
+            )
+        return lin
+    raise RuntimeError(
+        "Cannot differentiate the denoiser for a Jacobian covariance: " + "; ".join(failures) + ". Use covariance="
+        "'none' or 'isotropic', which need no derivatives."
+    )
 
 
 def _flat_product(product: Callable[[torch.Tensor], torch.Tensor], like: torch.Tensor) -> Callable:
@@ -462,10 +544,11 @@ def moments_from_mean(
     mu(y); ``calibrated`` reads the level's covariance from ``calibration`` (``LevelCovariance.covariance(mu)``)."""
     if covariance in JACOBIAN_COVARIANCES:
         raise ValueError(f"covariance={covariance!r} needs the denoiser's Jacobian, not only mu(y).")
+    variance = None
     if covariance == "calibrated":
         variance = _calibrated(calibration, covariance).covariance(mu)
-    else:
-        variance = isotropic_variance(y, mu, sigma, variance_bound) if covariance == "isotropic" else None
+    elif covariance.startswith("isotropic"):
+        variance = isotropic_variance(y, mu, sigma, variance_bound, pooled=covariance == "isotropic_batch")
     return DenoisingMoments(mu=mu, sigma=sigma, covariance=covariance, variance=variance)
 
 
@@ -498,8 +581,8 @@ def denoising_moments(
         y: the noisy points, y = x + sigma * eps, batch first; computed in float64 if ``y`` is float64, else
             float32, whatever dtype the model runs in.
         sigma: the noise level, a float or a per-sample tensor (N,).
-        covariance: one of ``"none"``, ``"isotropic"``, ``"diagonal"``, ``"exact_diagonal"``, ``"full"``,
-            ``"projection"``, ``"calibrated"``, ``"calibrated_jacobian"``.
+        covariance: one of ``"none"``, ``"isotropic"``, ``"isotropic_batch"``, ``"diagonal"``, ``"exact_diagonal"``,
+            ``"full"``, ``"projection"``, ``"calibrated"``, ``"calibrated_jacobian"``.
         num_probes: Rademacher probes of the Hutchinson estimate (``diagonal``); Jacobian products of the
             per-sample correction (``calibrated_jacobian``).
         generator: the torch generator(s) the probes (and the ``projection`` draw) are drawn from.

@@ -18,8 +18,14 @@ family     alpha_t, s_t                 timestep              configs
                                                                 UniPC, ... (``beta_schedule``/``trained_betas``)
 ``ve``     1, sigma                     sigma                 ScoreSdeVe / NCSN, single-level DSM models
 ``edm``    1, sigma                     log(sigma) / 4        EDM-Euler, EDM-DPM-Solver (Karras et al. 2022)
-``flow``   1 - u, u                     u * num_train_steps   FlowMatchEuler (rectified flow)
+                                        atan(sigma) * 2 / pi  CosineDPMSolverMultistep (Stable Audio)
+``flow``   1 - u, u                     u * num_train_steps   FlowMatchEuler (rectified flow), DPM-Solver /
+                                                                UniPC with ``use_flow_sigmas``
 =========  ==========================  ====================  ============================================
+
+VP timesteps may be fractional (Euler, Heun, LMS lay them out so); sigma = s_t / alpha_t is then interpolated
+linearly between training steps, as those schedulers do. A flow level at u = 1 (alpha = 0, pure noise) has no
+finite sigma: laid-out levels there are clamped to u = 1 - 1 / num_train_timesteps, custom timesteps refused.
 
 Each prediction type maps to the posterior mean mu = E[x | x_t] = E[x | y] (Tweedie):
 
@@ -40,6 +46,8 @@ from typing import Any
 
 import torch
 
+from .moments import check_network_output
+
 NOISE_FAMILIES = ("vp", "ve", "edm", "flow")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow", "score")
 
@@ -56,6 +64,11 @@ _FAMILY_OF_SCHEDULER = {
 }
 # prediction type of schedulers whose config does not declare one
 _DEFAULT_PREDICTION = {"ve": "score", "edm": "epsilon", "flow": "flow", "vp": "epsilon"}
+# other names diffusers configs use for our prediction types
+_PREDICTION_ALIASES = {"flow_prediction": "flow"}
+# EDM noise conditioning c_noise(sigma): the timestep the network is called with
+EDM_NOISE_CONDITIONINGS = ("log", "atan")
+_NOISE_CONDITIONING_OF_SCHEDULER = {"CosineDPMSolverMultistepScheduler": "atan"}
 # abar_T of zero-terminal-SNR schedules, which is 0, is replaced by this (as diffusers' Euler scheduler does)
 _MIN_ALPHA_CUMPROD = 2.0**-24
 
@@ -75,7 +88,9 @@ def infer_noise_family(config: Mapping[str, Any]) -> str:
     if family is not None:
         _check_choice("noise_family", family, NOISE_FAMILIES)
         return family
-    class_name = config.get("_class_name")
+    class_name = config.get("source_scheduler") or config.get("_class_name")
+    if config.get("use_flow_sigmas"):  # DPM-Solver / UniPC run as flow-matching samplers (Wan, Sana, ...)
+        return "flow"
     if class_name in _FAMILY_OF_SCHEDULER:
         return _FAMILY_OF_SCHEDULER[class_name]
     if "beta_schedule" in config or "trained_betas" in config:
@@ -121,6 +136,20 @@ def _vp_betas(config: Mapping[str, Any], num_train_timesteps: int) -> torch.Tens
     return betas
 
 
+def _as_float64(values: Any, argument: str) -> torch.Tensor:
+    """A 1-d float64 tensor of custom levels; empty or non-finite values are refused naming ``argument``."""
+    try:
+        t = torch.as_tensor(values if not isinstance(values, torch.Tensor) else values.detach().cpu())
+        t = t.to(torch.float64).flatten()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"`{argument}` must be a sequence of numbers; got {values!r}.") from err
+    if t.numel() == 0:
+        raise ValueError(f"`{argument}` is empty.")
+    if not bool(torch.all(torch.isfinite(t))):
+        raise ValueError(f"`{argument}` contains NaN or infinite values: {t.tolist()[:8]}.")
+    return t
+
+
 @dataclass(frozen=True)
 class NoiseSchedule:
     """One noise family: timestep -> (alpha_t, s_t) and model prediction -> posterior mean.
@@ -132,11 +161,13 @@ class NoiseSchedule:
     prediction_type: str
     num_train_timesteps: int
     alphas_cumprod: torch.Tensor | None = None  # vp, float64
+    betas: torch.Tensor | None = None  # vp, float32 exactly as diffusers' DDPMScheduler builds them
     sigma_min: float = 0.01
     sigma_max: float = 50.0
     sigma_data: float = 0.5  # edm
     rho: float = 7.0  # edm karras schedule
     sigma_schedule: str = "karras"  # edm: "karras" | "exponential"
+    noise_conditioning: str = "log"  # edm: timestep = 0.25 ln(sigma) ("log", EDM) or atan(sigma) 2 / pi ("atan")
     sampling_eps: float = 1e-5  # ve: the last continuous time of the ScoreSdeVe schedule
     timestep_spacing: str = "leading"  # vp
     steps_offset: int = 0  # vp
@@ -147,6 +178,7 @@ class NoiseSchedule:
         _check_choice("noise_family", self.family, NOISE_FAMILIES)
         allowed = ("epsilon", "v_prediction") if self.family == "edm" else PREDICTION_TYPES
         _check_choice("prediction_type", self.prediction_type, allowed)
+        _check_choice("noise_conditioning", self.noise_conditioning, EDM_NOISE_CONDITIONINGS)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -154,10 +186,20 @@ class NoiseSchedule:
         """From a diffusers scheduler config (DDPM, DDIM, PNDM, Euler, DPM-Solver, UniPC, ScoreSdeVe, EDM,
         FlowMatchEuler, or an ``MMGibbsScheduler``); ``overrides`` replace config keys."""
         config = {**dict(config), **overrides}
+        source = config.get("source_scheduler") or config.get("_class_name")
+        if source == "CMStochasticIterativeScheduler":
+            raise ValueError(
+                "A CMStochasticIterativeScheduler config describes a consistency model: its output (through the "
+                "boundary-condition scalings c_skip, c_out and the timestep 250 ln(sigma)) is the end point of the "
+                "probability-flow ODE, not a posterior mean E[x | x_t]; it has no NoiseSchedule here."
+            )
         family = infer_noise_family(config)
         # ScoreSdeVe configs declare no prediction type: NCSN++ UNets divide by sigma, their output is the score
         prediction = config.get("prediction_type") or _DEFAULT_PREDICTION[family]
+        prediction = _PREDICTION_ALIASES.get(prediction, prediction)
         n_train = int(config.get("num_train_timesteps") or (2000 if family == "ve" else 1000))
+        if family == "vp" and config.get("trained_betas") is not None:
+            n_train = len(config["trained_betas"])  # the betas define the training steps, whatever else is declared
 
         def get(key: str, default: Any) -> Any:
             value = config.get(key)
@@ -165,8 +207,10 @@ class NoiseSchedule:
 
         kwargs: dict[str, Any] = {"family": family, "prediction_type": prediction, "num_train_timesteps": n_train}
         if family == "vp":
-            abar = torch.cumprod(1.0 - _vp_betas(config, n_train).double(), dim=0)
+            betas = _vp_betas(config, n_train)
+            abar = torch.cumprod(1.0 - betas.double(), dim=0)
             kwargs.update(
+                betas=betas,
                 alphas_cumprod=torch.where(abar > 0, abar, _MIN_ALPHA_CUMPROD),
                 timestep_spacing=get("timestep_spacing", "leading"),
                 steps_offset=int(get("steps_offset", 0)),
@@ -184,6 +228,7 @@ class NoiseSchedule:
                 sigma_data=float(get("sigma_data", 0.5)),
                 rho=float(get("rho", 7.0)),
                 sigma_schedule=get("sigma_schedule", "karras"),
+                noise_conditioning=_NOISE_CONDITIONING_OF_SCHEDULER.get(source, "log"),
             )
         else:
             kwargs.update(
@@ -197,15 +242,27 @@ class NoiseSchedule:
         t = torch.as_tensor(timestep, dtype=torch.float64)
         if self.family == "vp":
             abar = self.alphas_cumprod.to(t.device)
-            if torch.any(t < 0) or torch.any(t > len(abar) - 1):
-                raise ValueError(f"`timestep` must lie in [0, {len(abar) - 1}] for this VP schedule; got {t}.")
-            lo = t.floor().long().clamp(max=len(abar) - 2)
-            frac = t - lo  # fractional timesteps interpolate abar linearly
-            a = torch.lerp(abar[lo], abar[lo + 1], frac)
-            return a.sqrt(), (1.0 - a).sqrt()
+            if not bool(torch.all((t >= 0) & (t <= len(abar) - 1))):
+                bad = t[~((t >= 0) & (t <= len(abar) - 1))]
+                raise ValueError(
+                    f"`timestep` must lie in [0, {len(abar) - 1}] (the training steps of this VP schedule); got "
+                    f"{bad.numel()} value(s) outside, e.g. {float(bad.flatten()[0])}."
+                )
+            lo = t.floor().long().clamp(min=0, max=len(abar) - 1)
+            frac = t - lo
+            if not bool(torch.any(frac > 0)):  # training steps: abar itself
+                a = abar[lo]
+                return a.sqrt(), (1.0 - a).sqrt()
+            # between training steps sigma is linear in t, as Euler/Heun/LMS interpolate their sigmas
+            sig = ((1.0 - abar) / abar).sqrt()
+            sigma = torch.lerp(sig[lo], sig[(lo + 1).clamp(max=len(abar) - 1)], frac)
+            alpha = (1.0 + sigma**2).rsqrt()
+            return alpha, sigma * alpha
         if self.family == "ve":
             return torch.ones_like(t), t
         if self.family == "edm":
+            if self.noise_conditioning == "atan":
+                return torch.ones_like(t), torch.tan(t * (math.pi / 2))
             return torch.ones_like(t), torch.exp(4.0 * t)
         u = t / self.num_train_timesteps
         return 1.0 - u, u
@@ -217,14 +274,16 @@ class NoiseSchedule:
 
     def timestep_for_sigma(self, sigma: float) -> torch.Tensor:
         """The timestep whose noise level is ``sigma`` (VP: the nearest integer training step)."""
-        if not sigma > 0:
-            raise ValueError(f"`sigma` must be positive; got {sigma}.")
+        if not (sigma > 0 and math.isfinite(sigma)):
+            raise ValueError(f"`sigma` must be positive and finite; got {sigma}.")
         if self.family == "vp":
             sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
             return (sigmas - sigma).abs().argmin()
         if self.family == "ve":
             return torch.tensor(float(sigma), dtype=torch.float64)
         if self.family == "edm":
+            if self.noise_conditioning == "atan":
+                return torch.tensor(math.atan(sigma) * 2 / math.pi, dtype=torch.float64)
             return torch.tensor(0.25 * math.log(sigma), dtype=torch.float64)
         return torch.tensor(sigma / (1.0 + sigma) * self.num_train_timesteps, dtype=torch.float64)
 
@@ -246,6 +305,11 @@ class NoiseSchedule:
                 t = torch.linspace(0, n_train - 1, n, dtype=torch.float64).round().flip(0)
             elif self.timestep_spacing == "leading":
                 t = (torch.arange(n, dtype=torch.float64) * (n_train // n)).round().flip(0) + self.steps_offset
+                if float(t[0]) > n_train - 1:  # it would repeat the last training step as a level
+                    raise ValueError(
+                        f"`steps_offset`={self.steps_offset} with {n} leading-spaced steps needs timestep "
+                        f"{int(t[0])}, beyond the last training step {n_train - 1}: use fewer steps."
+                    )
             elif self.timestep_spacing == "trailing":
                 t = torch.arange(n_train, 0, -n_train / n, dtype=torch.float64).round() - 1
             else:
@@ -265,15 +329,111 @@ class NoiseSchedule:
                 sig = torch.exp(math.log(hi) + ramp * (math.log(lo) - math.log(hi)))
             else:
                 raise ValueError(f"`sigma_schedule` must be 'karras' or 'exponential'; got {self.sigma_schedule!r}.")
+            if self.noise_conditioning == "atan":
+                return torch.atan(sig) * (2 / math.pi)
             return 0.25 * torch.log(sig)
         u = torch.linspace(1.0 - 1.0 / n_train, 1.0 / n_train, n, dtype=torch.float64)
+        return self._shifted(u, mu).clamp(max=1.0 - 1.0 / n_train) * n_train
+
+    def _shifted(self, u: torch.Tensor, mu: float | None) -> torch.Tensor:
+        """FlowMatchEuler's shift of flow levels u: static ``shift``, or exp(mu) with ``use_dynamic_shifting``."""
         if self.use_dynamic_shifting:
             if mu is None:
                 raise ValueError("`mu` must be passed to `set_timesteps` when `use_dynamic_shifting` is True.")
-            u = math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+            return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+        return self.shift * u / (1 + (self.shift - 1) * u)
+
+    # ------------------------------------------------------------------ custom levels
+    def trained_sigma_range(self) -> tuple[float, float]:
+        """The lowest and highest noise level sigma (VE frame) this model was trained at."""
+        if self.family == "vp":
+            sig = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+            return float(sig[0]), float(sig[-1])
+        if self.family == "flow":
+            u_lo, u_hi = 1.0 / self.num_train_timesteps, 1.0 - 1.0 / self.num_train_timesteps
+            return u_lo / (1 - u_lo), u_hi / (1 - u_hi)
+        return self.sigma_min, self.sigma_max
+
+    def check_timesteps(self, timesteps: Any, argument: str = "timesteps") -> torch.Tensor:
+        """Validate model timesteps of this family, levels from high to low noise; returns them in float64.
+
+        Refused with a ValueError naming ``argument``: empty, NaN/inf, not strictly descending, outside the
+        trained range (VP: training steps 0..T-1; flow: 0 < t < T, t = T being pure noise; VE/EDM: sigma within
+        [sigma_min, sigma_max]), and values in the wrong units (flow u or VP continuous times in [0, 1], EDM sigmas
+        given as timesteps).
+        """
+        t = _as_float64(timesteps, argument)
+        if bool(torch.any(t[1:] >= t[:-1])):
+            raise ValueError(f"`{argument}` must be strictly descending (from high to low noise); got {t.tolist()}.")
+        n = self.num_train_timesteps
+        if self.family == "vp":
+            if bool(torch.all(t <= 1)) and bool(torch.any(t != t.round())):
+                raise ValueError(
+                    f"`{argument}` of a VP model are training steps in [0, {n - 1}]; {t.tolist()} look like "
+                    "continuous times in [0, 1]."
+                )
+            bad = t[(t < 0) | (t > n - 1)]
+            if bad.numel():
+                raise ValueError(
+                    f"`{argument}` of this VP model must be training steps in [0, {n - 1}]; got {float(bad[0])}."
+                )
+            return t
+        if self.family == "flow":
+            if bool(torch.any(t >= n)):
+                raise ValueError(
+                    f"`{argument}` includes t={float(t.max()):g}: u = t / {n} = 1 is pure noise (alpha = 0), which "
+                    f"has no noise level sigma = u / (1 - u); the highest level is t = {n - 1} (u = 1 - 1/{n})."
+                )
+            if bool(torch.any(t <= 0)):
+                raise ValueError(f"`{argument}` of a flow model must lie in (0, {n}); got {float(t.min()):g}.")
+            if bool(torch.all(t <= 1)):
+                raise ValueError(
+                    f"`{argument}` of a flow model are u * {n}; {t.tolist()} look like u itself: pass them as "
+                    "`sigmas`."
+                )
+            return t
+        with torch.no_grad():
+            sig = self.sigma(t)
+        lo, hi = self.trained_sigma_range()
+        if not bool(torch.all(torch.isfinite(sig) & (sig >= lo * (1 - 1e-3)) & (sig <= hi * (1 + 1e-3)))):
+            what = (
+                "sigma itself"
+                if self.family == "ve"
+                else ("atan(sigma) * 2 / pi" if self.noise_conditioning == "atan" else "0.25 * ln(sigma)")
+            )
+            hint = "" if self.family == "ve" else "; noise levels themselves go to `sigmas`"
+            raise ValueError(
+                f"`{argument}` of this {self.family.upper()} model are {what}, for sigma in the trained range "
+                f"[{lo:g}, {hi:g}]; {t.tolist()[:6]} mean sigma up to {float(sig.max()):g}{hint}."
+            )
+        return t
+
+    def timesteps_for_sigmas(self, sigmas: Any, mu: float | None = None, argument: str = "sigmas") -> torch.Tensor:
+        """Model timesteps of custom noise levels, in the units diffusers' scheduler of the family takes.
+
+        Flow: u in (0, 1] (FlowMatchEuler's sigmas), shifted as FlowMatchEuler shifts them (``shift``, or ``mu``
+        with ``use_dynamic_shifting``); u = 1 (pure noise, alpha = 0) cannot be a level of the variance-exploding
+        frame and is clamped to the largest finite one, u = 1 - 1 / num_train_timesteps. VE/EDM: sigma. VP has no
+        single sigma convention without its source scheduler: pass training steps as ``timesteps``.
+        """
+        sig = _as_float64(sigmas, argument)
+        if bool(torch.any(sig <= 0)):
+            raise ValueError(f"`{argument}` must be positive noise levels; got {float(sig.min()):g}.")
+        if bool(torch.any(sig[1:] >= sig[:-1])):
+            raise ValueError(f"`{argument}` must be strictly descending (from high to low noise).")
+        n = self.num_train_timesteps
+        if self.family == "flow":
+            if bool(torch.any(sig > 1)):
+                raise ValueError(f"`{argument}` of a flow model are u = t / {n} in (0, 1]; got {float(sig.max()):g}.")
+            t = self._shifted(sig, mu).clamp(max=1.0 - 1.0 / n) * n
+        elif self.family in ("ve", "edm"):
+            t = torch.stack([self.timestep_for_sigma(float(x)) for x in sig])
         else:
-            u = self.shift * u / (1 + (self.shift - 1) * u)
-        return u.clamp(max=1.0 - 1.0 / n_train) * n_train
+            raise ValueError(
+                f"`{argument}` cannot be laid out for a VP model without a source scheduler that takes sigmas "
+                "(Euler, Heun, LMS, ...): pass training steps as `timesteps`."
+            )
+        return self.check_timesteps(t, argument)
 
     # ------------------------------------------------------------------ x <-> x_t
     def coefficients(self, timestep: torch.Tensor | float, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,14 +509,36 @@ class NoiseSchedule:
         model_dtype = getattr(model, "dtype", None)
         kwargs = dict(model_kwargs or {})
 
+        def predict(model_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            out = model(model_input.to(model_dtype or model_input.dtype), t, **kwargs)
+            return out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+
         def mu(y: torch.Tensor) -> torch.Tensor:
             t = torch.as_tensor(timestep, device=y.device)
-            if t.ndim == 0:
-                t = t.expand(y.shape[0])
-            x_t = self.coefficients(t, y)[0] * y
-            net_in = self.model_input(x_t, t)
-            out = model(net_in.to(model_dtype or y.dtype), t, **kwargs)
-            out = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
-            return self.posterior_mean(out.to(y.dtype), x_t, t)
+            t = t.expand(y.shape[0]) if t.ndim == 0 else t
+            alpha = self.coefficients(t, y)[0]
+            return denoise_in_ve_frame(predict, y, t, alpha, *self._shaped(t, y))
 
         return mu
+
+
+def denoise_in_ve_frame(
+    predict: Callable[[torch.Tensor, Any], torch.Tensor],
+    y: torch.Tensor,
+    timestep: Any,
+    alpha: torch.Tensor | float,
+    c_in: torch.Tensor | float,
+    c_skip: torch.Tensor | float,
+    c_out: torch.Tensor | float,
+) -> torch.Tensor:
+    """The frame change, written once: mu(y) = c_skip x_t + c_out F(c_in x_t, t), x_t = alpha_t y.
+
+    ``predict(model_input, timestep) -> F`` is the network (with its conditioning); it may run in any dtype and mu
+    comes back in ``y``'s. Coefficients are floats (one level) or tensors broadcasting against ``y`` (per sample).
+    The network output is checked against the Jacobian mode in progress (``mmgibbs.moments.check_network_output``).
+    """
+    x_t = alpha * y
+    model_input = c_in * x_t if not (isinstance(c_in, float) and c_in == 1.0) else x_t
+    out = predict(model_input, timestep)
+    check_network_output(model_input, out)
+    return c_skip * x_t + c_out * out.to(y.dtype)

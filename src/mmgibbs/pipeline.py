@@ -1,4 +1,4 @@
-"""MomentMatchingGibbsPipeline: the moment-matching Gibbs sampler around any pretrained denoiser.
+"""MomentMatchingGibbsPipeline: the moment-matching Gibbs sampler around any pretrained diffusers denoiser.
 
 For each of the scheduler's levels x sweeps steps at timestep t (sigma = s_t / alpha_t):
 
@@ -6,27 +6,76 @@ For each of the scheduler's levels x sweeps steps at timestep t (sigma = s_t / a
     mu, Sigma = moments of the model's denoiser at y   (``mmgibbs.moments``, Jacobian covariances included)
     x ~ N(mu, Sigma), re-noised to the next level      (``mmgibbs.gibbs``, the one kernel)
 
-The pipeline only adapts: it builds the denoiser closure from the model (``MMGibbsScheduler.denoiser``) and
-runs :func:`mmgibbs.gibbs.sample` with the scheduler's settings.
+The pipeline only adapts. A model family (``mmgibbs.families``) turns the host pipeline's usual arguments (prompt,
+guidance, size, latents, ...) into a denoiser closure, calling the host's own methods for prompt encoding, latent
+preparation and decoding; :meth:`MMGibbsScheduler.denoiser` makes the frame change; :func:`mmgibbs.gibbs.sample`
+runs the chain with the scheduler's settings.
+
+    pipe = MomentMatchingGibbsPipeline.from_pipe(StableDiffusionPipeline.from_pretrained(...))
+    pipe("a photo of a cat", covariance="diagonal", num_inference_steps=30).images
 """
 
 from __future__ import annotations
 
+import inspect
+import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
+import diffusers
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils.torch_utils import randn_tensor
 
 from . import gibbs
-from .calibration import CovarianceTable, calibrate_covariance
+from .calibration import TABLE_FILE, CovarianceTable, calibrate_covariance
+from .families import FAMILIES, Family, Unconditional, family_of
 from .scheduler import MMGibbsScheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+#: the host components this pipeline can hold (the union over the supported families)
+COMPONENTS = (
+    "unet",
+    "transformer",
+    "vae",
+    "vqvae",
+    "text_encoder",
+    "tokenizer",
+    "text_encoder_2",
+    "tokenizer_2",
+    "text_encoder_3",
+    "tokenizer_3",
+    "safety_checker",
+    "feature_extractor",
+    "image_encoder",
+)
+#: the per-call Gibbs settings (overrides of the scheduler's config)
+GIBBS_SETTINGS = (
+    "covariance",
+    "num_probes",
+    "gibbs_sweeps",
+    "transition",
+    "eta",
+    "final_output",
+    "jacobian",
+    "variance_bound",
+)
+#: what a saved folder needs so that ``DiffusionPipeline.from_pretrained`` finds this class (diffusers' custom
+#: pipeline convention: ``"_class_name": [<file in the folder>, <class>]``)
+COMMUNITY_FILE = "mmgibbs_pipeline"
+COMMUNITY_SOURCE = '''"""diffusers-mmgibbs: the custom-pipeline entry point diffusers loads for this folder.
+
+Needs `pip install diffusers-mmgibbs`; load with `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`.
+"""
+
+from mmgibbs.pipeline import MomentMatchingGibbsPipeline, MomentMatchingGibbsPipelineOutput
+
+__all__ = ["MomentMatchingGibbsPipeline", "MomentMatchingGibbsPipelineOutput"]
+'''
 
 
 @dataclass
@@ -45,42 +94,184 @@ class MomentMatchingGibbsPipelineOutput(ImagePipelineOutput):
     num_jvp: int = 0
 
 
-def _sample_shape(model: torch.nn.Module) -> tuple[int, ...]:
-    """One sample's shape: the model's ``sample_shape`` or a UNet config's (in_channels, size, size)."""
-    shape = getattr(model, "sample_shape", None)
-    if shape is not None:
-        return tuple(shape)
-    config = model.config
-    size = config.sample_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    return (config.in_channels, *size)
-
-
 class MomentMatchingGibbsPipeline(DiffusionPipeline):
-    """Moment Matching Denoising Gibbs Sampling (Zhang et al., NeurIPS 2023) with any diffusers denoiser.
+    """Moment Matching Denoising Gibbs Sampling (Zhang et al., NeurIPS 2023) with any supported diffusers model.
+
+    Build it from a pipeline you already have (no weights are copied):
+    ``MomentMatchingGibbsPipeline.from_pipe(pipe, covariance="diagonal")``, or directly from an unconditional
+    denoiser: ``MomentMatchingGibbsPipeline(unet=unet, scheduler=scheduler)``.
 
     Args:
-        unet: a model called as ``unet(sample, timestep)`` returning the prediction of the scheduler's
-            prediction type (``UNet2DModel``, :class:`GaussianMixtureDenoiser`, ...).
+        unet: the denoiser of UNet families (``UNet2DModel``, ``UNet2DConditionModel``, or any diffusers model with
+            ``sample_shape``, e.g. :class:`GaussianMixtureDenoiser`).
         scheduler: an :class:`MMGibbsScheduler`; any other diffusers scheduler is converted with
             ``MMGibbsScheduler.from_config`` (so a saved DDPM pipeline folder loads directly).
+        transformer, vae, vqvae, text_encoder(_2, _3), tokenizer(_2, _3), safety_checker, feature_extractor,
+            image_encoder: the host pipeline's other components, as the host names them.
+        host_pipeline: the diffusers pipeline class whose methods prepare prompts, latents and images (set by
+            :meth:`from_pipe`); ``None`` for an unconditional denoiser.
+        host_config: the host pipeline's own config values (e.g. ``requires_safety_checker``).
     """
 
-    model_cpu_offload_seq = "unet"
-    _callback_tensor_inputs: ClassVar[list[str]] = ["sample", "mu"]
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->image_encoder->unet->transformer->vae"
+    _optional_components: ClassVar[list[str]] = [*COMPONENTS, "scheduler"]  # all are, but one denoiser is needed
+    _callback_tensor_inputs: ClassVar[list[str]] = ["latents", "sample", "mu"]
 
-    def __init__(self, unet: torch.nn.Module, scheduler: SchedulerMixin):
+    def __init__(
+        self,
+        unet: ModelMixin | None = None,
+        scheduler: SchedulerMixin | None = None,
+        transformer: ModelMixin | None = None,
+        vae: ModelMixin | None = None,
+        vqvae: ModelMixin | None = None,
+        text_encoder: Any = None,
+        tokenizer: Any = None,
+        text_encoder_2: Any = None,
+        tokenizer_2: Any = None,
+        text_encoder_3: Any = None,
+        tokenizer_3: Any = None,
+        safety_checker: Any = None,
+        feature_extractor: Any = None,
+        image_encoder: Any = None,
+        host_pipeline: str | None = None,
+        host_config: dict[str, Any] | None = None,
+    ):
         super().__init__()
+        if scheduler is None:
+            raise ValueError("`scheduler` is required: an MMGibbsScheduler or any diffusers scheduler to convert.")
         if not isinstance(scheduler, MMGibbsScheduler):
             scheduler = MMGibbsScheduler.from_config(scheduler.config)
-        self.register_modules(unet=unet, scheduler=scheduler)
+        denoiser = unet if unet is not None else transformer
+        if denoiser is None:
+            raise ValueError("Pass the denoiser as `unet` (UNet families) or `transformer` (DiT, SD3, Flux, PixArt).")
+        if not isinstance(denoiser, ModelMixin) and getattr(denoiser, "sample_shape", None) is None:
+            raise ValueError(
+                f"`{'unet' if unet is not None else 'transformer'}` must be a diffusers model (ModelMixin, e.g. "
+                f"UNet2DModel) or declare `sample_shape`; got a {type(denoiser).__name__}."
+            )
+        if host_pipeline is not None and not hasattr(diffusers, host_pipeline):
+            raise ValueError(f"`host_pipeline` {host_pipeline!r} is not a diffusers pipeline class.")
+        family_of(host_pipeline, denoiser)  # a clear error for an unsupported pipeline or model, now
+        self.register_modules(
+            unet=unet,
+            scheduler=scheduler,
+            transformer=transformer,
+            vae=vae,
+            vqvae=vqvae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            text_encoder_3=text_encoder_3,
+            tokenizer_3=tokenizer_3,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+        )
+        self.register_to_config(host_pipeline=host_pipeline, host_config=dict(host_config or {}))
 
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs: Any) -> MomentMatchingGibbsPipeline:
+        """The Gibbs sampler over ``pipeline``'s own components (shared, not copied).
+
+        ``kwargs`` are Gibbs settings of :class:`MMGibbsScheduler` (``covariance``, ``gibbs_sweeps``, ...) or
+        replacement components (``unet=...``, ``scheduler=...``). Supported pipelines: see ``mmgibbs.families``.
+        """
+        if isinstance(pipeline, MomentMatchingGibbsPipeline):
+            host, host_config = pipeline.config.host_pipeline, dict(pipeline.config.host_config)
+        else:
+            host = type(pipeline).__name__
+            family_of(host)
+            own = set(inspect.signature(type(pipeline).__init__).parameters) - set(COMPONENTS) - {"self", "scheduler"}
+            host_config = {k: v for k, v in pipeline.config.items() if k in own}
+            if "add_watermarker" in own and hasattr(pipeline, "watermark"):  # SDXL keeps it out of its config
+                host_config["add_watermarker"] = pipeline.watermark is not None
+        components = {k: v for k, v in pipeline.components.items() if k in COMPONENTS}
+        components.update({k: kwargs.pop(k) for k in list(kwargs) if k in COMPONENTS})
+        source = kwargs.pop("scheduler", pipeline.scheduler)
+        unknown = sorted(set(kwargs) - set(inspect.signature(MMGibbsScheduler.__init__).parameters))
+        if unknown:
+            raise ValueError(
+                f"from_pipe got unknown arguments {unknown}: pass components ({', '.join(COMPONENTS)}, scheduler) "
+                f"or Gibbs settings ({', '.join(GIBBS_SETTINGS)}, ...)."
+            )
+        if not isinstance(source, MMGibbsScheduler) or kwargs:
+            source = MMGibbsScheduler.from_config(source.config, **kwargs)
+        new = cls(**components, scheduler=source, host_pipeline=host, host_config=host_config)
+        new.set_progress_bar_config(**getattr(pipeline, "_progress_bar_config", {}))
+        return new
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """diffusers' ``save_pretrained``, plus what lets ``DiffusionPipeline.from_pretrained(folder,
+        trust_remote_code=True)`` find this class without ``import mmgibbs``: diffusers' custom-pipeline convention
+        (a ``mmgibbs_pipeline.py`` in the folder, named in ``model_index.json``)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        folder = Path(save_directory)
+        (folder / f"{COMMUNITY_FILE}.py").write_text(COMMUNITY_SOURCE, encoding="utf-8")
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+        index["_class_name"] = [COMMUNITY_FILE, type(self).__name__]
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+        """diffusers' ``from_pretrained``; an :class:`MMGibbsScheduler` in the folder is loaded here directly, with
+        its calibrated covariance table if one was saved, so this class (already imported) needs no
+        ``trust_remote_code`` for its own scheduler."""
+        if "scheduler" not in kwargs:
+            hub = {k: kwargs[k] for k in ("cache_dir", "local_files_only", "revision", "token") if k in kwargs}
+            try:
+                config = MMGibbsScheduler.load_config(pretrained_model_name_or_path, subfolder="scheduler", **hub)
+            except OSError:  # no scheduler folder: diffusers' own error comes below
+                config = None
+            if config is not None and config.get("_class_name") == MMGibbsScheduler.__name__:
+                scheduler = MMGibbsScheduler.from_config(config)
+                table = Path(pretrained_model_name_or_path, "scheduler", TABLE_FILE)
+                if table.is_file():  # a calibrated covariance saved with the scheduler (local folders)
+                    scheduler.set_covariance_table(CovarianceTable.load(table))
+                kwargs["scheduler"] = scheduler
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def load_config(cls, *args: Any, **kwargs: Any) -> Any:
+        """diffusers' ``load_config``; a folder naming this class the custom-pipeline way loads as this class."""
+        loaded = super().load_config(*args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        if isinstance(config.get("_class_name"), list) and config["_class_name"][-1] == cls.__name__:
+            config["_class_name"] = cls.__name__
+        return loaded
+
+    # ------------------------------------------------------------------ the family and its host
+    @property
+    def denoiser_model(self) -> torch.nn.Module:
+        """The denoising network (``unet`` or ``transformer``)."""
+        return self.unet if self.unet is not None else self.transformer
+
+    def family(self, scheduler: MMGibbsScheduler) -> Family:
+        """This pipeline's model family, bound to a host pipeline built from these components and ``scheduler``."""
+        name = self.config.host_pipeline
+        family = family_of(name, self.denoiser_model)
+        if family is Unconditional:
+            return Unconditional(None, self.denoiser_model, getattr(self, "vqvae", None))
+        host_class = getattr(diffusers, name or family.hosts[0])
+        wanted = inspect.signature(host_class.__init__).parameters
+        parts = {k: getattr(self, k, None) for k in wanted if k in COMPONENTS}
+        host = host_class(**parts, scheduler=scheduler, **self.config.host_config)
+        host.set_progress_bar_config(disable=True)
+        return family(host)
+
+    # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def __call__(
         self,
-        batch_size: int = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        *,
+        batch_size: int | None = None,
         num_inference_steps: int = 50,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        x_init: torch.Tensor | None = None,
         covariance: str | None = None,
         num_probes: int | None = None,
         gibbs_sweeps: int | None = None,
@@ -88,32 +279,36 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         eta: float | None = None,
         final_output: str | None = None,
         jacobian: str | None = None,
-        x_init: torch.Tensor | None = None,
-        latents: torch.Tensor | None = None,
+        variance_bound: float | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable[[Any, int, Any, dict[str, torch.Tensor]], dict[str, Any]] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        **host_arguments: Any,
     ) -> MomentMatchingGibbsPipelineOutput | tuple[Any]:
-        """Draw ``batch_size`` samples.
+        """Draw samples with moment-matching Gibbs sampling.
 
         Args:
-            batch_size: number of samples.
-            generator: torch generator(s) for the start, the draws and the Hutchinson probes.
+            prompt, negative_prompt: text conditioning (text-to-image families).
+            batch_size: number of samples of an unconditional model.
             num_inference_steps: noise levels (annealed) or sweeps at ``sigma`` (single level).
-            covariance, num_probes, gibbs_sweeps, transition, eta, final_output, jacobian: override the scheduler's
-                settings for this call (see :class:`MMGibbsScheduler`).
-            x_init: a clean starting point x; the chain then starts from its re-noising at the first level
-                (e.g. data, for the single-level chain started from data).
-            latents: the first model input x_t itself (default: N(0, init_noise_sigma^2)).
-            output_type: ``"pil"``, ``"np"`` (NHWC in [0, 1]) or ``"pt"`` (NCHW in [0, 1]) for images in [-1, 1],
-                or ``"latent"`` for the raw samples; non-image samples accept ``"pt"``/``"np"``/``"latent"``, raw.
+            generator: torch generator(s) for the start, the draws and the Hutchinson probes; a list gives every
+                image its own stream (then image i does not depend on the rest of the batch).
+            latents: the first model input x_t itself (default: the host's ``prepare_latents``, N(0, I) scaled).
+            x_init: (unconditional) a clean starting point, re-noised to the first level.
+            covariance, num_probes, gibbs_sweeps, transition, eta, final_output, jacobian, variance_bound: override
+                the scheduler's settings for this call (see :class:`MMGibbsScheduler`).
+            output_type: ``"pil"``, ``"np"`` (NHWC in [0, 1]), ``"pt"`` (NCHW in [0, 1]) or ``"latent"`` (raw
+                samples or latents); non-image samples accept ``"pt"``/``"np"``/``"latent"``, raw.
             return_dict: return a :class:`MomentMatchingGibbsPipelineOutput` rather than a tuple.
-            callback_on_step_end: called as ``fn(pipe, step, timestep, tensors)`` after every sweep; it may
-                return a replacement ``"sample"``.
-            callback_on_step_end_tensor_inputs: which of ``"sample"``, ``"mu"`` it receives.
+            callback_on_step_end: called as ``fn(pipe, step, timestep, tensors)`` after every sweep; it may return
+                a replacement ``"latents"`` (alias ``"sample"``), the next model input.
+            callback_on_step_end_tensor_inputs: which of ``"latents"``/``"sample"`` and ``"mu"`` it receives.
+            host_arguments: the host pipeline's usual arguments: ``prompt_embeds``, ``negative_prompt_embeds``,
+                ``guidance_scale``, ``guidance_rescale``, ``height``, ``width``, ``num_images_per_prompt``, ...
+                (the family says which; an argument a family does not take is an error naming it).
         """
-        tensor_inputs = callback_on_step_end_tensor_inputs or ["sample"]
+        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         bad = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
         if bad:
             raise ValueError(
@@ -123,72 +318,84 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             raise ValueError(
                 f"`output_type` must be one of {', '.join(map(repr, OUTPUT_TYPES))}; got {output_type!r}."
             )
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
             raise ValueError(f"`batch_size` must be a positive integer; got {batch_size!r}.")
-        if isinstance(generator, list) and len(generator) != batch_size:
+        if isinstance(generator, list) and batch_size is not None and len(generator) != batch_size:
             raise ValueError(f"{len(generator)} generators were passed for `batch_size`={batch_size}.")
 
-        overrides = {
-            k: v
-            for k, v in dict(
-                covariance=covariance,
-                num_probes=num_probes,
-                gibbs_sweeps=gibbs_sweeps,
-                transition=transition,
-                eta=eta,
-                final_output=final_output,
-                jacobian=jacobian,
-            ).items()
-            if v is not None
-        }
+        settings = dict(
+            covariance=covariance,
+            num_probes=num_probes,
+            gibbs_sweeps=gibbs_sweeps,
+            transition=transition,
+            eta=eta,
+            final_output=final_output,
+            jacobian=jacobian,
+            variance_bound=variance_bound,
+        )
+        overrides = {k: v for k, v in settings.items() if v is not None}
         scheduler = self.scheduler
         if overrides:
             scheduler = MMGibbsScheduler.from_config(self.scheduler.config, **overrides)
-            scheduler.set_covariance_table(self.scheduler.covariance_table)
-        scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
-
-        shape = (batch_size, *_sample_shape(self.unet))
+            scheduler.set_covariance_table(self.scheduler.covariance_table)  # state, not config: carried over
         device = self._execution_device
-        dtype = torch.float64 if getattr(self.unet, "dtype", None) == torch.float64 else torch.float32
-        if latents is not None:
-            sample = latents.to(device, dtype)
-        elif x_init is not None:
-            noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-            sample = scheduler.add_noise(x_init.to(device, dtype), noise, scheduler.timesteps[:1].cpu())
-        else:
-            sample = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
-        if sample.shape != shape:
-            raise ValueError(f"The starting sample must have shape {shape}; got {tuple(sample.shape)}.")
+        family = self.family(scheduler)
+        arguments = dict(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            batch_size=batch_size,
+            generator=generator,
+            latents=latents,
+            x_init=x_init,
+            **host_arguments,
+        )
+        arguments = self._accepted(family, arguments)
+        family.set_timesteps(scheduler, num_inference_steps, device, arguments)
+        job = family.prepare(scheduler, device=device, **arguments)
+
+        start = job.start
+        aliases = {job.callback_name, "latents", "sample"}
 
         def callback(i: int, y: torch.Tensor, mu: torch.Tensor) -> torch.Tensor | None:
-            last = i == len(scheduler.timesteps) - 1
-            local = {"sample": y if last else scheduler.from_ve(y, i + 1), "mu": mu}
-            returned = callback_on_step_end(self, i, scheduler.timesteps[i], {k: local[k] for k in tensor_inputs})
-            if not returned or "sample" not in returned:
+            step = start + i
+            last = step == len(scheduler.timesteps) - 1
+            sample = y if last else scheduler.from_ve(y, step + 1)
+            local = {"mu": mu, **dict.fromkeys(aliases, sample)}
+            returned = callback_on_step_end(
+                self, step, scheduler.timesteps[step], {k: local[k] for k in tensor_inputs}
+            )
+            if returned is not None and not isinstance(returned, dict):
+                raise ValueError(
+                    f"`callback_on_step_end` must return a dict (or None); got {type(returned).__name__}."
+                )
+            replaced = next((returned[k] for k in aliases if returned and k in returned), None)
+            if replaced is None:
                 return None
-            return returned["sample"] if last else scheduler.to_ve(returned["sample"], i + 1)
+            if replaced.shape != sample.shape:
+                raise ValueError(
+                    f"`callback_on_step_end` returned a sample of shape {tuple(replaced.shape)}; the sample has shape "
+                    f"{tuple(sample.shape)}."
+                )
+            return replaced.to(y.dtype) if last else scheduler.to_ve(replaced.to(y.dtype), step + 1)
 
         result = gibbs.sample(
-            scheduler.denoiser(self._predict),
-            scheduler.ve_sigmas(),
-            scheduler.to_ve(sample, 0),
+            scheduler.denoiser(job.predict, first_step=start),
+            scheduler.ve_sigmas()[start:],
+            scheduler.to_ve(job.latents, start),
             **scheduler.gibbs_settings(),
+            known=job.known,
             generator=generator,
             callback=callback if callback_on_step_end is not None else None,
             progress=self.progress_bar,
         )
-        sample = result.sample
-        counts = {k: getattr(result, k) for k in ("num_forward", "num_backward", "num_jvp")}
-
+        images = job.finish(result.sample, output_type)
         self.maybe_free_model_hooks()
-        images = self._postprocess(sample, output_type)
+        counts = {k: getattr(result, k) for k in ("num_forward", "num_backward", "num_jvp")}
         if not return_dict:
             return (images,)
         return MomentMatchingGibbsPipelineOutput(images=images, **counts)
-
-    def _predict(self, model_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = self.unet(model_input.to(self.unet.dtype), t.expand(len(model_input)))
-        return out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
 
     @torch.no_grad()
     def calibrate_covariance(
@@ -251,11 +458,18 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             }
         device = self._execution_device
         samples = samples.to(device)
+        family = self.family(self.scheduler)
+        if not isinstance(family, Unconditional):
+            raise NotImplementedError(
+                f"calibrate_covariance supports unconditional models; {family.name} is conditional, and one table "
+                "per level would average the posterior covariance over prompts (calibrate per prompt set instead)."
+            )
+        predict = family.prepare(self.scheduler, batch_size=1, device=device).predict
         table, old = None, self.scheduler.covariance_table
         for n in steps:
-            self.scheduler.set_timesteps(n, device=device)
+            family.set_timesteps(self.scheduler, n, device, {})
             new = calibrate_covariance(
-                self.scheduler.denoiser(self._predict),
+                self.scheduler.denoiser(predict),
                 self.scheduler.ve_sigmas(),
                 samples,
                 num_clusters=num_clusters,
@@ -271,15 +485,18 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         self.scheduler.set_covariance_table(table if old is None else table.merge(old))
         return table
 
-    def _postprocess(self, sample: torch.Tensor, output_type: str) -> Any:
-        if output_type == "latent":
-            return sample
-        if sample.ndim != 4:  # vectors and other non-image samples come back raw
-            if output_type == "pil":
-                raise ValueError(f"output_type='pil' needs image samples (N, C, H, W); got {tuple(sample.shape)}.")
-            return sample.cpu().numpy() if output_type == "np" else sample
-        image = (sample / 2 + 0.5).clamp(0, 1)
-        if output_type == "pt":
-            return image
-        array = image.cpu().permute(0, 2, 3, 1).float().numpy()
-        return self.numpy_to_pil(array) if output_type == "pil" else np.asarray(array)
+    @staticmethod
+    def _accepted(family: Family, arguments: dict[str, Any]) -> dict[str, Any]:
+        """The passed (non-None) arguments, each checked against what the family's ``prepare`` takes."""
+        takes = inspect.signature(family.prepare).parameters
+        passed = {k: v for k, v in arguments.items() if v is not None}
+        refused = sorted(k for k in passed if k not in takes)
+        if refused:
+            raise ValueError(
+                f"{family.name} does not take {', '.join(f'`{k}`' for k in refused)}; it takes "
+                f"{', '.join(f'`{k}`' for k in takes if k not in ('self', 'scheduler', 'device'))}."
+            )
+        return passed
+
+
+__all__ = ["FAMILIES", "MomentMatchingGibbsPipeline", "MomentMatchingGibbsPipelineOutput"]

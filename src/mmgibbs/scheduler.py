@@ -26,22 +26,51 @@ In model-frame terms, moving from level t to the next level s with x drawn at le
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
+import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.configuration_utils import ConfigMixin, FrozenDict, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, logging
 
+from . import sources
 from .calibration import TABLE_FILE, CovarianceTable
 from .gibbs import FINAL_OUTPUTS, TRANSITIONS, LevelDenoiser, gibbs_step
 from .moments import COVARIANCES, JACOBIAN_COVARIANCES, JACOBIAN_MODES, Generator, moments_from_mean
-from .noise import _DEFAULT_PREDICTION, NOISE_FAMILIES, NoiseSchedule, _check_choice, infer_noise_family
+from .noise import (
+    _DEFAULT_PREDICTION,
+    _PREDICTION_ALIASES,
+    NOISE_FAMILIES,
+    NoiseSchedule,
+    _as_float64,
+    _check_choice,
+    denoise_in_ve_frame,
+    infer_noise_family,
+)
+
+logger = logging.get_logger(__name__)
+
+#: the module diffusers' pipeline loader imports this scheduler from: a file saved into the scheduler's folder
+LOADER_MODULE = "mmgibbs_scheduler"
+_LOADER_SOURCE = '''"""MMGibbsScheduler for diffusers' pipeline loader (a custom component, see model_index.json).
+
+It needs the diffusers-mmgibbs package (`pip install diffusers-mmgibbs`); load the pipeline with
+`DiffusionPipeline.from_pretrained(path, trust_remote_code=True)`.
+"""
+
+from mmgibbs.scheduler import MMGibbsScheduler
+
+__all__ = ["MMGibbsScheduler"]
+'''
 
 SCHEDULES = ("annealed", "single_level")
 
@@ -66,11 +95,14 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
     source's noise schedule (betas, sigmas, shift, prediction type) is kept and its family inferred.
 
     Args:
-        covariance: ``"none"`` (mean only), ``"isotropic"`` (Analytic-DPM batch estimate), ``"calibrated"`` (the
-            per-level expected posterior covariance of a calibrated table, :meth:`set_covariance_table`; zero extra
-            calls), or, inside :class:`MomentMatchingGibbsPipeline` only, ``"diagonal"``, ``"exact_diagonal"``,
-            ``"full"``, ``"projection"``, ``"calibrated_jacobian"`` (see ``mmgibbs.moments``).
-        gibbs_sweeps: Gibbs sweeps per noise level; the model is called levels x sweeps times.
+        covariance: ``"none"`` (mean only), ``"isotropic"`` (Analytic-DPM's estimate per sample),
+            ``"isotropic_batch"`` (the same averaged over the batch, which couples the samples), ``"calibrated"``
+            (the per-level expected posterior covariance of a calibrated table, :meth:`set_covariance_table`; zero
+            extra calls, no coupling), or, inside :class:`MomentMatchingGibbsPipeline` only, ``"diagonal"``,
+            ``"exact_diagonal"``, ``"full"``, ``"projection"``, ``"calibrated_jacobian"`` (see ``mmgibbs.moments``).
+        gibbs_sweeps: Gibbs sweeps per noise level; the model is called levels x sweeps times. It is also the
+            scheduler's ``order`` (model calls per level, as Heun-type schedulers have order 2), so that
+            img2img/inpainting `strength` slices (``timesteps[t_start * order:]``) start on a level.
         schedule: ``"annealed"`` (levels from high to low noise) or ``"single_level"`` (every sweep at ``sigma``).
         sigma: the noise level of the single-level chain (VE frame; VP models use the nearest timestep).
         transition: how to move between levels, ``"ancestral"`` or ``"gibbs"`` (see the module docstring).
@@ -82,7 +114,15 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
             Jacobian covariances (pipeline only).
         variance_bound: optional upper bound on per-dimension posterior variances (r^2 for data in [-r, r]).
         noise_family: ``"vp"``, ``"ve"``, ``"edm"`` or ``"flow"``; inferred by :meth:`from_config`.
+        source_scheduler: the diffusers scheduler class the config came from (set by :meth:`from_config`):
+            ``set_timesteps`` lays out the levels that class lays out, with all its options (``mmgibbs.sources``);
+            ``None`` for MMGibbs's own layout.
         The remaining arguments are the source scheduler's noise-schedule settings, with diffusers' meanings.
+        Options of the source that MMGibbs does not take as arguments stay in the config (``from_config``).
+
+    VP models expose ``betas``, ``alphas`` and ``alphas_cumprod`` as DDPMScheduler does. ``order`` is
+    ``gibbs_sweeps``. :meth:`save_pretrained` also writes the loader file diffusers needs to reload a pipeline with
+    this scheduler in a fresh interpreter (``trust_remote_code=True``).
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers] + [
@@ -90,7 +130,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         "EDMDPMSolverMultistepScheduler",
         "FlowMatchEulerDiscreteScheduler",
     ]
-    order = 1
+    order = 1  # the class default; every instance sets its own, ``gibbs_sweeps``
 
     @register_to_config
     def __init__(
@@ -104,7 +144,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         final_output: str = "sample",
         num_probes: int = 1,
         jacobian: str = "auto",
-        variance_bound: float | None = None,
+        variance_bound: float | None = 1.0,
         noise_family: str | None = None,
         num_train_timesteps: int | None = None,
         beta_start: float = 0.0001,
@@ -125,6 +165,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         sampling_eps: float = 1e-5,
         shift: float = 1.0,
         use_dynamic_shifting: bool = False,
+        source_scheduler: str | None = None,
     ):
         _check_choice("covariance", covariance, COVARIANCES)
         _check_choice("schedule", schedule, SCHEDULES)
@@ -134,41 +175,113 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         for name, value in (("gibbs_sweeps", gibbs_sweeps), ("num_probes", num_probes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
-        if schedule == "single_level" and (sigma is None or not sigma > 0):
-            raise ValueError(f"schedule='single_level' needs a positive noise level `sigma`; got {sigma!r}.")
+        if schedule == "single_level" and (sigma is None or not (sigma > 0 and math.isfinite(sigma))):
+            raise ValueError(f"schedule='single_level' needs a positive noise level `sigma` (finite); got {sigma!r}.")
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"`eta` must lie in [0, 1]; got {eta!r}.")
         if variance_bound is not None and not variance_bound > 0:
             raise ValueError(f"`variance_bound` must be positive or None; got {variance_bound!r}.")
-        family = noise_family or "vp"
+        sources.refuse_source(source_scheduler)
+        family = noise_family or (
+            infer_noise_family({"source_scheduler": source_scheduler}) if source_scheduler else "vp"
+        )
         _check_choice("noise_family", family, NOISE_FAMILIES)
         self.register_to_config(noise_family=family, prediction_type=prediction_type or _DEFAULT_PREDICTION[family])
+        # the resolved family is what marks a config as ours: it must travel through other schedulers' configs,
+        # which drop the keys listed as left at their defaults (diffusers' `_use_default_values`)
+        internal = dict(self._internal_dict)
+        defaults = [k for k in internal.pop("_use_default_values", []) if k != "noise_family"]
+        self._internal_dict = FrozenDict({**internal, "_use_default_values": defaults} if defaults else internal)
+        if family == "vp" and trained_betas is not None and num_train_timesteps != len(trained_betas):
+            if num_train_timesteps is not None:
+                logger.warning(
+                    f"`trained_betas` has {len(trained_betas)} entries but `num_train_timesteps` is "
+                    f"{num_train_timesteps}: the model has {len(trained_betas)} training steps."
+                )
+            self.register_to_config(num_train_timesteps=len(trained_betas))
         self.noise_schedule = NoiseSchedule.from_config(self.config)
+        # what a pipeline's model_index.json records as this component's library: the loader file saved beside
+        # the config (see save_pretrained), not `mmgibbs.scheduler`, which diffusers imports only if already imported
+        self.__module__ = LOADER_MODULE
+        # Model calls per level, as Heun-type schedulers declare order 2: img2img/inpainting pipelines start at
+        # timesteps[t_start * order] (and set_begin_index(t_start * order)), which must be the first sweep of a level
+        self.order = gibbs_sweeps
         self.covariance_table: CovarianceTable | None = None
         self.num_inference_steps: int | None = None
         if schedule == "single_level":
-            self.timesteps = self.noise_schedule.timestep_for_sigma(sigma).reshape(1)
+            self.timesteps = self._single_level(sigma).reshape(1)
         elif family == "vp":  # every training step, as DDPMScheduler starts
             self.timesteps = torch.arange(self.noise_schedule.num_train_timesteps).flip(0)
-        else:
-            self.timesteps = self.noise_schedule.inference_timesteps(self.noise_schedule.num_train_timesteps)
+        else:  # with dynamic shifting mu is not known before set_timesteps: the unshifted levels (mu = 0)
+            self.timesteps = self.noise_schedule.inference_timesteps(self.noise_schedule.num_train_timesteps, mu=0.0)
         self._set_levels(self.timesteps)
+
+    def _single_level(self, sigma: float) -> torch.Tensor:
+        """The timestep of the single-level chain's ``sigma``, which must be a level the model was trained at.
+
+        VP and flow models refuse a sigma outside their training levels (ValueError: the nearest training step
+        would be another noise level, or u >= 1); VE and EDM models warn (UserWarning), as the model is then
+        evaluated at a noise level it was not trained at.
+        """
+        schedule = self.noise_schedule
+        lo, hi = schedule.trained_sigma_range()
+        if not lo * (1 - 1e-3) <= sigma <= hi * (1 + 1e-3):
+            message = (
+                f"`sigma`={sigma:g} lies outside the noise levels this {schedule.family.upper()} model was trained "
+                f"at, [{lo:g}, {hi:g}]"
+            )
+            if schedule.family in ("vp", "flow"):
+                raise ValueError(message + ".")
+            warnings.warn(message + "; its predictions there are an extrapolation.", UserWarning, stacklevel=3)
+        return schedule.timestep_for_sigma(sigma)
 
     # ------------------------------------------------------------------ configuration
     @classmethod
     def from_config(
         cls, config: dict[str, Any] | None = None, return_unused_kwargs: bool = False, **kwargs: Any
     ) -> MMGibbsScheduler | tuple[MMGibbsScheduler, dict[str, Any]]:
-        """From the config of any supported scheduler; the noise family (and a missing prediction type) is
-        inferred from the source class, e.g. ``MMGibbsScheduler.from_config(pipe.scheduler.config,
-        covariance="isotropic", gibbs_sweeps=2)``."""
+        """From the config of any supported scheduler, e.g. ``MMGibbsScheduler.from_config(pipe.scheduler.config,
+        covariance="isotropic", gibbs_sweeps=2)``.
+
+        The source scheduler class (``_class_name``, or the class whose arguments the config holds) is kept as
+        ``source_scheduler``: its noise schedule and its layout of levels (``set_timesteps``) are used, and its
+        noise family and a missing prediction type inferred from it. Keys of the config that MMGibbs does not use
+        are kept (diffusers logs them). Explicit keyword arguments must be MMGibbs settings or options of the
+        source scheduler (which then override the config's): anything else, e.g. a misspelt ``covarience=``,
+        raises a TypeError naming it.
+        """
         config = dict(config or {})
-        if config.get("noise_family") is None:  # another scheduler's config
+        native = config.get("noise_family") is not None  # our own config, maybe through another scheduler's
+        if "source_scheduler" in kwargs:
+            source = kwargs["source_scheduler"]
+        else:
+            source = config.get("source_scheduler") if native else sources.identify_source(config)
+        sources.refuse_source(source)
+        ours = frozenset(inspect.signature(cls.__init__).parameters) - {"self"}
+        sources.check_keyword_arguments(kwargs, ours, source)
+        # options of the source passed as keywords: diffusers would drop them (not ours), they must reach the
+        # config that set_timesteps builds the source from, and count as given rather than as defaults
+        for key in [k for k in kwargs if k not in ours and not k.startswith("_")]:
+            config[key] = kwargs.pop(key)
+            if key in config.get("_use_default_values", []):
+                config["_use_default_values"] = [k for k in config["_use_default_values"] if k != key]
+        if not native:
             # diffusers drops the keys a source left at *its* defaults (`_use_default_values`), which would swap in
             # ours (e.g. DDPM's clip_sample=True, Euler's linspace spacing): keep the source's noise schedule whole
             config.pop("_use_default_values", None)
+            # a None there means the source's default; left out, it stays a default here too, so that a scheduler
+            # converted from this config is not handed an explicit None (EDM's sigma_min=None would crash it)
+            config = {k: v for k, v in config.items() if v is not None}
+            if source is not None:
+                kwargs.setdefault("source_scheduler", source)
             if "noise_family" not in kwargs:
-                kwargs["noise_family"] = infer_noise_family({**config, **kwargs})
+                kwargs["noise_family"] = infer_noise_family(
+                    {**config, **kwargs, "_class_name": source or config.get("_class_name")}
+                )
+            prediction = kwargs.get("prediction_type", config.get("prediction_type"))
+            if prediction in _PREDICTION_ALIASES:
+                kwargs["prediction_type"] = _PREDICTION_ALIASES[prediction]
+        sources.check_options(source, {**config, **kwargs})
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def __len__(self) -> int:
@@ -179,12 +292,6 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         """Use ``table`` (``mmgibbs.calibration.CovarianceTable``) for ``covariance="calibrated"``; it is state, not
         config: :meth:`save_pretrained` writes it next to the config and :meth:`from_pretrained` reads it back."""
         self.covariance_table = table
-
-    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
-        """The config, and the calibrated covariance table (``covariance_table.safetensors``) if one is set."""
-        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
-        if self.covariance_table is not None:
-            self.covariance_table.save(Path(save_directory) / TABLE_FILE)
 
     @classmethod
     def from_pretrained(
@@ -205,47 +312,137 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
                 scheduler.set_covariance_table(CovarianceTable.load(path))
         return loaded
 
+    # ------------------------------------------------------------------ the VP training schedule, as DDPM has it
+    def _vp_betas(self, name: str) -> torch.Tensor:
+        betas = self.noise_schedule.betas
+        if betas is None:  # AttributeError keeps hasattr() False for families without betas
+            raise AttributeError(
+                f"`{name}` exists for VP (beta) schedules only; this one is {self.config.noise_family!r}."
+            )
+        return betas
+
+    @property
+    def betas(self) -> torch.Tensor:
+        """The training betas (float32), exactly as diffusers' DDPMScheduler builds them (VP only)."""
+        return self._vp_betas("betas").clone()
+
+    @property
+    def alphas(self) -> torch.Tensor:
+        """1 - betas (float32, VP only)."""
+        return 1.0 - self._vp_betas("alphas")
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """The cumulative product of ``alphas`` (float32, as DDPMScheduler's; VP only)."""
+        return torch.cumprod(1.0 - self._vp_betas("alphas_cumprod"), dim=0)
+
     # ------------------------------------------------------------------ timesteps
     def set_timesteps(
         self,
         num_inference_steps: int | None = None,
         device: str | torch.device | None = None,
-        timesteps: list[float] | None = None,
+        timesteps: list[float] | torch.Tensor | None = None,
+        sigmas: list[float] | torch.Tensor | None = None,
         mu: float | None = None,
+        **kwargs: Any,
     ) -> None:
         """Lay out levels x ``gibbs_sweeps`` model calls and reset all state.
+
+        The levels are those the source scheduler (``source_scheduler``, see ``mmgibbs.sources``) lays out for
+        ``num_inference_steps``, with all its layout options; without a source, MMGibbs's own (DDPM's spacing for
+        VP, ScoreSdeVe's geometric VE levels, the Karras/exponential EDM ones, FlowMatchEuler's shifted ramp).
 
         Args:
             num_inference_steps: the number of noise levels (annealed) or of sweeps at ``sigma`` (single level);
                 either way every level is repeated ``gibbs_sweeps`` times.
             device: where ``timesteps`` live.
-            timesteps: custom descending levels instead of ``num_inference_steps`` (annealed only).
-            mu: resolution-dependent shift of flow models with ``use_dynamic_shifting``.
+            timesteps: custom levels, descending, as the model's timesteps (VP: training steps; flow: u * T with
+                u < 1; EDM: c_noise(sigma)), instead of ``num_inference_steps`` (annealed only).
+            sigmas: custom noise levels, descending, in the source scheduler's units (flow: u in (0, 1], as
+                FluxPipeline passes them, shifted like FlowMatchEuler shifts them; u = 1 is clamped to
+                1 - 1/T, the largest level with a finite sigma; VE/EDM: sigma), instead of ``num_inference_steps``.
+            mu: the resolution-dependent shift of flow models with ``use_dynamic_shifting`` (FluxPipeline, SD3);
+                ignored otherwise, as FlowMatchEuler ignores it.
         """
-        cfg = self.config
-        if (num_inference_steps is None) == (timesteps is None):
-            raise ValueError("Pass exactly one of `num_inference_steps` and `timesteps`.")
-        if timesteps is not None:
-            if cfg.schedule == "single_level":
-                raise ValueError("`timesteps` cannot be set for schedule='single_level'; use `sigma`.")
-            levels = torch.as_tensor(timesteps, dtype=torch.float64)
-            if torch.any(levels[1:] >= levels[:-1]):
-                raise ValueError("custom `timesteps` must be strictly descending.")
-        elif (
-            isinstance(num_inference_steps, bool)
-            or not isinstance(num_inference_steps, int)
-            or num_inference_steps < 1
-        ):
-            raise ValueError(f"`num_inference_steps` must be a positive integer; got {num_inference_steps!r}.")
-        elif cfg.schedule == "single_level":
-            levels = self.noise_schedule.timestep_for_sigma(cfg.sigma).reshape(1).repeat(num_inference_steps)
+        if kwargs:
+            if "original_inference_steps" in kwargs:
+                raise ValueError(
+                    "`original_inference_steps` is a LatentConsistencyModelPipeline argument: latent consistency "
+                    "models predict the end point of the probability-flow ODE, not the posterior mean that "
+                    "moment-matching Gibbs sampling needs, so MMGibbsScheduler cannot sample them. Use LCMScheduler "
+                    "with that pipeline, or MomentMatchingGibbsPipeline / a standard pipeline with a diffusion model."
+                )
+            raise TypeError(f"set_timesteps() got unexpected keyword argument(s): {', '.join(sorted(kwargs))}.")
+        cfg, schedule = self.config, self.noise_schedule
+        source = cfg.get("source_scheduler")
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("Pass at most one of `timesteps` and `sigmas`.")
+        custom_name = "timesteps" if timesteps is not None else "sigmas" if sigmas is not None else None
+        custom = timesteps if timesteps is not None else sigmas
+        if mu is not None and schedule.family != "flow":
+            raise ValueError(f"`mu` shifts flow-matching levels; this is a {schedule.family!r} model.")
+        if custom is None:
+            if (
+                isinstance(num_inference_steps, bool)
+                or not isinstance(num_inference_steps, int)
+                or num_inference_steps < 1
+            ):
+                raise ValueError(f"`num_inference_steps` must be a positive integer; got {num_inference_steps!r}.")
         else:
-            levels = self.noise_schedule.inference_timesteps(num_inference_steps, mu=mu)
+            if cfg.schedule == "single_level":
+                raise ValueError(f"`{custom_name}` cannot be set for schedule='single_level'; use `sigma`.")
+            if num_inference_steps is not None and num_inference_steps != len(custom):
+                raise ValueError(
+                    f"`num_inference_steps`={num_inference_steps} does not match the {len(custom)} `{custom_name}`."
+                )
+        if timesteps is not None:
+            levels = schedule.check_timesteps(timesteps, "timesteps")
+        elif sigmas is not None:
+            # VP sigmas only have a layout through the source (Euler's _sigma_to_t); flow sources shift them; EDM
+            # sources take a ramp, not noise levels, under that name: EDM/VE sigmas are laid out here
+            takes_sigmas = source is not None and sources.SOURCE_LAYOUTS[source] != "native"
+            if takes_sigmas and schedule.family == "flow":
+                takes_sigmas = "sigmas" in inspect.signature(getattr(diffusers, source).set_timesteps).parameters
+            takes_sigmas = takes_sigmas and schedule.family in ("vp", "flow")
+            if takes_sigmas:
+                values = _as_float64(sigmas, "sigmas")
+                if bool(torch.any(values <= 0)) or bool(torch.any(values[1:] >= values[:-1])):
+                    raise ValueError("`sigmas` must be positive noise levels, strictly descending.")
+                if schedule.family == "flow" and bool(torch.any(values > 1)):
+                    raise ValueError(f"`sigmas` of a flow model are u in (0, 1]; got {float(values.max()):g}.")
+                levels = self._source_levels(source, sigmas=values.tolist(), mu=mu)
+            else:
+                levels = schedule.timesteps_for_sigmas(sigmas, mu=mu)
+        elif cfg.schedule == "single_level":
+            levels = self._single_level(cfg.sigma).reshape(1).repeat(num_inference_steps)
+        elif source is not None and sources.SOURCE_LAYOUTS[source] != "native":
+            levels = self._source_levels(source, num_inference_steps=num_inference_steps, mu=mu)
+            if len(levels) != num_inference_steps:
+                logger.warning(
+                    f"{source} lays out {len(levels)} distinct levels for {num_inference_steps} steps (its rounded "
+                    "timesteps repeat); each is visited once per sweep."
+                )
+        else:
+            levels = schedule.inference_timesteps(num_inference_steps, mu=mu)
         self.num_inference_steps = len(levels)
         timesteps_all = levels.repeat_interleave(cfg.gibbs_sweeps)
-        dtype = torch.int64 if self.noise_schedule.family == "vp" else torch.float32
-        self.timesteps = timesteps_all.to(dtype).to(device)
+        integral = schedule.family == "vp" and bool(torch.all(levels == levels.round()))
+        self.timesteps = timesteps_all.to(torch.int64 if integral else torch.float32).to(device)
         self._set_levels(timesteps_all)
+
+    def _source_levels(self, source: str, **kwargs: Any) -> torch.Tensor:
+        """The source scheduler's levels, validated; flow levels at u = 1 (alpha = 0) clamped to u = 1 - 1/T."""
+        levels = sources.source_levels(source, self.config, **kwargs)
+        if self.noise_schedule.family == "flow":
+            n = self.noise_schedule.num_train_timesteps
+            levels = levels.clamp(max=n - 1)
+            keep = torch.ones(len(levels), dtype=torch.bool)
+            keep[1:] = levels[1:] != levels[:-1]
+            levels = levels[keep]
+        try:
+            return self.noise_schedule.check_timesteps(levels, f"timesteps laid out by {source}")
+        except ValueError as err:
+            raise ValueError(f"{err} ({source} with {sources.layout_options(source, self.config)})") from None
 
     def _set_levels(self, timesteps: torch.Tensor) -> None:
         alpha, s = self.noise_schedule.alpha_s(timesteps)
@@ -281,11 +478,24 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         if self._begin_index is not None:
             self._step_index = self._begin_index
             return
-        t = torch.as_tensor(timestep, dtype=torch.float64).to(self.timesteps.device)
+        t = self._one_timestep(timestep).to(self.timesteps.device)
         hits = (self.timesteps.double() == t).nonzero()
         if len(hits) == 0:
             raise ValueError(f"`timestep` {float(t)} is not in this scheduler's timesteps; call `set_timesteps`.")
         self._step_index = int(hits[0])
+
+    @staticmethod
+    def _one_timestep(timestep: torch.Tensor | float) -> torch.Tensor:
+        """The single level of a step's ``timestep``: a number, a 0-d tensor or a per-sample tensor of equal values."""
+        t = torch.as_tensor(timestep, dtype=torch.float64).flatten()
+        if t.numel() == 0:
+            raise ValueError("`timestep` is empty.")
+        if bool(torch.any(t != t[0])):
+            raise ValueError(
+                "`timestep` holds different per-sample values; every sample of a batch is at one noise level in "
+                f"this scheduler (got {t.unique().tolist()[:4]}...)."
+            )
+        return t[0]
 
     # ------------------------------------------------------------------ the model's frame
     def scale_model_input(self, sample: torch.Tensor, timestep: torch.Tensor | float | None = None) -> torch.Tensor:
@@ -299,8 +509,62 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
     def add_noise(
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor | float
     ) -> torch.Tensor:
-        """x_t = alpha_t x + s_t eps, in the model's frame."""
-        return self.noise_schedule.add_noise(original_samples, noise, torch.as_tensor(timesteps).cpu())
+        """x_t = alpha_t x + s_t eps, in the model's frame; ``timesteps`` is one value or one per sample."""
+        t = torch.as_tensor(timesteps).cpu()
+        if t.ndim > 1:
+            t = t.flatten()
+        if t.ndim == 1 and len(t) == 1:
+            t = t[0]
+        if t.ndim == 1 and len(t) != len(original_samples):
+            raise ValueError(
+                f"`timesteps` must be one value or one per sample; got {len(t)} for a batch of "
+                f"{len(original_samples)}."
+            )
+        if noise.shape != original_samples.shape:
+            raise ValueError(
+                f"`noise` must have the shape of `original_samples` {tuple(original_samples.shape)}; got "
+                f"{tuple(noise.shape)}."
+            )
+        return self.noise_schedule.add_noise(original_samples, noise, t)
+
+    # ------------------------------------------------------------------ loops MMGibbs does not run
+    _PREDICTOR_CORRECTOR = (
+        "ScoreSdeVePipeline runs a predictor-corrector loop (set_sigmas, step_correct, step_pred) that "
+        "MMGibbsScheduler does not implement: sample this model with "
+        "MomentMatchingGibbsPipeline(unet=pipe.unet, scheduler=pipe.scheduler), whose Gibbs sweeps take the "
+        "corrector's place (gibbs_sweeps), or with ScoreSdeVeScheduler."
+    )
+
+    def set_sigmas(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: only ScoreSdeVePipeline's predictor-corrector loop calls it (see the error)."""
+        raise ValueError(self._PREDICTOR_CORRECTOR)
+
+    def step_pred(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: ScoreSdeVe's predictor step (see :meth:`set_sigmas`)."""
+        raise ValueError(self._PREDICTOR_CORRECTOR)
+
+    def step_correct(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: ScoreSdeVe's Langevin corrector step (see :meth:`set_sigmas`)."""
+        raise ValueError(self._PREDICTOR_CORRECTOR)
+
+    # ------------------------------------------------------------------ saving for diffusers' pipeline loader
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """Save the config, a calibrated covariance table (``covariance_table.safetensors``) if one is set, and
+        ``mmgibbs_scheduler.py`` beside them for diffusers' pipeline loader.
+
+        diffusers 0.42 imports a pipeline component's library only if it is its own (diffusers, transformers)
+        or already imported; for any other code its convention is a file in the component's folder, named in
+        model_index.json and run with ``trust_remote_code=True``. This scheduler is recorded there as
+        ``["mmgibbs_scheduler", "MMGibbsScheduler"]`` and the file imports it from the installed package, so a
+        saved pipeline reloads in a fresh interpreter with
+        ``DiffusionPipeline.from_pretrained(path, trust_remote_code=True)``.
+        """
+        os.makedirs(save_directory, exist_ok=True)  # before the config, so that push_to_hub uploads the file too
+        with open(os.path.join(save_directory, LOADER_MODULE + ".py"), "w", encoding="utf-8") as handle:
+            handle.write(_LOADER_SOURCE)
+        if self.covariance_table is not None:  # state, not config: the calibrated covariances beside the config
+            self.covariance_table.save(Path(save_directory) / TABLE_FILE)
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     def level(self, step_index: int) -> tuple[float, float]:
         """``(alpha_t, s_t)`` of step ``step_index``; sigma = s_t / alpha_t."""
@@ -319,12 +583,11 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         """sigma = s_t / alpha_t of every step (levels x sweeps) in float64, for :func:`mmgibbs.gibbs.sample`."""
         return [level[1] for level in self._levels]
 
-    def _mean(self, model_output: torch.Tensor, x_t: torch.Tensor, step_index: int) -> torch.Tensor:
-        _, _, _, c_skip, c_out = self._levels[step_index]
-        return c_skip * x_t + c_out * model_output.to(x_t.dtype)
-
-    def denoiser(self, predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> LevelDenoiser:
-        """The kernel's denoiser ``(y, i) -> mu`` around ``predict(model_input, timestep) -> prediction``.
+    def denoiser(
+        self, predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], first_step: int = 0
+    ) -> LevelDenoiser:
+        """The kernel's denoiser ``(y, i) -> mu`` at step ``first_step + i``, around ``predict(model_input,
+        timestep) -> prediction``.
 
         x_t = alpha_t y; the network sees c_in x_t (:meth:`scale_model_input`) at ``timesteps[i]``; mu = c_skip x_t +
         c_out F(c_in x_t) (see ``mmgibbs.noise``). ``predict`` carries the conditioning, guidance and output
@@ -332,9 +595,8 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         """
 
         def mu(y: torch.Tensor, i: int) -> torch.Tensor:
-            alpha, _, c_in, _, _ = self._levels[i]
-            x_t = alpha * y
-            return self._mean(predict(c_in * x_t if c_in != 1.0 else x_t, self.timesteps[i]), x_t, i)
+            alpha, _, c_in, c_skip, c_out = self._levels[first_step + i]
+            return denoise_in_ve_frame(predict, y, self.timesteps[first_step + i], alpha, c_in, c_skip, c_out)
 
         return mu
 
@@ -357,6 +619,28 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         return self.config.clip_sample_range if self.config.clip_sample else None
 
     # ------------------------------------------------------------------ the Gibbs step
+    def _step_eta(self, kwargs: dict[str, Any]) -> float:
+        """The eta of this step: ``kwargs["eta"]`` (DDIMPipeline passes it) or the config's; other kwargs checked."""
+        kwargs = dict(kwargs)
+        eta = kwargs.pop("eta", None)
+        clipped = kwargs.pop("use_clipped_model_output", None)
+        if kwargs.pop("variance_noise", None) is not None:
+            raise ValueError("`variance_noise` is not supported: the draws come from `generator`.")
+        if kwargs:
+            raise TypeError(f"step() got unexpected keyword argument(s): {', '.join(sorted(kwargs))}.")
+        if clipped is False and self.config.clip_sample:
+            warnings.warn(
+                "use_clipped_model_output=False cannot be honoured with clip_sample=True: the transition derives "
+                "its noise from the clipped mean (DDIM's use_clipped_model_output=True).",
+                UserWarning,
+                stacklevel=3,
+            )
+        if eta is None:
+            return self.config.eta
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+            raise ValueError(f"`eta` must lie in [0, 1]; got {eta!r}.")
+        return float(eta)
+
     def step(
         self,
         model_output: torch.Tensor,
@@ -364,6 +648,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         sample: torch.Tensor,
         generator: Generator = None,
         return_dict: bool = True,
+        **kwargs: Any,
     ) -> MMGibbsSchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
         """One Gibbs sweep (``mmgibbs.gibbs``): x ~ N(mu, Sigma) at this level, then re-noise to the next step's.
 
@@ -372,11 +657,17 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
             timestep: the current timestep (steps are counted by index; this only seeds the first index).
             sample: x_t, the current model input (before ``scale_model_input``).
             generator: torch generator(s) for the draws.
-            return_dict: return a :class:`MMGibbsSchedulerOutput` rather than a tuple.
+            kwargs: what DDIM-style pipelines pass (``DDIMPipeline``): ``eta``, the ancestral transition's eta for
+                this step instead of the config's (the same meaning: 1 the DDPM posterior, 0 a DDIM step);
+                ``use_clipped_model_output``, accepted: the transition always re-derives the noise from the
+                clipped mean (DDIM's True); False is impossible with ``clip_sample`` and warns. They are keyword-only
+                (``**kwargs``), so pipelines that pass ``eta`` only to schedulers whose signature names it (Stable
+                Diffusion's ``prepare_extra_step_kwargs``, default eta 0) do not override the config's eta.
 
-        Only ``covariance="none"``, ``"isotropic"`` and ``"calibrated"`` (once a table is set) can be stepped from a
-        model output; the Jacobian covariances need the model itself (:class:`MomentMatchingGibbsPipeline`).
+        Only ``covariance="none"``, ``"isotropic(_batch)"`` and ``"calibrated"`` (once a table is set) can be stepped
+        from a model output; the Jacobian covariances need the model itself (:class:`MomentMatchingGibbsPipeline`).
         """
+        eta = self._step_eta(kwargs)
         cfg = self.config
         if cfg.covariance in JACOBIAN_COVARIANCES:
             raise ValueError(
@@ -391,8 +682,8 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
             raise IndexError("`step` called more often than there are timesteps; call `set_timesteps` again.")
         work = torch.float64 if sample.dtype == torch.float64 else torch.float32
         x_t = sample.to(work)
-        y, sigma = self.to_ve(x_t, i), self._levels[i][1]
-        mu = self._mean(model_output, x_t, i)
+        y, (_, sigma, *coefficients) = self.to_ve(x_t, i), self._levels[i]
+        mu = denoise_in_ve_frame(lambda *_: model_output, y, timestep, self._levels[i][0], *coefficients)
         calibration = None
         if cfg.covariance == "calibrated":
             if self.covariance_table is None:
@@ -416,7 +707,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
             sigma,
             None if last else self._levels[i + 1][1],
             transition=cfg.transition,
-            eta=cfg.eta,
+            eta=eta,
             final_output=cfg.final_output,
             clip_range=self._clip_range(),
             generator=generator,
@@ -427,3 +718,9 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return prev, mu
         return MMGibbsSchedulerOutput(prev_sample=prev, pred_original_sample=mu)
+
+
+# Once mmgibbs is imported, the loader module name resolves to this module, so that diffusers also accepts a
+# scheduler passed explicitly, e.g. DiffusionPipeline.from_pretrained(path, scheduler=MMGibbsScheduler...(...)),
+# where it imports the library model_index.json names to check the passed object's type.
+sys.modules.setdefault(LOADER_MODULE, sys.modules[__name__])

@@ -1,0 +1,124 @@
+"""What every model family gives the Gibbs kernel, and the pieces families share.
+
+A family adapts one kind of host pipeline (Stable Diffusion, SD3, Flux, ...). From the host's usual call arguments
+it prepares a :class:`Job`:
+
+* ``latents``: the first model-frame sample x_t (from the host's own ``prepare_latents``);
+* ``predict(model_input, timestep) -> F``: the network output in the scheduler's prediction type, with the
+  conditioning and classifier-free guidance (CFG) inside. Both CFG branches run in one batched call and are
+  combined as F_cfg = F_u + g (F_c - F_u). Every prediction type is affine in F with the branches' common
+  coefficients (mu = c_skip x_t + c_out F), so mu_cfg = mu_u + g (mu_c - mu_u): the guided denoiser is a denoiser
+  like any other, and its Jacobian products (diagonal, projection, full covariances) go through both branches;
+* ``finish(latents, output_type)``: decoding and post-processing with the host's VAE and image processor.
+
+The kernel never sees a prompt, a VAE or a packed latent: it sees ``(y, step) -> mu``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from diffusers.image_processor import VaeImageProcessor
+
+Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Job:
+    """One sampling run, prepared by a family for :func:`mmgibbs.gibbs.sample`.
+
+    Args:
+        latents: the model-frame sample x_t at step ``start``.
+        predict: ``(model_input, timestep) -> prediction`` (conditioning and guidance inside).
+        finish: ``(clean latents, output_type) -> images`` (decoding inside).
+        start: the first step of the schedule (img2img / inpainting start below pure noise).
+        known: ``(x_known, keep)`` for inpainting: clean latents and a mask, 1 where x_known is kept.
+        callback_name: the name under which callbacks receive the sample (``"latents"`` or ``"sample"``).
+    """
+
+    latents: torch.Tensor
+    predict: Predict
+    finish: Callable[[torch.Tensor, str], Any]
+    start: int = 0
+    known: tuple[torch.Tensor, torch.Tensor] | None = None
+    callback_name: str = "latents"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Family:
+    """One model family. Subclasses set the class attributes and implement :meth:`prepare`.
+
+    Attributes:
+        name: a human-readable family name, listed in errors.
+        hosts: the diffusers pipeline classes the family serves (``from_pipe`` accepts them).
+        model: the component that is the denoiser (``"unet"`` or ``"transformer"``).
+        model_classes: the class names that component may have.
+    """
+
+    name: ClassVar[str]
+    hosts: ClassVar[tuple[str, ...]]
+    model: ClassVar[str] = "unet"
+    model_classes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, host: Any):
+        self.host = host
+
+    @classmethod
+    def matches(cls, host_class: str | None, model: torch.nn.Module | None) -> bool:
+        if host_class is not None:
+            return host_class in cls.hosts
+        return model is not None and any(c.__name__ in cls.model_classes for c in type(model).__mro__)
+
+    def set_timesteps(self, scheduler: Any, num_inference_steps: int, device: Any, arguments: dict[str, Any]) -> None:
+        """Lay out the schedule before :meth:`prepare` (Flux overrides it: its shift depends on the image size)."""
+        scheduler.set_timesteps(num_inference_steps, device=device)
+
+    def prepare(self, scheduler: Any, **kwargs: Any) -> Job:
+        """The :class:`Job` for these call arguments (the host pipeline's own names and defaults)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared helpers
+    def default(self, name: str, value: Any) -> Any:
+        """``value``, or the host pipeline's own default for its call argument ``name``."""
+        if value is not None:
+            return value
+        parameter = inspect.signature(type(self.host).__call__).parameters.get(name)
+        return None if parameter is None else parameter.default
+
+
+def refuse_unused(family: str, **arguments: Any) -> None:
+    """A clear error for call arguments a family does not take (passed as anything but None)."""
+    passed = sorted(k for k, v in arguments.items() if v is not None)
+    if passed:
+        raise ValueError(f"{family} takes no {', '.join(f'`{k}`' for k in passed)}.")
+
+
+def guided(
+    call: Predict, guidance_scale: float | None, guidance_rescale: float = 0.0, cond_first: bool = False
+) -> Predict:
+    """Classifier-free guidance as part of the prediction: ``call`` sees the doubled batch [uncond, cond] (or
+    [cond, uncond] with ``cond_first``) and returns both branches; F = F_u + g (F_c - F_u), optionally rescaled
+    towards the conditional branch's std (Lin et al. 2023, diffusers' ``rescale_noise_cfg``). ``None``: no CFG."""
+    if guidance_scale is None:
+        return call
+
+    def predict(model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        first, second = call(torch.cat([model_input, model_input]), timestep).chunk(2)
+        cond, uncond = (first, second) if cond_first else (second, first)
+        out = uncond + guidance_scale * (cond - uncond)
+        if guidance_rescale > 0:
+            from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+            out = rescale_noise_cfg(out, cond, guidance_rescale=guidance_rescale)
+        return out
+
+    return predict
+
+
+def postprocess(images: torch.Tensor, output_type: str, processor: VaeImageProcessor | None = None) -> Any:
+    """Images in [-1, 1] (N, C, H, W) to ``output_type`` with diffusers' ``VaeImageProcessor``."""
+    return (processor or VaeImageProcessor()).postprocess(images, output_type=output_type)

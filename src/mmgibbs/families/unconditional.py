@@ -1,0 +1,77 @@
+"""Unconditional denoisers called as ``model(sample, timestep)``: pixel-space ``UNet2DModel`` (DDPM, DDIM, PNDM,
+ScoreSdeVe pipelines), latent ``UNet2DModel`` with a VQ decoder (``LDMPipeline``), and any diffusers model that
+declares its ``sample_shape`` (e.g. :class:`mmgibbs.GaussianMixtureDenoiser`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from .base import Family, Job, postprocess
+
+
+def sample_shape(model: torch.nn.Module) -> tuple[int, ...]:
+    """One sample's shape: the model's ``sample_shape`` or a UNet config's (in_channels, size, size)."""
+    shape = getattr(model, "sample_shape", None)
+    if shape is not None:
+        return tuple(shape)
+    config = model.config
+    size = config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return (config.in_channels, *size)
+
+
+def model_predict(model: torch.nn.Module) -> Any:
+    """``(model_input, t) -> model(model_input, t)`` in the model's dtype, unwrapping diffusers outputs."""
+
+    def predict(model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        out = model(model_input.to(model.dtype), timestep.expand(len(model_input)))
+        return out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+
+    return predict
+
+
+class Unconditional(Family):
+    name = "unconditional UNet2DModel (DDPM, DDIM, PNDM, ScoreSdeVe, LDM pipelines)"
+    hosts = ("DDPMPipeline", "DDIMPipeline", "PNDMPipeline", "ScoreSdeVePipeline", "LDMPipeline", "KarrasVePipeline")
+    model_classes = ("UNet2DModel", "GaussianMixtureDenoiser")
+
+    def __init__(self, host: Any, unet: torch.nn.Module, vqvae: torch.nn.Module | None = None):
+        super().__init__(host)
+        self.unet, self.vqvae = unet, vqvae
+
+    def prepare(
+        self,
+        scheduler: Any,
+        *,
+        batch_size: int = 1,
+        generator: Any = None,
+        latents: torch.Tensor | None = None,
+        x_init: torch.Tensor | None = None,
+        device: torch.device | None = None,
+    ) -> Job:
+        shape = (batch_size, *sample_shape(self.unet))
+        dtype = torch.float64 if self.unet.dtype == torch.float64 else torch.float32
+        if latents is not None:
+            sample = latents.to(device, dtype)
+        elif x_init is not None:
+            noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            sample = scheduler.add_noise(x_init.to(device, dtype), noise, scheduler.timesteps[:1].cpu())
+        else:
+            sample = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
+        if sample.shape != shape:
+            raise ValueError(f"The starting sample must have shape {shape}; got {tuple(sample.shape)}.")
+        return Job(latents=sample, predict=model_predict(self.unet), finish=self.finish, callback_name="sample")
+
+    def finish(self, sample: torch.Tensor, output_type: str) -> Any:
+        if output_type == "latent":
+            return sample
+        if self.vqvae is not None:
+            sample = self.vqvae.decode(sample.to(self.vqvae.dtype)).sample
+        if sample.ndim != 4:  # vectors and other non-image samples come back raw
+            if output_type == "pil":
+                raise ValueError(f"output_type='pil' needs image samples (N, C, H, W); got {tuple(sample.shape)}.")
+            return sample.cpu().numpy() if output_type == "np" else sample
+        return postprocess(sample.float() if sample.dtype != torch.float64 else sample, output_type)
