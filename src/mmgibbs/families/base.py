@@ -119,6 +119,23 @@ def guided(
     return predict
 
 
+def learned_variance(model: torch.nn.Module) -> int | None:
+    """C when ``model`` predicts a learned variance next to its prediction (``out_channels == 2 * in_channels``,
+    e.g. improved-DDPM, DiT, PixArt), else ``None``."""
+    config = getattr(model, "config", None)
+    channels = getattr(config, "in_channels", None)
+    out = getattr(config, "out_channels", None)
+    return channels if channels is not None and out == 2 * channels else None
+
+
+def drop_learned_variance(output: torch.Tensor, channels: int | None) -> torch.Tensor:
+    """The first ``channels`` output channels: the prediction (epsilon, x0 or v) without the learned variance.
+
+    The learned variance is not used: the Gibbs draw's covariance (isotropic, or the model's own Jacobian,
+    Sigma = sigma^2 d mu / d y) takes its place. ``channels=None`` returns ``output`` unchanged."""
+    return output if channels is None else output[:, :channels]
+
+
 def postprocess(images: torch.Tensor, output_type: str, processor: VaeImageProcessor | None = None) -> Any:
     """Images in [-1, 1] (N, C, H, W) to ``output_type`` with diffusers' ``VaeImageProcessor``."""
     return (processor or VaeImageProcessor()).postprocess(images, output_type=output_type)
