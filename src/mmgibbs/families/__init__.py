@@ -9,11 +9,12 @@ from __future__ import annotations
 import torch
 
 from .base import Family, Job, guided, postprocess
+from .dit import DiT
 from .stable_diffusion import StableDiffusion
 from .unconditional import Unconditional, model_predict, sample_shape
 
 #: every supported family, tried in order
-FAMILIES: tuple[type[Family], ...] = (Unconditional, StableDiffusion)
+FAMILIES: tuple[type[Family], ...] = (Unconditional, StableDiffusion, DiT)
 
 
 def supported() -> str:

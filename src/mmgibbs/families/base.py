@@ -73,6 +73,12 @@ class Family:
             return host_class in cls.hosts
         return model is not None and type(model).__name__ in cls.model_classes
 
+    @classmethod
+    def host_values(cls, pipeline: Any) -> dict[str, Any]:
+        """Host ``__init__`` values the host pipeline keeps outside its config (``from_pipe`` adds them to
+        ``host_config``; e.g. DiT's ``id2label``). Default: none."""
+        return {}
+
     def set_timesteps(self, scheduler: Any, num_inference_steps: int, device: Any, arguments: dict[str, Any]) -> None:
         """Lay out the schedule before :meth:`prepare` (Flux overrides it: its shift depends on the image size)."""
         scheduler.set_timesteps(num_inference_steps, device=device)
