@@ -10,11 +10,12 @@ import torch
 
 from .base import Family, Job, guided, postprocess
 from .dit import DiT
+from .pixart import PixArt
 from .stable_diffusion import StableDiffusion
 from .unconditional import Unconditional, model_predict, sample_shape
 
 #: every supported family, tried in order
-FAMILIES: tuple[type[Family], ...] = (Unconditional, StableDiffusion, DiT)
+FAMILIES: tuple[type[Family], ...] = (Unconditional, StableDiffusion, DiT, PixArt)
 
 
 def supported() -> str:
