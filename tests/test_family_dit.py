@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DiTPipeline
+from diffusers import DDIMScheduler, DiffusionPipeline, DiTPipeline
 from guided_gaussian import chain_law, exact_epsilon
 from tiny_dit import (
     DIT_SCHEDULER_CONFIG,
@@ -36,6 +36,18 @@ def test_from_pipe_shares_components_and_keeps_id2label() -> None:
     assert family.host.labels == host.labels  # id2label travelled through host_config
     assert family.label_ids(["goldfish", "great white shark", 7]) == [1, 3, 7]
     assert family.label_ids(torch.tensor([2, 4])) == [2, 4] and family.label_ids("tench") == [0]
+
+
+def test_dit_saves_and_loads_with_its_labels(dit_pipe, tmp_path) -> None:
+    """The saved folder keeps ``host_config`` (``id2label`` included) and loads with diffusers' own loader."""
+    dit_pipe.save_pretrained(tmp_path)
+    loaded = DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True)
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded, MomentMatchingGibbsPipeline)
+    assert loaded.config.host_config == dit_pipe.config.host_config
+    run = dict(class_labels=["goldfish"], num_inference_steps=2, output_type="latent")
+    expected = dit_pipe(generator=torch.Generator().manual_seed(0), **run).images
+    torch.testing.assert_close(loaded(generator=torch.Generator().manual_seed(0), **run).images, expected)
 
 
 @pytest.mark.parametrize("covariance", COVARIANCES)

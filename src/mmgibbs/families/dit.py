@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -56,14 +57,17 @@ class DiT(Family):
             ids = dict(zip(words, self.host.get_label_ids(words), strict=True))
             labels = [ids[label] if isinstance(label, str) else label for label in labels]
         num_classes = self.host.transformer.config.num_embeds_ada_norm
-        bad = [label for label in labels if isinstance(label, bool) or not isinstance(label, int)]
-        bad += [label for label in labels if isinstance(label, int) and not 0 <= label < num_classes]
+        bad = [
+            label
+            for label in labels
+            if isinstance(label, bool) or not isinstance(label, Integral) or not 0 <= label < num_classes
+        ]
         if bad:
             raise ValueError(
                 f"`class_labels` must be class ids in [0, {num_classes}) or words of the pipeline's `id2label`; "
                 f"got {bad}."
             )
-        return labels
+        return [int(label) for label in labels]
 
     def prepare(
         self,
@@ -75,6 +79,14 @@ class DiT(Family):
         latents: torch.Tensor | None = None,
         device: torch.device | None = None,
     ) -> Job:
+        """The chain for ``class_labels`` (one image each), DiT's call arguments and defaults.
+
+        Args:
+            class_labels: class ids, words of the host's ``id2label`` (``get_label_ids``), or a tensor of ids.
+            guidance_scale: g; above 1 the null class is the unconditional branch, F = F_u + g (F_c - F_u) on the
+                first C output channels (the host's default, 4).
+            generator, latents: the starting latents N(0, I) (shape (N, C, sample_size, sample_size)).
+        """
         model = self.host.transformer
         if class_labels is None:
             raise ValueError("DiT needs `class_labels`: class ids or words of the pipeline's `id2label`.")

@@ -66,6 +66,10 @@ class PixArt(Family):
         max_sequence_length: int | None = None,
         device: torch.device | None = None,
     ) -> Job:
+        """The chain for these prompts, with PixArt's call arguments and the host's defaults (``guidance_scale``
+        4.5, ``negative_prompt`` "", ``use_resolution_binning``, ``clean_caption``, ``max_sequence_length``).
+        Embeddings passed instead of prompts need their attention masks, as in the host; ``negative_prompt_embeds``
+        replace the default negative prompt."""
         host, model = self.host, self.host.transformer
         config = model.config
         height = height or config.sample_size * host.vae_scale_factor
