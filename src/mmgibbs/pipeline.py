@@ -184,8 +184,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             family_of(host)
             own = set(inspect.signature(type(pipeline).__init__).parameters) - set(COMPONENTS) - {"self", "scheduler"}
             host_config = {k: v for k, v in pipeline.config.items() if k in own}
-            if "add_watermarker" in own and hasattr(pipeline, "watermark"):  # SDXL keeps it out of its config
-                host_config["add_watermarker"] = pipeline.watermark is not None
+            host_config.update(family_of(host).host_values(pipeline))
         components = {k: v for k, v in pipeline.components.items() if k in COMPONENTS}
         components.update({k: kwargs.pop(k) for k in list(kwargs) if k in COMPONENTS})
         source = kwargs.pop("scheduler", pipeline.scheduler)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import torch
 
 from .base import Family, Job, guided, postprocess
+from .dit import DiT
+from .pixart import PixArt
 from .stable_diffusion import StableDiffusion
 from .stable_diffusion_xl import StableDiffusionXL
 from .unconditional import Unconditional, model_predict, sample_shape
 
 #: every supported family, tried in order
-FAMILIES: tuple[type[Family], ...] = (Unconditional, StableDiffusion, StableDiffusionXL)
+FAMILIES: tuple[type[Family], ...] = (Unconditional, StableDiffusion, StableDiffusionXL, DiT, PixArt)
 
 
 def supported() -> str:

@@ -73,6 +73,12 @@ class Family:
             return host_class in cls.hosts
         return model is not None and any(c.__name__ in cls.model_classes for c in type(model).__mro__)
 
+    @classmethod
+    def host_values(cls, pipeline: Any) -> dict[str, Any]:
+        """Host ``__init__`` values the host pipeline keeps outside its config (``from_pipe`` adds them to
+        ``host_config``; e.g. DiT's ``id2label``). Default: none."""
+        return {}
+
     def set_timesteps(self, scheduler: Any, num_inference_steps: int, device: Any, arguments: dict[str, Any]) -> None:
         """Lay out the schedule before :meth:`prepare` (Flux overrides it: its shift depends on the image size)."""
         scheduler.set_timesteps(num_inference_steps, device=device)
@@ -117,6 +123,23 @@ def guided(
         return out
 
     return predict
+
+
+def learned_variance(model: torch.nn.Module) -> int | None:
+    """C when ``model`` predicts a learned variance next to its prediction (``out_channels == 2 * in_channels``,
+    e.g. improved-DDPM, DiT, PixArt), else ``None``."""
+    config = getattr(model, "config", None)
+    channels = getattr(config, "in_channels", None)
+    out = getattr(config, "out_channels", None)
+    return channels if channels is not None and out == 2 * channels else None
+
+
+def drop_learned_variance(output: torch.Tensor, channels: int | None) -> torch.Tensor:
+    """The first ``channels`` output channels: the prediction (epsilon, x0 or v) without the learned variance.
+
+    The learned variance is not used: the Gibbs draw's covariance (isotropic, or the model's own Jacobian,
+    Sigma = sigma^2 d mu / d y) takes its place. ``channels=None`` returns ``output`` unchanged."""
+    return output if channels is None else output[:, :channels]
 
 
 def postprocess(images: torch.Tensor, output_type: str, processor: VaeImageProcessor | None = None) -> Any:

@@ -48,6 +48,11 @@ class StableDiffusionXL(StableDiffusion):
     model_classes = ()  # a bare UNet2DConditionModel is taken for SD 1.x/2.x; SDXL comes with its host
     mode_hosts: ClassVar[dict[str, str]] = dict(zip(MODES, hosts, strict=True))
 
+    @classmethod
+    def host_values(cls, pipeline: Any) -> dict[str, Any]:
+        """SDXL hosts keep ``add_watermarker`` out of their config; it shows as ``pipeline.watermark``."""
+        return {"add_watermarker": pipeline.watermark is not None} if hasattr(pipeline, "watermark") else {}
+
     def prepare(
         self,
         scheduler: Any,

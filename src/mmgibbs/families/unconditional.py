@@ -1,6 +1,10 @@
 """Unconditional denoisers called as ``model(sample, timestep)``: pixel-space ``UNet2DModel`` (DDPM, DDIM, PNDM,
 ScoreSdeVe pipelines), latent ``UNet2DModel`` with a VQ decoder (``LDMPipeline``), and any diffusers model that
-declares its ``sample_shape`` (e.g. :class:`mmgibbs.GaussianMixtureDenoiser`)."""
+declares its ``sample_shape`` (e.g. :class:`mmgibbs.GaussianMixtureDenoiser`).
+
+A ``UNet2DModel`` with ``out_channels == 2 * in_channels`` (learned variance, e.g. improved-DDPM checkpoints)
+predicts [F, v]: the chain uses F, the first C channels (epsilon, x0 or v). The learned variance v is not used: the
+moment-matched covariance (isotropic, or sigma^2 d mu / d y from the model's Jacobian) replaces it."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from typing import Any
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .base import Family, Job, postprocess
+from .base import Family, Job, drop_learned_variance, learned_variance, postprocess
 
 
 def sample_shape(model: torch.nn.Module) -> tuple[int, ...]:
@@ -24,11 +28,14 @@ def sample_shape(model: torch.nn.Module) -> tuple[int, ...]:
 
 
 def model_predict(model: torch.nn.Module) -> Any:
-    """``(model_input, t) -> model(model_input, t)`` in the model's dtype, unwrapping diffusers outputs."""
+    """``(model_input, t) -> model(model_input, t)`` in the model's dtype, unwrapping diffusers outputs and
+    dropping a learned variance (the last C of 2C output channels)."""
+    channels = learned_variance(model)
 
     def predict(model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         out = model(model_input.to(model.dtype), timestep.expand(len(model_input)))
-        return out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+        out = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+        return drop_learned_variance(out, channels)
 
     return predict
 
