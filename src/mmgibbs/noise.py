@@ -228,13 +228,17 @@ class NoiseSchedule:
             return torch.tensor(0.25 * math.log(sigma), dtype=torch.float64)
         return torch.tensor(sigma / (1.0 + sigma) * self.num_train_timesteps, dtype=torch.float64)
 
-    def inference_timesteps(self, num_levels: int, mu: float | None = None) -> torch.Tensor:
+    def inference_timesteps(
+        self, num_levels: int, mu: float | None = None, sigmas: list[float] | torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``num_levels`` noise levels from high to low, as the family's own scheduler lays them out.
 
         VP follows ``timestep_spacing`` exactly as DDPMScheduler does; VE is geometric from sigma_max to
         sigma_min (ScoreSdeVe); EDM uses the Karras (rho) or exponential schedule; flow uses FlowMatchEuler's
         shifted linear ramp, starting one training step below pure noise (alpha_t = 0 has no finite sigma).
-        ``mu`` is the resolution-dependent shift of flow models with ``use_dynamic_shifting``.
+        ``mu`` is the resolution-dependent shift of flow models with ``use_dynamic_shifting``; ``sigmas`` (flow
+        only) are custom unshifted levels u in (0, 1], as FluxPipeline passes them, shifted as FlowMatchEuler shifts
+        them, u = 1 (alpha = 0, no finite sigma) clamped to 1 - 1 / num_train_timesteps.
         """
         if num_levels < 1:
             raise ValueError(f"`num_inference_steps` must be a positive integer; got {num_levels}.")
@@ -267,6 +271,10 @@ class NoiseSchedule:
                 raise ValueError(f"`sigma_schedule` must be 'karras' or 'exponential'; got {self.sigma_schedule!r}.")
             return 0.25 * torch.log(sig)
         u = torch.linspace(1.0 - 1.0 / n_train, 1.0 / n_train, n, dtype=torch.float64)
+        if sigmas is not None:
+            u = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
+            if len(u) != n or bool(torch.any(u <= 0)) or bool(torch.any(u > 1)):
+                raise ValueError(f"`sigmas` of a flow model are {n} levels u in (0, 1]; got {u.tolist()}.")
         if self.use_dynamic_shifting:
             if mu is None:
                 raise ValueError("`mu` must be passed to `set_timesteps` when `use_dynamic_shifting` is True.")

@@ -145,7 +145,8 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         elif family == "vp":  # every training step, as DDPMScheduler starts
             self.timesteps = torch.arange(self.noise_schedule.num_train_timesteps).flip(0)
         else:
-            self.timesteps = self.noise_schedule.inference_timesteps(self.noise_schedule.num_train_timesteps)
+            # with dynamic shifting mu is not known before set_timesteps: the unshifted levels (mu = 0)
+            self.timesteps = self.noise_schedule.inference_timesteps(self.noise_schedule.num_train_timesteps, mu=0.0)
         self._set_levels(self.timesteps)
 
     # ------------------------------------------------------------------ configuration
@@ -175,6 +176,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         device: str | torch.device | None = None,
         timesteps: list[float] | None = None,
         mu: float | None = None,
+        sigmas: list[float] | torch.Tensor | None = None,
     ) -> None:
         """Lay out levels x ``gibbs_sweeps`` model calls and reset all state.
 
@@ -184,8 +186,14 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
             device: where ``timesteps`` live.
             timesteps: custom descending levels instead of ``num_inference_steps`` (annealed only).
             mu: resolution-dependent shift of flow models with ``use_dynamic_shifting``.
+            sigmas: (flow) custom unshifted levels u in (0, 1], as FluxPipeline passes them (see
+                :meth:`NoiseSchedule.inference_timesteps`).
         """
         cfg = self.config
+        if sigmas is not None:
+            if self.noise_schedule.family != "flow" or timesteps is not None or cfg.schedule == "single_level":
+                raise ValueError("`sigmas` are taken for annealed flow-matching schedules only, without `timesteps`.")
+            num_inference_steps = num_inference_steps or len(sigmas)
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("Pass exactly one of `num_inference_steps` and `timesteps`.")
         if timesteps is not None:
@@ -203,7 +211,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         elif cfg.schedule == "single_level":
             levels = self.noise_schedule.timestep_for_sigma(cfg.sigma).reshape(1).repeat(num_inference_steps)
         else:
-            levels = self.noise_schedule.inference_timesteps(num_inference_steps, mu=mu)
+            levels = self.noise_schedule.inference_timesteps(num_inference_steps, mu=mu, sigmas=sigmas)
         self.num_inference_steps = len(levels)
         timesteps_all = levels.repeat_interleave(cfg.gibbs_sweeps)
         dtype = torch.int64 if self.noise_schedule.family == "vp" else torch.float32
