@@ -9,11 +9,13 @@ from __future__ import annotations
 import torch
 
 from .base import Family, Job, guided, postprocess
+from .flux import Flux
+from .sd3 import StableDiffusion3
 from .stable_diffusion import StableDiffusion
 from .unconditional import Unconditional, model_predict, sample_shape
 
 #: every supported family, tried in order
-FAMILIES: tuple[type[Family], ...] = (Unconditional, StableDiffusion)
+FAMILIES: tuple[type[Family], ...] = (Unconditional, StableDiffusion, StableDiffusion3, Flux)
 
 
 def supported() -> str:
