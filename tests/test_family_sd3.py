@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import pytest
 import torch
@@ -111,6 +112,36 @@ def test_dynamic_shifting_takes_mu_from_the_image_size() -> None:
         reference = MMGibbsScheduler.from_config(pipe.scheduler.config)
         reference.set_timesteps(3, mu=expected)
         assert seen == pytest.approx(reference.timesteps.tolist(), rel=1e-6), (size, mu)
+
+
+@pytest.mark.skipif(
+    "source_scheduler" not in inspect.signature(MMGibbsScheduler.__init__).parameters,
+    reason="FlowMatchEuler's own level layout (its last level is shifted twice) comes with the conformance branch",
+)
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_the_transformer_sees_the_host_timesteps(dynamic) -> None:
+    """The levels are StableDiffusion3Pipeline's own (FlowMatchEuler's, mu from the image size when the config
+    shifts dynamically), the first, u = 1 (alpha = 0, no finite sigma), at u = 1 - 1/T."""
+    components = tiny_sd3_components()
+    if dynamic:
+        components["scheduler"] = FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=64, max_shift=1.2
+        )
+    host = StableDiffusion3Pipeline(**components)
+    host.set_progress_bar_config(disable=True)
+    seen: list[float] = []
+    handle = host.transformer.register_forward_hook(
+        lambda m, a, k, o: seen.append(float(k["timestep"][0])), with_kwargs=True
+    )
+    try:
+        host(PROMPTS[0], num_inference_steps=4, height=32, width=32, output_type="latent")
+        theirs = seen[:]
+        seen.clear()
+        pipe = MomentMatchingGibbsPipeline.from_pipe(host, covariance="none")
+        pipe(PROMPTS[0], num_inference_steps=4, height=32, width=32, output_type="latent")
+    finally:
+        handle.remove()
+    assert theirs[0] == 1000.0 and seen[0] == 999.0 and seen[1:] == pytest.approx(theirs[1:], rel=1e-6)
 
 
 def test_deterministic_and_per_image_generators(sd3_pipe, exact_sd3) -> None:
