@@ -10,13 +10,23 @@ import torch
 
 from .base import Family, Job, guided, postprocess
 from .dit import DiT
+from .flux import Flux
 from .pixart import PixArt
+from .sd3 import StableDiffusion3
 from .stable_diffusion import StableDiffusion
 from .stable_diffusion_xl import StableDiffusionXL
 from .unconditional import Unconditional, model_predict, sample_shape
 
 #: every supported family, tried in order
-FAMILIES: tuple[type[Family], ...] = (Unconditional, StableDiffusion, StableDiffusionXL, DiT, PixArt)
+FAMILIES: tuple[type[Family], ...] = (
+    Unconditional,
+    StableDiffusion,
+    StableDiffusionXL,
+    StableDiffusion3,
+    Flux,
+    DiT,
+    PixArt,
+)
 
 
 def supported() -> str:
