@@ -123,7 +123,8 @@ def test_schnell_has_no_guidance_input() -> None:
 def test_deterministic_and_per_image_generators(flux_pipe, exact_flux) -> None:
     """As for SD3: a generator fixes the images, and per-image generators make image 0 independent of the rest of
     the batch for `none`, `diagonal`, `projection` (in float64); `isotropic` too (its variance is per sample);
-    `isotropic_batch`'s one batch-wide variance estimate makes it depend on the batch (shown with the exact Gaussians)."""
+    `isotropic_batch`'s one batch-wide variance estimate makes it depend on the batch (shown with the exact
+    Gaussians)."""
     kwargs = {"covariance": "diagonal", "negative_prompt": "", "true_cfg_scale": 3.0}
     first, again = run(flux_pipe, PROMPTS, **kwargs).images, run(flux_pipe, PROMPTS, **kwargs).images
     other = run(flux_pipe, PROMPTS, seed=1, **kwargs).images

@@ -145,12 +145,12 @@ def test_the_transformer_sees_the_host_timesteps(dynamic) -> None:
 
 
 def test_deterministic_and_per_image_generators(sd3_pipe, exact_sd3) -> None:
-    """A generator fixes the images; with one generator per image, image 0 does not depend on the rest of the
-    batch for `none`, `diagonal`, `projection` and `isotropic` (per-sample draws, probes and variances, per-sample
-    attention). `isotropic_batch` shares one variance estimate over the batch (Analytic-DPM's expectation taken over
-    the batch), so there image 0 does depend on what else is in the batch (shown with the exact Gaussians, whose variance estimate is never
-    clamped to 0, as a random network's often is). Compared in float64: in float32 batched matmuls differ at
-    1e-7, which the diagonal draw's square root amplifies to 1e-4 over a CFG chain."""
+    """A generator fixes the images; with one generator per image, image 0 does not depend on the rest of the batch
+    for `none`, `diagonal`, `projection` and `isotropic` (per-sample draws, probes and variances, per-sample
+    attention). `isotropic_batch` shares one variance estimate over the batch (Analytic-DPM's expectation taken
+    over the batch), so there image 0 does depend on what else is in the batch (shown with the exact Gaussians,
+    whose variance estimate is never clamped to 0, as a random network's often is). Compared in float64: in float32
+    batched matmuls differ at 1e-7, which the diagonal draw's square root amplifies to 1e-4 over a CFG chain."""
     first = run(sd3_pipe, PROMPTS, covariance="diagonal", guidance_scale=5.0).images
     again = run(sd3_pipe, PROMPTS, covariance="diagonal", guidance_scale=5.0).images
     other = run(sd3_pipe, PROMPTS, seed=1, covariance="diagonal", guidance_scale=5.0).images
