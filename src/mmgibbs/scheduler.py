@@ -42,6 +42,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput, logging
 
 from . import sources
+from .checks import check_generator, check_tensor
 from .gibbs import FINAL_OUTPUTS, TRANSITIONS, LevelDenoiser, gibbs_step
 from .moments import COVARIANCES, JACOBIAN_COVARIANCES, JACOBIAN_MODES, Generator, moments_from_mean
 from .noise import (
@@ -457,7 +458,12 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
     @staticmethod
     def _one_timestep(timestep: torch.Tensor | float) -> torch.Tensor:
         """The single level of a step's ``timestep``: a number, a 0-d tensor or a per-sample tensor of equal values."""
-        t = torch.as_tensor(timestep, dtype=torch.float64).flatten()
+        try:
+            t = torch.as_tensor(timestep, dtype=torch.float64).flatten()
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(
+                f"`timestep` must be a number or a tensor; got {type(timestep).__name__}: {timestep!r}."
+            ) from None
         if t.numel() == 0:
             raise ValueError("`timestep` is empty.")
         if bool(torch.any(t != t[0])):
@@ -607,6 +613,35 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"`eta` must lie in [0, 1]; got {eta!r}.")
         return float(eta)
 
+    def _prediction_of(self, model_output: Any, sample: Any) -> torch.Tensor:
+        """``model_output`` checked against ``sample``: tensors of one shape, or, when the source config's
+        ``variance_type`` is learned (``"learned"``, ``"learned_range"``: improved-DDPM UNets), a 2C-channel output
+        [F, v] for a C-channel sample, of which the prediction F is kept, as DDPMScheduler splits it. The learned
+        variance v is not used: the moment-matched covariance (``covariance``) takes its place."""
+        check_tensor(model_output, "model_output")
+        check_tensor(sample, "sample", floating=True)
+        if model_output.shape == sample.shape:
+            return model_output
+        doubled = (
+            model_output.ndim == sample.ndim >= 2
+            and model_output.shape[1] == 2 * sample.shape[1]
+            and model_output.shape[0] == sample.shape[0]
+            and model_output.shape[2:] == sample.shape[2:]
+        )
+        if doubled:
+            if str(self.config.get("variance_type") or "").startswith("learned"):
+                return model_output[:, : sample.shape[1]]
+            raise ValueError(
+                f"`model_output` has {model_output.shape[1]} channels for a {sample.shape[1]}-channel `sample`: a "
+                "model with a learned variance? Build the scheduler from its own config (variance_type='learned' "
+                "or 'learned_range'), and the prediction, the first half of the channels, is used; otherwise pass "
+                "the prediction alone."
+            )
+        raise ValueError(
+            f"`model_output` has shape {tuple(model_output.shape)} but `sample` has shape {tuple(sample.shape)}: "
+            "the model's prediction must have the sample's shape (it is not broadcast)."
+        )
+
     def step(
         self,
         model_output: torch.Tensor,
@@ -619,10 +654,12 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         """One Gibbs sweep (``mmgibbs.gibbs``): x ~ N(mu, Sigma) at this level, then re-noise to the next step's.
 
         Args:
-            model_output: the model's prediction at ``sample`` (of the config's ``prediction_type``).
+            model_output: the model's prediction at ``sample`` (of the config's ``prediction_type``), of the
+                sample's shape; with a learned-variance config (``variance_type`` "learned"/"learned_range") a
+                2C-channel output for a C-channel sample is split, its first C channels are the prediction.
             timestep: the current timestep (steps are counted by index; this only seeds the first index).
             sample: x_t, the current model input (before ``scale_model_input``).
-            generator: torch generator(s) for the draws.
+            generator: a torch generator for the draws, or a list with one per sample.
             kwargs: what DDIM-style pipelines pass (``DDIMPipeline``): ``eta``, the ancestral transition's eta for
                 this step instead of the config's (the same meaning: 1 the DDPM posterior, 0 a DDIM step);
                 ``use_clipped_model_output``, accepted: the transition always re-derives the noise from the
@@ -634,6 +671,8 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         covariances need the model itself (:class:`MomentMatchingGibbsPipeline`).
         """
         eta = self._step_eta(kwargs)
+        model_output = self._prediction_of(model_output, sample)
+        check_generator(generator, len(sample))
         cfg = self.config
         if cfg.covariance in JACOBIAN_COVARIANCES:
             raise ValueError(

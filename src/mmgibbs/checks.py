@@ -1,0 +1,95 @@
+"""Argument checks shared by the scheduler and the pipeline: a bad input gets an error naming the argument where it
+was passed, instead of an AttributeError or a broadcast deep inside torch or diffusers.
+
+The conventions are diffusers' own wherever it has one: a list of generators has one generator per sample (its
+pipelines refuse other lengths), tensors are torch tensors (its pipelines call ``.to`` on ``latents``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+def check_generator(generator: Any, batch: int | None = None, argument: str = "generator") -> None:
+    """``generator`` is None, a ``torch.Generator`` or a list of them with one per sample (``batch`` of them).
+
+    diffusers' ``randn_tensor`` reads a one-element list as a single generator and ignores generators past the
+    batch; both would pass silently here, so any other length than ``batch`` is refused, as diffusers' pipelines
+    refuse it (``prepare_latents``).
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if not isinstance(generator, list):
+        raise TypeError(
+            f"`{argument}` must be a torch.Generator or a list of them (one per sample); got "
+            f"{type(generator).__name__}. Seed one with torch.Generator().manual_seed(seed)."
+        )
+    for i, item in enumerate(generator):
+        if not isinstance(item, torch.Generator):
+            raise TypeError(f"`{argument}[{i}]` must be a torch.Generator; got {type(item).__name__}.")
+    if batch is not None and len(generator) != batch:
+        raise ValueError(
+            f"{len(generator)} generators in `{argument}` for a batch of {batch}: pass one torch.Generator per "
+            "sample, or a single one for the whole batch."
+        )
+
+
+def check_tensor(value: Any, argument: str, *, floating: bool = False) -> torch.Tensor:
+    """``value`` as a torch tensor of real numbers, or a TypeError naming ``argument``.
+
+    numpy arrays are refused with the conversion to use (diffusers' pipelines do not take them either: they call
+    ``.to`` on tensors); complex and boolean tensors are refused; ``floating`` also refuses integer dtypes.
+    """
+    if not isinstance(value, torch.Tensor):
+        hint = " (convert it with torch.from_numpy)" if type(value).__module__ == "numpy" else ""
+        raise TypeError(f"`{argument}` must be a torch.Tensor; got {type(value).__name__}{hint}.")
+    if value.is_complex() or value.dtype == torch.bool or (floating and not value.is_floating_point()):
+        kind = "floating-point" if floating else "real-valued"
+        raise TypeError(f"`{argument}` must be a {kind} tensor; got {value.dtype}.")
+    return value
+
+
+def check_shape(value: torch.Tensor, expected: Sequence[int], argument: str, what: str = "") -> None:
+    """A ValueError naming ``argument`` when ``value`` does not have shape ``expected`` (``what`` says why)."""
+    if tuple(value.shape) != tuple(expected):
+        raise ValueError(
+            f"`{argument}` must have shape {tuple(expected)}{f' ({what})' if what else ''}; got {tuple(value.shape)}."
+        )
+
+
+def check_number(
+    value: Any,
+    argument: str,
+    *,
+    integer: bool = False,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+) -> None:
+    """A real (or integer) finite number in [low, high] (``low_open``: (low, high]); bools are not numbers here.
+
+    Raises a ValueError naming ``argument``; numpy scalars count as numbers.
+    """
+    kinds = (int,) if integer else (int, float)
+    ok = not isinstance(value, bool) and (
+        isinstance(value, kinds) or (type(value).__module__ == "numpy" and hasattr(value, "item"))
+    )
+    if ok and type(value).__module__ == "numpy":
+        value = value.item()
+        ok = not isinstance(value, bool) and isinstance(value, kinds)
+    if ok:
+        ok = math.isfinite(value)
+        ok = ok and (low is None or (value > low if low_open else value >= low))
+        ok = ok and (high is None or value <= high)
+    if not ok:
+        kind = "an integer" if integer else "a finite number"
+        bounds = ""
+        if low is not None and high is not None:
+            bounds = f" in {'(' if low_open else '['}{low:g}, {high:g}]"
+        elif low is not None:
+            bounds = f" {'>' if low_open else '>='} {low:g}"
+        raise ValueError(f"`{argument}` must be {kind}{bounds}; got {value!r}.")
