@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler
-from tiny_pipelines import tiny_unet2d
+from tiny_pipelines import tiny_stable_diffusion_pipeline, tiny_unet2d
 
-from mmgibbs import MMGibbsScheduler
+from mmgibbs import MMGibbsScheduler, MomentMatchingGibbsPipeline
 
 
 def _generator(seed: int = 0) -> torch.Generator:
@@ -115,3 +115,192 @@ def test_step_refuses_a_timestep_that_is_not_a_number(timestep) -> None:
     x = torch.zeros(2, 3)
     with pytest.raises(TypeError, match="`timestep` must be a number or a tensor"):
         scheduler.step(x, timestep, x)
+
+
+# ------------------------------------------------------------------------------------------ the pipeline
+@pytest.fixture(scope="module")
+def unconditional() -> MomentMatchingGibbsPipeline:
+    pipe = MomentMatchingGibbsPipeline(unet=tiny_unet2d(), scheduler=DDPMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def stable_diffusion() -> MomentMatchingGibbsPipeline:
+    pipe = MomentMatchingGibbsPipeline.from_pipe(tiny_stable_diffusion_pipeline())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _latent(pipe: MomentMatchingGibbsPipeline, **kwargs) -> torch.Tensor:
+    return pipe(**{"num_inference_steps": 1, "output_type": "latent", **kwargs}).images
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"latents": np.zeros((2, 1, 8, 8))}, TypeError, r"`latents` must be a torch.Tensor; got ndarray"),
+        ({"latents": [[0.0]]}, TypeError, r"`latents` must be a torch.Tensor; got list"),
+        ({"latents": torch.zeros(2, 1, 8, 8, dtype=torch.complex64)}, TypeError, r"`latents` must be a real"),
+        ({"latents": torch.zeros(2, 1, 4, 4), "batch_size": 2}, ValueError, r"`latents` must have shape \(2, 1, 8, 8"),
+        ({"latents": torch.zeros(3, 1, 8, 8), "batch_size": 2}, ValueError, r"`latents` must have shape \(2, 1, 8, 8"),
+        ({"latents": torch.zeros(1, 8, 8)}, ValueError, r"`latents` must have shape \(1, 1, 8, 8"),
+        ({"x_init": np.zeros((2, 1, 8, 8))}, TypeError, r"`x_init` must be a torch.Tensor; got ndarray"),
+        ({"x_init": torch.zeros(2, 1, 4, 4), "batch_size": 2}, ValueError, r"`x_init` must have shape \(2, 1, 8, 8"),
+        ({"x_init": torch.zeros(1, 1, 8, 8), "batch_size": 2}, ValueError, r"`x_init` must have shape \(2, 1, 8, 8"),
+        ({"x_init": torch.zeros(2, 1, 8, 8), "latents": torch.zeros(2, 1, 8, 8)}, ValueError, r"`x_init`.*`latents`"),
+    ],
+    ids=[
+        "latents-numpy",
+        "latents-list",
+        "latents-complex",
+        "latents-spatial",
+        "latents-batch",
+        "latents-3d",
+        "x_init-numpy",
+        "x_init-spatial",
+        "x_init-batch",
+        "x_init-and-latents",
+    ],
+)
+def test_unconditional_starting_points_of_the_wrong_type_or_shape(unconditional, kwargs, error, match) -> None:
+    """numpy arrays failed with AttributeError ('no attribute to'), complex latents ran silently, shape errors
+    named "the starting sample" or `noise`/`original_samples` (of add_noise), and `x_init` beside `latents` was
+    silently ignored."""
+    with pytest.raises(error, match=match):
+        _latent(unconditional, **kwargs)
+
+
+def test_unconditional_batch_follows_the_starting_tensor(unconditional) -> None:
+    """Without `batch_size`, `latents` or `x_init` of N samples give N samples (they were refused against the
+    default batch of 1)."""
+    assert _latent(unconditional, latents=torch.zeros(3, 1, 8, 8)).shape == (3, 1, 8, 8)
+    assert _latent(unconditional, x_init=torch.zeros(2, 1, 8, 8)).shape == (2, 1, 8, 8)
+
+
+@pytest.mark.parametrize(
+    ("generator", "kwargs", "error", "match"),
+    [
+        (0, {"batch_size": 2}, TypeError, r"`generator` must be a torch.Generator or a list"),
+        ((torch.Generator(), torch.Generator()), {"batch_size": 2}, TypeError, r"got tuple"),
+        ([torch.Generator(), "x"], {"batch_size": 2}, TypeError, r"`generator\[1\]` must be a torch.Generator"),
+        ([torch.Generator(), torch.Generator()], {}, ValueError, r"2 generators in `generator` for a batch of 1"),
+    ],
+    ids=["int", "tuple", "list-with-str", "list-without-batch-size"],
+)
+def test_unconditional_generators(unconditional, generator, kwargs, error, match) -> None:
+    """Non-generators failed inside diffusers' randn_tensor; two generators without `batch_size` drew one sample
+    from the first and ignored the second."""
+    with pytest.raises(error, match=match):
+        _latent(unconditional, generator=generator, **kwargs)
+
+
+def test_callbacks_that_are_not_callable_or_return_no_tensor(unconditional) -> None:
+    with pytest.raises(TypeError, match="`callback_on_step_end` must be callable; got str"):
+        _latent(unconditional, callback_on_step_end="print")
+    with pytest.raises(TypeError, match=r"`callback_on_step_end` returned a ndarray as 'latents'"):
+        _latent(unconditional, callback_on_step_end=lambda *_: {"latents": np.zeros((1, 1, 8, 8))})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"prompt": []}, r"`prompt` must be a string or a non-empty list of strings; got \[\]"),
+        ({"prompt": ["a", 2]}, r"`prompt` must be a string or a non-empty list of strings"),
+        ({"prompt": "a", "negative_prompt": [None]}, r"`negative_prompt` must be a string or a non-empty list"),
+        ({"num_images_per_prompt": 0}, r"`num_images_per_prompt` must be an integer >= 1; got 0"),
+        ({"num_images_per_prompt": 1.5}, r"`num_images_per_prompt` must be an integer >= 1; got 1.5"),
+        ({"height": -8}, r"`height` must be an integer >= 1; got -8"),
+        ({"width": "16"}, r"`width` must be an integer >= 1; got '16'"),
+        ({"guidance_scale": "7"}, r"`guidance_scale` must be a finite number; got '7'"),
+        ({"guidance_scale": float("nan")}, r"`guidance_scale` must be a finite number; got nan"),
+        ({"guidance_rescale": -1.0}, r"`guidance_rescale` must be a finite number in \[0, 1\]; got -1.0"),
+        ({"clip_skip": -1}, r"`clip_skip` must be an integer >= 0; got -1"),
+    ],
+    ids=[
+        "prompt-empty",
+        "prompt-int-item",
+        "negative-none-item",
+        "images-0",
+        "images-float",
+        "height-negative",
+        "width-str",
+        "guidance-str",
+        "guidance-nan",
+        "rescale-negative",
+        "clip-skip-negative",
+    ],
+)
+def test_text_to_image_scalars_and_prompts(stable_diffusion, kwargs, match) -> None:
+    """Each of these failed inside torch, diffusers or transformers ("cannot reshape tensor of 0 elements", "list
+    index out of range", "'>' not supported between 'str' and 'int'") or ran silently (NaN guidance, negative
+    rescale)."""
+    kwargs = {"prompt": "a cat", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        _latent(stable_diffusion, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"latents": torch.zeros(1, 4, 4, 4)}, ValueError, r"`latents` must have shape \(1, 4, 8, 8\)"),
+        ({"latents": torch.zeros(1, 4, 8, 8), "prompt": ["a", "b"]}, ValueError, r"shape \(2, 4, 8, 8\)"),
+        ({"latents": torch.zeros(1, 3, 8, 8)}, ValueError, r"`latents` must have shape \(1, 4, 8, 8\)"),
+        ({"latents": np.zeros((1, 4, 8, 8), np.float32)}, TypeError, r"`latents` must be a torch.Tensor"),
+        ({"generator": 0}, TypeError, r"`generator` must be a torch.Generator"),
+    ],
+    ids=["spatial", "batch", "channels", "numpy", "generator-int"],
+)
+def test_text_to_image_latents_and_generators(stable_diffusion, kwargs, error, match) -> None:
+    """Stable Diffusion's prepare_latents takes `latents` of any shape: 4x4 latents ran silently (8x8 images),
+    other shapes failed inside the UNet or the text cross-attention; numpy arrays and generator=0 failed with
+    AttributeError."""
+    kwargs = {"prompt": "a cat", **kwargs}
+    with pytest.raises(error, match=match):
+        _latent(stable_diffusion, **kwargs)
+
+
+def test_inpainting_latents_of_the_wrong_shape(stable_diffusion) -> None:
+    image, mask = torch.rand(1, 3, 16, 16, generator=_generator()), torch.ones(1, 1, 16, 16)
+    with pytest.raises(ValueError, match=r"`latents` must have shape \(1, 4, 8, 8\)"):
+        _latent(stable_diffusion, prompt="a", image=image, mask_image=mask, latents=torch.zeros(1, 4, 4, 4))
+
+
+def test_a_scheduler_that_is_not_a_scheduler() -> None:
+    with pytest.raises(TypeError, match="`scheduler` must be a diffusers scheduler"):
+        MomentMatchingGibbsPipeline(unet=tiny_unet2d(), scheduler={"num_train_timesteps": 1000})
+
+
+def _family(name: str) -> tuple[MomentMatchingGibbsPipeline, dict]:
+    if name == "sdxl":
+        from tiny_sdxl import tiny_sdxl_pipeline
+
+        return MomentMatchingGibbsPipeline.from_pipe(tiny_sdxl_pipeline()), {}
+    if name == "sd3":
+        from tiny_sd3 import tiny_sd3_pipeline
+
+        return MomentMatchingGibbsPipeline.from_pipe(tiny_sd3_pipeline()), {"height": 16, "width": 16}
+    if name == "flux":
+        from tiny_flux import tiny_flux_pipeline
+
+        return MomentMatchingGibbsPipeline.from_pipe(tiny_flux_pipeline()), {"height": 16, "width": 16}
+    from tiny_pixart import tiny_pixart_pipeline
+
+    return MomentMatchingGibbsPipeline.from_pipe(tiny_pixart_pipeline()), {
+        "clean_caption": False,
+        "use_resolution_binning": False,
+    }
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux", "pixart"])
+def test_every_text_to_image_family_checks_the_shape_of_latents(family: str) -> None:
+    """The hosts' prepare_latents return `latents` as passed: a smaller tensor ran silently at another size (SDXL,
+    SD3, PixArt) or failed inside the transformer's position ids (Flux)."""
+    pipe, size = _family(family)
+    pipe.set_progress_bar_config(disable=True)
+    good = pipe("a cat", num_inference_steps=1, output_type="latent", **size).images[:1]
+    bad = good[..., : good.shape[-1] // 2] if family == "flux" else good[..., :2, :2]
+    with pytest.raises(ValueError, match=rf"`latents` must have shape \({', '.join(map(str, good.shape))}\)"):
+        pipe("a cat", num_inference_steps=1, latents=bad.contiguous(), output_type="latent", **size)
+    with pytest.raises(ValueError, match=r"1 generators in `generator` for a batch of 2|length of the generators"):
+        pipe(["a", "b"], num_inference_steps=1, generator=[_generator()], output_type="latent", **size)

@@ -255,7 +255,7 @@ def test_bad_arguments_are_refused(unet_pipeline) -> None:
         unet_pipeline(batch_size=3, generator=[torch.Generator(), torch.Generator()])
     with pytest.raises(ValueError, match="`covariance` must be one of"):
         unet_pipeline(covariance="low_rank")
-    with pytest.raises(ValueError, match="starting sample must have shape"):
+    with pytest.raises(ValueError, match="`latents` must have shape"):
         unet_pipeline(batch_size=2, latents=torch.zeros(2, 1, 4, 4), num_inference_steps=1)
 
 

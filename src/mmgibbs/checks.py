@@ -93,3 +93,43 @@ def check_number(
         elif low is not None:
             bounds = f" {'>' if low_open else '>='} {low:g}"
         raise ValueError(f"`{argument}` must be {kind}{bounds}; got {value!r}.")
+
+
+def check_prompt(value: Any, argument: str) -> None:
+    """``value`` is None, a string or a non-empty list of strings (what diffusers' text encoders take)."""
+    if value is None or isinstance(value, str):
+        return
+    if not (isinstance(value, list) and value and all(isinstance(item, str) for item in value)):
+        raise ValueError(f"`{argument}` must be a string or a non-empty list of strings; got {value!r}.")
+
+
+#: host pipeline call arguments that are plain numbers, with their ranges (checked before any host method runs)
+HOST_NUMBERS: dict[str, dict[str, Any]] = {
+    "num_images_per_prompt": {"integer": True, "low": 1},
+    "height": {"integer": True, "low": 1},
+    "width": {"integer": True, "low": 1},
+    "guidance_scale": {},
+    "true_cfg_scale": {},
+    "guidance_rescale": {"low": 0.0, "high": 1.0},
+    "strength": {"low": 0.0, "high": 1.0},
+    "clip_skip": {"integer": True, "low": 0},
+    "max_sequence_length": {"integer": True, "low": 1},
+    "aesthetic_score": {},
+    "negative_aesthetic_score": {},
+}
+
+#: host pipeline call arguments that are prompts
+PROMPTS = ("prompt", "prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3")
+
+
+def check_host_arguments(arguments: dict[str, Any]) -> None:
+    """The host pipeline's numeric call arguments and prompts, each against its range (:data:`HOST_NUMBERS`),
+    naming the argument; None means the host's default. Host pipelines check only some of them, late (a zero
+    ``num_images_per_prompt`` fails inside the text encoder's reshape, a NaN ``guidance_scale`` runs)."""
+    for name, value in arguments.items():
+        if value is None:
+            continue
+        if name in HOST_NUMBERS:
+            check_number(value, name, **HOST_NUMBERS[name])
+        elif name in PROMPTS:
+            check_prompt(value, name)

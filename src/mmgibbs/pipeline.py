@@ -32,6 +32,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from . import gibbs
+from .checks import check_generator, check_host_arguments, check_tensor
 from .families import FAMILIES, Family, Unconditional, family_of
 from .scheduler import MMGibbsScheduler
 
@@ -138,6 +139,11 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         super().__init__()
         if scheduler is None:
             raise ValueError("`scheduler` is required: an MMGibbsScheduler or any diffusers scheduler to convert.")
+        if not isinstance(scheduler, SchedulerMixin) or not hasattr(scheduler, "config"):
+            raise TypeError(
+                f"`scheduler` must be a diffusers scheduler (an MMGibbsScheduler or one to convert); got "
+                f"{type(scheduler).__name__}. From a config dict: MMGibbsScheduler.from_config(config)."
+            )
         if not isinstance(scheduler, MMGibbsScheduler):
             scheduler = MMGibbsScheduler.from_config(scheduler.config)
         denoiser = unet if unet is not None else transformer
@@ -286,9 +292,13 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             batch_size: number of samples of an unconditional model.
             num_inference_steps: noise levels (annealed) or sweeps at ``sigma`` (single level).
             generator: torch generator(s) for the start, the draws and the Hutchinson probes; a list gives every
-                image its own stream (then image i does not depend on the rest of the batch).
-            latents: the first model input x_t itself (default: the host's ``prepare_latents``, N(0, I) scaled).
-            x_init: (unconditional) a clean starting point, re-noised to the first level.
+                image its own stream (then image i does not depend on the rest of the batch) and must have one
+                generator per image.
+            latents: the first model input x_t itself, a torch tensor of the shape the host's ``prepare_latents``
+                would draw (default: drawn there, N(0, I) scaled).
+            x_init: (unconditional) a clean starting point, re-noised to the first level; not with ``latents``.
+                Without ``batch_size`` an unconditional model draws as many samples as ``latents`` or ``x_init``
+                hold.
             covariance, num_probes, gibbs_sweeps, transition, eta, final_output, jacobian, variance_bound: override
                 the scheduler's settings for this call (see :class:`MMGibbsScheduler`).
             output_type: ``"pil"``, ``"np"`` (NHWC in [0, 1]), ``"pt"`` (NCHW in [0, 1]) or ``"latent"`` (raw
@@ -315,8 +325,13 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
         ):
             raise ValueError(f"`batch_size` must be a positive integer; got {batch_size!r}.")
-        if isinstance(generator, list) and batch_size is not None and len(generator) != batch_size:
-            raise ValueError(f"{len(generator)} generators were passed for `batch_size`={batch_size}.")
+        check_generator(generator, batch_size)
+        for name, value in (("latents", latents), ("x_init", x_init)):
+            if value is not None:
+                check_tensor(value, name)
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError(f"`callback_on_step_end` must be callable; got {type(callback_on_step_end).__name__}.")
+        check_host_arguments({"prompt": prompt, "negative_prompt": negative_prompt, **host_arguments})
 
         settings = dict(
             covariance=covariance,
@@ -344,6 +359,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         arguments = self._accepted(family, arguments)
         family.set_timesteps(scheduler, num_inference_steps, device, arguments)
         job = family.prepare(scheduler, device=device, **arguments)
+        check_generator(generator, len(job.latents))  # one per image, whatever the family's batch
 
         start = job.start
         aliases = {job.callback_name, "latents", "sample"}
@@ -360,9 +376,15 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
                 raise ValueError(
                     f"`callback_on_step_end` must return a dict (or None); got {type(returned).__name__}."
                 )
-            replaced = next((returned[k] for k in aliases if returned and k in returned), None)
+            key = next((k for k in aliases if returned and k in returned), None)
+            replaced = None if key is None else returned[key]
             if replaced is None:
                 return None
+            if not isinstance(replaced, torch.Tensor):
+                raise TypeError(
+                    f"`callback_on_step_end` returned a {type(replaced).__name__} as {key!r}; the sample it may "
+                    "replace is a torch.Tensor."
+                )
             if replaced.shape != sample.shape:
                 raise ValueError(
                     f"`callback_on_step_end` returned a sample of shape {tuple(replaced.shape)}; the sample has shape "

@@ -24,6 +24,8 @@ from typing import Any, ClassVar
 import torch
 from diffusers.image_processor import VaeImageProcessor
 
+from ..checks import check_shape
+
 Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -94,6 +96,21 @@ class Family:
             return value
         parameter = inspect.signature(type(self.host).__call__).parameters.get(name)
         return None if parameter is None else parameter.default
+
+
+def check_latents(
+    latents: torch.Tensor | None, batch: int, channels: int, height: Any, width: Any, factor: int, packed: bool = False
+) -> None:
+    """``latents`` passed to a host's ``prepare_latents`` have the shape it would draw: (batch, C, height / f,
+    width / f), or Flux's packed (batch, (height / 2f) (width / 2f), 4 C'), C = ``channels`` (the model's input
+    channels). Hosts take any shape there: a smaller one runs silently at another size, others fail inside the
+    network; this names ``latents`` and the shape instead."""
+    if latents is None:
+        return
+    h, w = int(height) // factor, int(width) // factor
+    shape = (batch, (h // 2) * (w // 2), channels) if packed else (batch, channels, h, w)
+    what = f"{batch} images of {height}x{width} pixels; pass `height`/`width` for another size"
+    check_shape(latents, shape, "latents", what)
 
 
 def refuse_unused(family: str, **arguments: Any) -> None:

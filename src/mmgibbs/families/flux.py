@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .base import Job, guided
+from .base import Job, check_latents, guided
 from .flow import FlowMatching
 
 
@@ -133,6 +133,8 @@ class Flux(FlowMatching):
                     f"{tuple(positive.shape)} (pass `negative_prompt_embeds` of the prompt's shape)."
                 )
             context, pooled_context = torch.cat([negative, positive]), torch.cat([negative_pooled, pooled])
+        channels = transformer.config.in_channels // 4
+        check_latents(latents, len(positive), 4 * channels, height, width, host.vae_scale_factor, packed=True)
         start, image_ids = host.prepare_latents(
             len(positive),
             transformer.config.in_channels // 4,

@@ -25,7 +25,7 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
 )
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
 
-from .base import Family, Job, drop_learned_variance, guided, learned_variance
+from .base import Family, Job, check_latents, drop_learned_variance, guided, learned_variance
 
 #: the hosts' aspect-ratio bins by the transformer's ``sample_size``
 ASPECT_RATIO_BINS: dict[str, dict[int, dict[str, list[float]]]] = {
@@ -115,6 +115,7 @@ class PixArt(Family):
             max_sequence_length=self.default("max_sequence_length", max_sequence_length),
         )
         batch = len(embeds)
+        check_latents(latents, batch, config.in_channels, height, width, host.vae_scale_factor)
         start = host.prepare_latents(
             batch, config.in_channels, height, width, embeds.dtype, device, generator, latents
         )

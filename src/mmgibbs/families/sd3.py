@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .base import Job, guided
+from .base import Job, check_latents, guided
 from .flow import FlowMatching
 
 
@@ -111,6 +111,7 @@ class StableDiffusion3(FlowMatching):
         )
         context = torch.cat([negative, positive]) if cfg else positive
         pooled_context = torch.cat([negative_pooled, pooled]) if cfg else pooled
+        check_latents(latents, len(positive), transformer.config.in_channels, height, width, host.vae_scale_factor)
         start = host.prepare_latents(
             len(positive), transformer.config.in_channels, height, width, positive.dtype, device, generator, latents
         )

@@ -48,7 +48,7 @@ from typing import Any, ClassVar
 import diffusers
 import torch
 
-from .base import Family, Job, Predict, guided, refuse_unused
+from .base import Family, Job, Predict, check_latents, guided, refuse_unused
 
 MODES = ("text", "img2img", "inpaint")
 
@@ -153,6 +153,7 @@ def image_start(
         x_t = host.prepare_latents(pixels, timestep, prompts, num_images_per_prompt, dtype, device, generator)
         return Start(latents=x_t, start=start)
     pixels = host.image_processor.preprocess(image, height=height, width=width).to(torch.float32)
+    check_latents(latents, batch, host.vae.config.latent_channels, height, width, host.vae_scale_factor)
     x_t, noise, image_latents = host.prepare_latents(
         batch,
         host.vae.config.latent_channels,
@@ -287,6 +288,7 @@ class StableDiffusion(Family):
             clip_skip=clip_skip,
         )
         if mode == "text":
+            check_latents(latents, len(positive), unet.config.in_channels, height, width, host.vae_scale_factor)
             x_t = host.prepare_latents(
                 len(positive), unet.config.in_channels, height, width, positive.dtype, device, generator, latents
             )

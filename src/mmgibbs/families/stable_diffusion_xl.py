@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import Job, guided
+from .base import Job, check_latents, guided
 from .stable_diffusion import (
     MODES,
     StableDiffusion,
@@ -126,6 +126,7 @@ class StableDiffusionXL(StableDiffusion):
         )
         batch, dtype = len(positive), positive.dtype
         if mode == "text":
+            check_latents(latents, batch, unet.config.in_channels, height, width, host.vae_scale_factor)
             x_t = host.prepare_latents(
                 batch, unet.config.in_channels, height, width, dtype, device, generator, latents
             )
