@@ -304,3 +304,47 @@ def test_every_text_to_image_family_checks_the_shape_of_latents(family: str) -> 
         pipe("a cat", num_inference_steps=1, latents=bad.contiguous(), output_type="latent", **size)
     with pytest.raises(ValueError, match=r"1 generators in `generator` for a batch of 2|length of the generators"):
         pipe(["a", "b"], num_inference_steps=1, generator=[_generator()], output_type="latent", **size)
+
+
+# ------------------------------------------------------------------------------------------ scheduler settings
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"eta": "x"}, r"`eta` must be a finite number in \[0, 1\]; got 'x'"),
+        ({"eta": None}, r"`eta` must be a finite number in \[0, 1\]; got None"),
+        ({"variance_bound": "1"}, r"`variance_bound` must be positive .*; got '1'"),
+        ({"variance_bound": float("nan")}, r"`variance_bound` must be positive .*; got nan"),
+        ({"schedule": "single_level", "sigma": "0.5"}, r"positive noise level `sigma` \(finite\); got '0.5'"),
+        ({"num_train_timesteps": 0}, r"`num_train_timesteps` must be an integer >= 1; got 0"),
+        ({"num_train_timesteps": -5}, r"`num_train_timesteps` must be an integer >= 1; got -5"),
+        ({"num_train_timesteps": 1.5}, r"`num_train_timesteps` must be an integer >= 1; got 1.5"),
+        ({"beta_start": -1.0}, r"betas .*\(0, 1\].*`beta_start`=-1"),
+        ({"beta_start": float("nan")}, r"betas .*\(0, 1\].*`beta_start`=nan"),
+        ({"beta_end": 2.0}, r"betas .*\(0, 1\].*`beta_end`=2"),
+        ({"trained_betas": [float("nan")] * 10}, r"`trained_betas` must lie in \(0, 1\]"),
+        ({"trained_betas": [-0.1] * 10}, r"`trained_betas` must lie in \(0, 1\]"),
+        ({"trained_betas": [1.5] * 10}, r"`trained_betas` must lie in \(0, 1\]"),
+    ],
+    ids=[
+        "eta-str",
+        "eta-none",
+        "bound-str",
+        "bound-nan",
+        "sigma-str",
+        "train-steps-0",
+        "train-steps-negative",
+        "train-steps-float",
+        "beta-start-negative",
+        "beta-start-nan",
+        "beta-end-2",
+        "trained-nan",
+        "trained-negative",
+        "trained-above-1",
+    ],
+)
+def test_scheduler_settings_of_the_wrong_type_or_range(kwargs: dict, match: str) -> None:
+    """Strings and None failed inside a comparison ("'<=' not supported between 'float' and 'str'"); zero
+    training steps fell back to 1000 and -5 failed inside torch.linspace; betas outside (0, 1] (negative,
+    NaN, above 1) built a schedule with NaN levels, silently."""
+    with pytest.raises(ValueError, match=match):
+        MMGibbsScheduler(**kwargs)

@@ -8,9 +8,11 @@ pipelines refuse other lengths), tensors are torch tensors (its pipelines call `
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -61,6 +63,11 @@ def check_shape(value: torch.Tensor, expected: Sequence[int], argument: str, wha
         )
 
 
+def is_real(value: Any) -> bool:
+    """A real number (numpy scalars included), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def check_number(
     value: Any,
     argument: str,
@@ -72,15 +79,9 @@ def check_number(
 ) -> None:
     """A real (or integer) finite number in [low, high] (``low_open``: (low, high]); bools are not numbers here.
 
-    Raises a ValueError naming ``argument``; numpy scalars count as numbers.
+    Raises a ValueError naming ``argument``; numpy scalars count as numbers, bools and strings do not.
     """
-    kinds = (int,) if integer else (int, float)
-    ok = not isinstance(value, bool) and (
-        isinstance(value, kinds) or (type(value).__module__ == "numpy" and hasattr(value, "item"))
-    )
-    if ok and type(value).__module__ == "numpy":
-        value = value.item()
-        ok = not isinstance(value, bool) and isinstance(value, kinds)
+    ok = is_real(value) and (not integer or isinstance(value, numbers.Integral))
     if ok:
         ok = math.isfinite(value)
         ok = ok and (low is None or (value > low if low_open else value >= low))

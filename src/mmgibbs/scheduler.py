@@ -42,7 +42,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput, logging
 
 from . import sources
-from .checks import check_generator, check_tensor
+from .checks import check_generator, check_number, check_tensor, is_real
 from .gibbs import FINAL_OUTPUTS, TRANSITIONS, LevelDenoiser, gibbs_step
 from .moments import COVARIANCES, JACOBIAN_COVARIANCES, JACOBIAN_MODES, Generator, moments_from_mean
 from .noise import (
@@ -172,12 +172,15 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         for name, value in (("gibbs_sweeps", gibbs_sweeps), ("num_probes", num_probes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
-        if schedule == "single_level" and (sigma is None or not (sigma > 0 and math.isfinite(sigma))):
+        if schedule == "single_level" and not (is_real(sigma) and sigma > 0 and math.isfinite(sigma)):
             raise ValueError(f"schedule='single_level' needs a positive noise level `sigma` (finite); got {sigma!r}.")
-        if not 0.0 <= eta <= 1.0:
-            raise ValueError(f"`eta` must lie in [0, 1]; got {eta!r}.")
-        if variance_bound is not None and not variance_bound > 0:
-            raise ValueError(f"`variance_bound` must be positive or None; got {variance_bound!r}.")
+        check_number(eta, "eta", low=0.0, high=1.0)
+        if variance_bound is not None and not (is_real(variance_bound) and variance_bound > 0):
+            raise ValueError(
+                f"`variance_bound` must be positive (a number, or None for no bound); got {variance_bound!r}."
+            )
+        if num_train_timesteps is not None:
+            check_number(num_train_timesteps, "num_train_timesteps", integer=True, low=1)
         sources.refuse_source(source_scheduler)
         family = noise_family or (
             infer_noise_family({"source_scheduler": source_scheduler}) if source_scheduler else "vp"
