@@ -6,6 +6,9 @@ ignored generator) or failed deep inside torch or diffusers with a message that 
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -348,3 +351,63 @@ def test_scheduler_settings_of_the_wrong_type_or_range(kwargs: dict, match: str)
     NaN, above 1) built a schedule with NaN levels, silently."""
     with pytest.raises(ValueError, match=match):
         MMGibbsScheduler(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------ the main job's flags
+DSM = Path(__file__).resolve().parents[1] / "examples" / "checkpoints" / "digits-dsm-sigma0.5"
+
+
+def _cli_error(argv: list[str], capsys) -> str:
+    """The argparse error of the main job's command line, raised while parsing (before any model is loaded)."""
+    import sample
+
+    with pytest.raises(SystemExit) as exit_info:
+        sample.parse_args(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--out", "{tmp}/missing/a.png"], r"--out .*: the folder .*missing does not exist"),
+        (["--out", "{tmp}"], r"--out .* is a folder; pass an image file name"),
+        (["--out", "{tmp}/grid"], r"--out .*: no extension is not an image format PIL writes"),
+        (["--out", "{tmp}/grid.txt"], r"--out .*: \.txt is not an image format PIL writes"),
+        (["--out", "{tmp}/file.txt/a.png"], r"--out .*: the folder .*file.txt does not exist"),
+        (["--out", "/proc/a.png"], r"--out /proc/a.png: cannot write to /proc"),
+        (["--model", "./missing"], r"--model './missing' is neither an existing folder nor a Hub id"),
+        (["--model", "a/b/c"], r"--model 'a/b/c' is neither an existing folder nor a Hub id"),
+        (["--model", ""], r"--model '' is neither an existing folder nor a Hub id"),
+        (["--model", "{tmp}"], r"--model .* has no model_index.json"),
+        (["--model", "{tmp}/file.txt"], r"--model .*file.txt is a file"),
+        (["--prompt", "a cat"], r"--prompt: .*digits-ddpm \(DDPMPipeline\) has no text encoder"),
+        (["--mode", "drop-in", "--covariance", "full"], r"--covariance full needs the model's Jacobian"),
+        (["--model", str(DSM), "--mode", "drop-in"], r"--mode drop-in .* is a MomentMatchingGibbsPipeline"),
+        (["--sigma", "1e6"], r"sampler settings do not fit .*`sigma`=1e\+06 lies outside the noise levels"),
+        (["--sigma", "-1"], r"argument --sigma: '-1' is not a finite number > 0"),
+        (["--sigma", "nan"], r"argument --sigma: 'nan' is not a finite number > 0"),
+        (["--steps", "0"], r"argument --steps: '0' is not a finite number >= 1"),
+        (["--batch-size", "-2"], r"argument --batch-size: '-2' is not a finite number >= 1"),
+        (["--gibbs-sweeps", "1.5"], r"argument --gibbs-sweeps: '1.5' is not an integer"),
+        (["--eta", "2"], r"argument --eta: '2' is not a finite number in \[0, 1\]"),
+        (["--num-probes", "2"], r"--num-probes sets the Hutchinson probes of --covariance diagonal, not isotropic"),
+        (["--transition", "gibbs", "--eta", "0.5"], r"--eta sets the ancestral transition's noise"),
+        (["--guidance-scale", "3"], r"--guidance-scale needs --prompt"),
+    ],
+    ids=lambda v: "_".join(a.strip("-").replace("{tmp}", "tmp") for a in v) if isinstance(v, list) else "",
+)
+def test_main_job_checks_its_command_line_before_loading_a_model(argv, match, tmp_path, capsys) -> None:
+    """Each of these used to load the model and sample first: a bad --out failed after sampling (in PIL's save),
+    a bad --model inside diffusers' loader (FileNotFoundError model_index.json), bad numbers and contradicting flags
+    in the first step or inside the scheduler, --sigma out of range after loading; --num-probes, --eta and
+    --guidance-scale without their setting were ignored."""
+    (tmp_path / "file.txt").write_text("not a model")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert re.search(match, _cli_error(argv, capsys))
+
+
+def test_main_job_asks_for_a_prompt_of_a_text_to_image_folder(tmp_path, capsys) -> None:
+    tiny_stable_diffusion_pipeline().save_pretrained(tmp_path / "sd")
+    message = _cli_error(["--model", str(tmp_path / "sd")], capsys)
+    assert "(StableDiffusionPipeline) is a text-to-image pipeline: pass --prompt" in message
