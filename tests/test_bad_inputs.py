@@ -411,3 +411,19 @@ def test_main_job_asks_for_a_prompt_of_a_text_to_image_folder(tmp_path, capsys) 
     tiny_stable_diffusion_pipeline().save_pretrained(tmp_path / "sd")
     message = _cli_error(["--model", str(tmp_path / "sd")], capsys)
     assert "(StableDiffusionPipeline) is a text-to-image pipeline: pass --prompt" in message
+
+
+def test_scheduler_add_noise_from_config_and_custom_timesteps_of_the_wrong_type() -> None:
+    """numpy samples failed in add_noise with AttributeError ('no attribute is_floating_point'), a non-dict config
+    with "'int' object is not iterable", and a nested list of timesteps was flattened silently."""
+    scheduler = MMGibbsScheduler()
+    scheduler.set_timesteps(3)
+    x = torch.zeros(2, 3)
+    with pytest.raises(TypeError, match=r"`original_samples` must be a torch\.Tensor; got ndarray"):
+        scheduler.add_noise(x.numpy(), x, scheduler.timesteps[:1])
+    with pytest.raises(TypeError, match=r"`noise` must be a torch\.Tensor; got list"):
+        scheduler.add_noise(x, [0.0], scheduler.timesteps[:1])
+    with pytest.raises(TypeError, match="`config` must be a scheduler config"):
+        MMGibbsScheduler.from_config(42)
+    with pytest.raises(ValueError, match=r"`timesteps` must be a 1-d sequence of numbers; got shape \(1, 2\)"):
+        scheduler.set_timesteps(timesteps=[[900, 500]])

@@ -150,9 +150,12 @@ def _as_float64(values: Any, argument: str) -> torch.Tensor:
     """A 1-d float64 tensor of custom levels; empty or non-finite values are refused naming ``argument``."""
     try:
         t = torch.as_tensor(values if not isinstance(values, torch.Tensor) else values.detach().cpu())
-        t = t.to(torch.float64).flatten()
+        t = t.to(torch.float64)
     except (TypeError, ValueError, RuntimeError) as err:
         raise ValueError(f"`{argument}` must be a sequence of numbers; got {values!r}.") from err
+    if t.ndim > 1:
+        raise ValueError(f"`{argument}` must be a 1-d sequence of numbers; got shape {tuple(t.shape)}.")
+    t = t.flatten()
     if t.numel() == 0:
         raise ValueError(f"`{argument}` is empty.")
     if not bool(torch.all(torch.isfinite(t))):

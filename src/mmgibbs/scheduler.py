@@ -31,7 +31,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -249,6 +249,11 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         source scheduler (which then override the config's): anything else, e.g. a misspelt ``covarience=``,
         raises a TypeError naming it.
         """
+        if config is not None and not isinstance(config, Mapping):
+            raise TypeError(
+                f"`config` must be a scheduler config (a dict such as `pipe.scheduler.config`); got "
+                f"{type(config).__name__}."
+            )
         config = dict(config or {})
         native = config.get("noise_family") is not None  # our own config, maybe through another scheduler's
         if "source_scheduler" in kwargs:
@@ -489,6 +494,8 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor | float
     ) -> torch.Tensor:
         """x_t = alpha_t x + s_t eps, in the model's frame; ``timesteps`` is one value or one per sample."""
+        check_tensor(original_samples, "original_samples")
+        check_tensor(noise, "noise")
         t = torch.as_tensor(timesteps).cpu()
         if t.ndim > 1:
             t = t.flatten()
