@@ -1,12 +1,22 @@
-"""Shared fixtures: examples/ and tests/ importable, float64 exact models."""
+"""Shared fixtures: examples/ and tests/ importable, float64 exact models; a private diffusers modules cache."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# Before diffusers is imported (it reads the variable once): custom-code loads (`trust_remote_code=True`) copy
+# mmgibbs_pipeline.py / mmgibbs_scheduler.py into HF_MODULES_CACHE/diffusers_modules/local/ and run them from
+# there; in the shared default cache a concurrent run rewriting those files made loads here fail (a SyntaxError on a
+# half-written file). Subprocesses of the tests inherit this session's cache.
+_MODULES_CACHE = tempfile.mkdtemp(prefix="mmgibbs-tests-hf-modules-")
+os.environ["HF_MODULES_CACHE"] = _MODULES_CACHE
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 for path in (ROOT / "examples", ROOT / "tests"):
@@ -32,3 +42,7 @@ FAMILY_CONFIGS = {
 def public(config) -> dict:
     """A config without diffusers' private bookkeeping keys (``_class_name``, ``_use_default_values``, ...)."""
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_MODULES_CACHE, ignore_errors=True)
