@@ -73,6 +73,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow  # a subprocess run of an example script end to end
 def test_distributed_job_gathers_each_process_slice(tmp_path) -> None:
     """Three processes, two samples: process k samples its slice with seed 5 + k, the main process gathers them in
     order; the third process gets none (fewer samples than processes) and the gather still works (it used to call
@@ -101,6 +102,7 @@ def test_distributed_job_gathers_each_process_slice(tmp_path) -> None:
     assert np.abs(gathered.astype(int) - expected.astype(int)).max() <= 1  # same slices, same seeds
 
 
+@pytest.mark.slow  # a subprocess run of an example script end to end
 def test_toy_demo_writes_its_table_and_figure(tmp_path) -> None:
     result = _run(
         [
@@ -129,6 +131,7 @@ def test_shipped_checkpoints_load() -> None:
     assert torch.isfinite(next(pipe.unet.parameters())).all()
 
 
+@pytest.mark.slow  # a subprocess run of an example script end to end
 def test_benchmark_quick_run_prints_measured_tables(tmp_path) -> None:
     """The benchmark's smoke mode end to end: cached results, the report and the sample grids."""
     out = tmp_path / "bench"
