@@ -47,7 +47,10 @@ class GibbsOutput:
         sample: the last draw x (or the last posterior mean, ``final_output="mean"``), in y's dtype.
         mean: the last posterior mean mu.
         num_forward, num_backward, num_jvp: batched model forward passes, backward passes (reverse-mode Jacobian
-            products) and forward-mode Jacobian-vector products, summed over all steps.
+            products) and forward-mode Jacobian-vector products, summed over all steps; one per Jacobian product
+            also when ``product_batch`` computes several in one vectorised pass.
+        num_product_passes: the passes that computed the Jacobian products (fewer than the products with
+            ``product_batch`` > 1; see :class:`mmgibbs.moments.DenoisingMoments`).
     """
 
     sample: torch.Tensor
@@ -55,6 +58,7 @@ class GibbsOutput:
     num_forward: int = 0
     num_backward: int = 0
     num_jvp: int = 0
+    num_product_passes: int = 0
 
 
 def kept_noise_share(sigma: float, sigma_next: float, transition: str = "ancestral", eta: float = 1.0) -> float:
@@ -116,6 +120,7 @@ def sample(
     jacobian: str = "auto",
     variance_bound: float | None = None,
     max_full_dim: int = DEFAULT_MAX_FULL_DIM,
+    product_batch: int = 1,
     transition: str = "ancestral",
     eta: float = 1.0,
     final_output: str = "sample",
@@ -131,7 +136,7 @@ def sample(
         denoiser: ``(y, i) -> mu`` at step i (``MMGibbsScheduler.denoiser`` builds it from a model).
         sigmas: the noise level of every step, a Python sequence of floats (levels x sweeps entries).
         y: the starting point in the frame of ``sigmas[0]``; the chain runs in its dtype (float32 or float64).
-        covariance, num_probes, jacobian, variance_bound, max_full_dim: how Sigma is estimated
+        covariance, num_probes, jacobian, variance_bound, max_full_dim, product_batch: how Sigma is estimated
             (:func:`mmgibbs.moments.denoising_moments`).
         transition, eta, final_output, clip_range, known: see :func:`gibbs_step`.
         generator: torch generator(s) for probes and draws; a list gives each sample its own stream.
@@ -139,7 +144,7 @@ def sample(
             last); a returned tensor replaces ``y_next``.
         progress: wraps the steps, e.g. a pipeline's ``progress_bar``.
     """
-    counts = {"num_forward": 0, "num_backward": 0, "num_jvp": 0}
+    counts = {"num_forward": 0, "num_backward": 0, "num_jvp": 0, "num_product_passes": 0}
     mu = y
     n = len(sigmas)
     for i in progress(range(n)):
@@ -154,6 +159,7 @@ def sample(
             jacobian=jacobian,
             variance_bound=variance_bound,
             max_full_dim=max_full_dim,
+            product_batch=product_batch,
         )
         for key in counts:
             counts[key] += getattr(moments, key)
