@@ -482,7 +482,8 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
             return sample
         if self._step_index is None:
             self._init_step_index(timestep)
-        return self.noise_schedule.model_input(sample, self.timesteps[self._step_index].cpu())
+        # c_in of this step from the per-step table of Python floats: no read of a device tensor in the loop
+        return sample * self._levels[self._step_index][2]
 
     def add_noise(
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor | float
