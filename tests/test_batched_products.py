@@ -169,3 +169,43 @@ def test_pipeline_with_guidance_batches_the_probes_of_the_guided_denoiser() -> N
     assert (out[4].num_forward, out[4].num_backward, out[4].num_product_passes) == (4, 16, 4)
     saved = MMGibbsScheduler.from_config(pipe.scheduler.config, product_batch=4)
     assert saved.config.product_batch == 4 and saved.gibbs_settings()["product_batch"] == 4
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux", "dit", "pixart"])
+def test_batched_probes_through_every_transformer_and_unet_family(family: str) -> None:
+    """torch.func's transforms run through every family's adapter with guidance (packed latents, ids, class labels,
+    attention masks): the batched probes give the sequential probes' latents, at a quarter of the product passes."""
+    from tiny_dit import tiny_dit_pipeline
+    from tiny_flux import tiny_flux_pipeline
+    from tiny_pixart import tiny_pixart_pipeline
+    from tiny_sd3 import tiny_sd3_pipeline
+    from tiny_sdxl import tiny_sdxl_pipeline
+
+    prompts = ["a red cat", "a blue dog"]
+    build, call = {
+        "sdxl": (tiny_sdxl_pipeline, {"prompt": prompts, "guidance_scale": 5.0}),
+        "sd3": (tiny_sd3_pipeline, {"prompt": prompts, "guidance_scale": 5.0}),
+        "flux": (tiny_flux_pipeline, {"prompt": prompts, "negative_prompt": "", "true_cfg_scale": 4.0, "height": 16}),
+        "dit": (tiny_dit_pipeline, {"class_labels": [1, 5], "guidance_scale": 4.0}),
+        "pixart": (
+            tiny_pixart_pipeline,
+            {"prompt": prompts, "guidance_scale": 4.0, "clean_caption": False, "use_resolution_binning": False},
+        ),
+    }[family]
+    pipe = MomentMatchingGibbsPipeline.from_pipe(build(), jacobian="reverse")
+    pipe.set_progress_bar_config(disable=True)
+    out = {
+        k: pipe(
+            **call,
+            covariance="diagonal",
+            num_probes=4,
+            product_batch=k,
+            num_inference_steps=2,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+        )
+        for k in (1, 4)
+    }
+    torch.testing.assert_close(out[4].images, out[1].images, rtol=1e-4, atol=1e-4)
+    assert out[1].num_backward == out[4].num_backward == 8
+    assert (out[1].num_product_passes, out[4].num_product_passes) == (8, 2)
