@@ -41,14 +41,12 @@ the sample after each step instead, which is the same re-noising as above).
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import diffusers
 import torch
 
-from .base import Family, Job, Predict, guided, refuse_unused
+from .base import Family, Job, Predict, guided, host_default, refuse_unused, sibling_host
 
 MODES = ("text", "img2img", "inpaint")
 
@@ -68,30 +66,6 @@ def mode_of(
     if strength is not None:
         raise ValueError("`strength` needs `image` (image-to-image or inpainting).")
     return "text"
-
-
-def sibling_host(host: Any, class_name: str) -> Any:
-    """A ``class_name`` diffusers pipeline over ``host``'s own components, scheduler and config (``host`` itself
-    when it is one); e.g. the inpainting host of a text-to-image pipeline."""
-    if type(host).__name__ == class_name:
-        return host
-    cls = getattr(diffusers, class_name)
-    takes = inspect.signature(cls.__init__).parameters
-    parts = {k: v for k, v in host.components.items() if k in takes}
-    parts.update({k: v for k, v in host.config.items() if k in takes and k not in parts and not k.startswith("_")})
-    if "add_watermarker" in takes and hasattr(host, "watermark"):  # SDXL: not in the config, only its effect is
-        parts["add_watermarker"] = host.watermark is not None
-    sibling = cls(**parts)
-    sibling.set_progress_bar_config(disable=True)
-    return sibling
-
-
-def host_default(host: Any, name: str, value: Any) -> Any:
-    """``value``, or ``host``'s own default for its call argument ``name``."""
-    if value is not None:
-        return value
-    parameter = inspect.signature(type(host).__call__).parameters.get(name)
-    return None if parameter is None else parameter.default
 
 
 def start_step(host: Any, scheduler: Any, strength: float, device: Any) -> int:
@@ -260,7 +234,7 @@ class StableDiffusion(Family):
         device: torch.device | None = None,
     ) -> Job:
         mode = mode_of(image, mask_image, masked_image_latents, strength)
-        host = sibling_host(self.host, self.mode_hosts[mode])
+        host = sibling_host(self.host, self.mode_hosts[mode], self.host_values(self.host))
         unet = host.unet
         guidance_scale = host_default(host, "guidance_scale", guidance_scale)
         guidance_rescale = host_default(host, "guidance_rescale", guidance_rescale) or 0.0
