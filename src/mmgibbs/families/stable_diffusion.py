@@ -26,12 +26,11 @@ kept and fresh noise as everywhere else, so y_K has exactly the marginal of the 
 Sweeps within a level (``gibbs_sweeps > 1``) play the role of RePaint's resampling with jump length one: they
 re-noise to the same level and draw again with x_K clamped, which is a Gibbs sampler on x_U given x_K.
 
-Replacing x_K in a draw from N(mu, Sigma) is exact Gaussian conditioning x_U | x_K only when Sigma has no
-cross-covariance between U and K: covariance ``"none"``, ``"isotropic"`` and ``"diagonal"`` (and
-``"exact_diagonal"``). For ``"full"`` (and the structured ``"projection"`` draw, sigma J z) it is not the
-conditional of the joint Gaussian, which would be N(mu_U + S_UK S_KK^-1 (x_K - mu_K), S_UU - S_UK S_KK^-1 S_KU)
-(a Schur complement); the sampler keeps x_U's marginal draw N(mu_U, S_UU) instead. The coupling still enters
-through mu(y), which sees the re-noised known region.
+The draw is conditioned on x_K = image exactly, by Matheron's rule (``mmgibbs.gibbs.condition_on_known``): for
+covariance ``"none"``, ``"isotropic"``, ``"diagonal"`` and ``"exact_diagonal"`` Sigma has no cross-covariance
+between U and K and this is the replacement x_K <- image; for ``"full"`` the unknown part moves too, x_U <- x_U +
+S_UK S_KK^-1 (image - x)_K, a draw of the joint Gaussian's conditional N(mu_U + S_UK S_KK^-1 (image - mu_K),
+S_UU - S_UK S_KK^-1 S_KU). The structured ``"projection"`` draw (sigma J z) holds no Sigma and is only replaced.
 
 Inpainting UNets with 9 input channels (``stable-diffusion-inpainting``) also get the host's extra input, the
 latent mask and the masked image's latents, concatenated to the model input inside the prediction, as the host
@@ -168,15 +167,6 @@ def image_start(
     return Start(latents=x_t, start=start, known=(image_latents, keep), channels=channels)
 
 
-def with_known(latents: torch.Tensor, known: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """The chain's result with the known region set to the image latents (the kernel clamps its draws; this also
-    covers ``final_output="mean"``, whose last posterior mean is close to, not equal to, the image there)."""
-    if known is None:
-        return latents
-    image_latents, keep = known
-    return torch.lerp(latents, image_latents.to(latents.dtype), keep.to(latents.dtype))
-
-
 def chain_dtype(latents: torch.Tensor) -> torch.Tensor:
     """The chain runs in float64 for float64 models, else float32 (half-precision latents are upcast)."""
     return latents.double() if latents.dtype == torch.float64 else latents.float()
@@ -288,9 +278,7 @@ class StableDiffusion(Family):
         return Job(
             latents=chain_dtype(begin.latents),
             predict=guided(call, guidance_scale if cfg else None, guidance_rescale),
-            finish=lambda z, output_type: self.decode(
-                host, with_known(z, begin.known), output_type, generator, positive.dtype
-            ),
+            finish=lambda z, output_type: self.decode(host, z, output_type, generator, positive.dtype),
             start=begin.start,
             known=begin.known,
         )

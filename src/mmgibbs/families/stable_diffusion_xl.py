@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from .base import Job, guided, host_default, sibling_host
-from .stable_diffusion import MODES, StableDiffusion, Start, chain_dtype, image_start, mode_of, unet_call, with_known
+from .stable_diffusion import MODES, StableDiffusion, Start, chain_dtype, image_start, mode_of, unet_call
 
 Size = tuple[int, int]
 
@@ -174,7 +174,7 @@ class StableDiffusionXL(StableDiffusion):
         return Job(
             latents=chain_dtype(begin.latents),
             predict=guided(call, guidance_scale if cfg else None, guidance_rescale),
-            finish=lambda z, output_type: self.decode_xl(host, with_known(z, begin.known), output_type),
+            finish=lambda z, output_type: self.decode_xl(host, z, output_type),
             start=begin.start,
             known=begin.known,
         )
