@@ -474,7 +474,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
             return sample
         if self._step_index is None:
             self._init_step_index(timestep)
-        return self.noise_schedule.model_input(sample, self.timesteps[self._step_index].cpu())
+        return sample * self._levels[self._step_index][2]  # c_in of this step, a Python float: no device sync
 
     def add_noise(
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor | float
