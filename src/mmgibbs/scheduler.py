@@ -482,8 +482,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
             return sample
         if self._step_index is None:
             self._init_step_index(timestep)
-        # c_in of this step from the per-step table of Python floats: no read of a device tensor in the loop
-        return sample * self._levels[self._step_index][2]
+        return sample * self._levels[self._step_index][2]  # c_in of this step, a Python float: no device sync
 
     def add_noise(
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor | float
