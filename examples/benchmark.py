@@ -3,6 +3,7 @@
     python examples/benchmark.py                      # everything (about 2-3 hours on 2 CPU cores)
     python examples/benchmark.py --section digits     # one section: digits | single-level | toy
     python examples/benchmark.py --quick              # a smoke run: 200 samples, 1 seed, few rows
+    python examples/benchmark.py --section speed      # speed and memory (speed.py; also --section families)
 
 Sections:
 
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import speed
 import torch
 from diffusers import (
     DDIMScheduler,
@@ -522,18 +524,26 @@ def save_grids(summaries: list[dict[str, Any]], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--section", choices=["all", "digits", "single-level", "toy"], default="all")
+    parser.add_argument("--section", choices=["all", "digits", "single-level", "toy", *speed.SECTIONS], default="all")
     parser.add_argument("--num-samples", type=int, default=2000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out-dir", type=Path, default=Path("benchmark_out"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="200 samples, one seed, a subset of rows")
     parser.add_argument("--force", action="store_true", help="recompute cached results")
+    speed.add_arguments(parser)
     args = parser.parse_args()
     if args.quick:
         args.num_samples, args.seeds = 200, args.seeds[:1]
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
+    if args.section in speed.SECTIONS:  # timing sections, with their own models (speed.py); not part of "all"
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        report = speed.SECTIONS[args.section](args)
+        print(report)
+        (args.out_dir / f"report_{args.section}.md").write_text(report)
+        print(f"({time.perf_counter() - start:.0f} s; report in {args.out_dir})")
+        return
     bench = Bench(args)
     print(
         f"# MMGibbs benchmark\n\ntorch {torch.__version__}, {args.threads} threads, {args.num_samples} samples, "

@@ -62,6 +62,7 @@ GIBBS_SETTINGS = (
     "eta",
     "final_output",
     "jacobian",
+    "product_batch",
     "variance_bound",
 )
 #: what a saved folder needs so that ``DiffusionPipeline.from_pretrained`` finds this class (diffusers' custom
@@ -87,11 +88,14 @@ class MomentMatchingGibbsPipelineOutput(ImagePipelineOutput):
         num_forward: batched model forward passes.
         num_backward: batched backward passes (reverse-mode Jacobian products).
         num_jvp: batched forward-mode Jacobian-vector products.
+        num_product_passes: the model passes that computed the Jacobian products (one per product, or one per
+            batch of ``product_batch`` products).
     """
 
     num_forward: int = 0
     num_backward: int = 0
     num_jvp: int = 0
+    num_product_passes: int = 0
 
 
 class MomentMatchingGibbsPipeline(DiffusionPipeline):
@@ -278,6 +282,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         eta: float | None = None,
         final_output: str | None = None,
         jacobian: str | None = None,
+        product_batch: int | None = None,
         variance_bound: float | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -299,8 +304,8 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             x_init: (unconditional) a clean starting point, re-noised to the first level; not with ``latents``.
                 Without ``batch_size`` an unconditional model draws as many samples as ``latents`` or ``x_init``
                 hold.
-            covariance, num_probes, gibbs_sweeps, transition, eta, final_output, jacobian, variance_bound: override
-                the scheduler's settings for this call (see :class:`MMGibbsScheduler`).
+            covariance, num_probes, gibbs_sweeps, transition, eta, final_output, jacobian, product_batch,
+                variance_bound: override the scheduler's settings for this call (see :class:`MMGibbsScheduler`).
             output_type: ``"pil"``, ``"np"`` (NHWC in [0, 1]), ``"pt"`` (NCHW in [0, 1]) or ``"latent"`` (raw
                 samples or latents); non-image samples accept ``"pt"``/``"np"``/``"latent"``, raw.
             return_dict: return a :class:`MomentMatchingGibbsPipelineOutput` rather than a tuple.
@@ -341,6 +346,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             eta=eta,
             final_output=final_output,
             jacobian=jacobian,
+            product_batch=product_batch,
             variance_bound=variance_bound,
         )
         overrides = {k: v for k, v in settings.items() if v is not None}
@@ -404,7 +410,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         )
         images = job.finish(result.sample, output_type)
         self.maybe_free_model_hooks()
-        counts = {k: getattr(result, k) for k in ("num_forward", "num_backward", "num_jvp")}
+        counts = {k: getattr(result, k) for k in ("num_forward", "num_backward", "num_jvp", "num_product_passes")}
         if not return_dict:
             return (images,)
         return MomentMatchingGibbsPipelineOutput(images=images, **counts)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import diffusers
 import torch
 from diffusers.image_processor import VaeImageProcessor
 
@@ -92,10 +93,31 @@ class Family:
     # ------------------------------------------------------------------ shared helpers
     def default(self, name: str, value: Any) -> Any:
         """``value``, or the host pipeline's own default for its call argument ``name``."""
-        if value is not None:
-            return value
-        parameter = inspect.signature(type(self.host).__call__).parameters.get(name)
-        return None if parameter is None else parameter.default
+        return host_default(self.host, name, value)
+
+
+def sibling_host(host: Any, class_name: str, values: dict[str, Any] | None = None) -> Any:
+    """A ``class_name`` diffusers pipeline over ``host``'s own components, scheduler and config (``host`` itself
+    when it is one), e.g. the inpainting host of a text-to-image pipeline; ``values``: what the host keeps
+    outside its config (:meth:`Family.host_values`)."""
+    if type(host).__name__ == class_name:
+        return host
+    cls = getattr(diffusers, class_name)
+    takes = inspect.signature(cls.__init__).parameters
+    parts = {k: v for k, v in host.components.items() if k in takes}
+    parts.update({k: v for k, v in host.config.items() if k in takes and k not in parts and not k.startswith("_")})
+    parts.update({k: v for k, v in (values or {}).items() if k in takes})
+    sibling = cls(**parts)
+    sibling.set_progress_bar_config(disable=True)
+    return sibling
+
+
+def host_default(host: Any, name: str, value: Any) -> Any:
+    """``value``, or ``host``'s own default for its call argument ``name``."""
+    if value is not None:
+        return value
+    parameter = inspect.signature(type(host).__call__).parameters.get(name)
+    return None if parameter is None else parameter.default
 
 
 def check_latents(

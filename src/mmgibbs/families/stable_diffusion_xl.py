@@ -25,19 +25,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import Job, check_latents, guided
-from .stable_diffusion import (
-    MODES,
-    StableDiffusion,
-    Start,
-    chain_dtype,
-    host_default,
-    image_start,
-    mode_of,
-    sibling_host,
-    unet_call,
-    with_known,
-)
+from .base import Job, check_latents, guided, host_default, sibling_host
+from .stable_diffusion import MODES, StableDiffusion, Start, chain_dtype, image_start, mode_of, unet_call
 
 Size = tuple[int, int]
 
@@ -88,7 +77,7 @@ class StableDiffusionXL(StableDiffusion):
         device: torch.device | None = None,
     ) -> Job:
         mode = mode_of(image, mask_image, masked_image_latents, strength)
-        host = sibling_host(self.host, self.mode_hosts[mode])
+        host = sibling_host(self.host, self.mode_hosts[mode], self.host_values(self.host))
         unet = host.unet
         if mode == "text" and (aesthetic_score is not None or negative_aesthetic_score is not None):
             raise ValueError("`aesthetic_score` conditions image-to-image and inpainting only (pass `image`).")
@@ -186,7 +175,7 @@ class StableDiffusionXL(StableDiffusion):
         return Job(
             latents=chain_dtype(begin.latents),
             predict=guided(call, guidance_scale if cfg else None, guidance_rescale),
-            finish=lambda z, output_type: self.decode_xl(host, with_known(z, begin.known), output_type),
+            finish=lambda z, output_type: self.decode_xl(host, z, output_type),
             start=begin.start,
             known=begin.known,
         )
