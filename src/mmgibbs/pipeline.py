@@ -148,8 +148,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
                 f"`scheduler` must be a diffusers scheduler (an MMGibbsScheduler or one to convert); got "
                 f"{type(scheduler).__name__}. From a config dict: MMGibbsScheduler.from_config(config)."
             )
-        if not isinstance(scheduler, MMGibbsScheduler):
-            scheduler = MMGibbsScheduler.from_config(scheduler.config)
+        scheduler = MMGibbsScheduler.from_scheduler(scheduler)
         denoiser = unet if unet is not None else transformer
         if denoiser is None:
             raise ValueError("Pass the denoiser as `unet` (UNet families) or `transformer` (DiT, SD3, Flux, PixArt).")
@@ -204,8 +203,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
                 f"from_pipe got unknown arguments {unknown}: pass components ({', '.join(COMPONENTS)}, scheduler) "
                 f"or Gibbs settings ({', '.join(GIBBS_SETTINGS)}, ...)."
             )
-        if not isinstance(source, MMGibbsScheduler) or kwargs:
-            source = MMGibbsScheduler.from_config(source.config, **kwargs)
+        source = MMGibbsScheduler.from_scheduler(source, **kwargs)
         new = cls(**components, scheduler=source, host_pipeline=host, host_config=host_config)
         new.set_progress_bar_config(**getattr(pipeline, "_progress_bar_config", {}))
         return new

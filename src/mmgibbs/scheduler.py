@@ -244,6 +244,15 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
 
     # ------------------------------------------------------------------ configuration
     @classmethod
+    def from_scheduler(cls, scheduler: SchedulerMixin, **settings: Any) -> MMGibbsScheduler:
+        """From a live diffusers scheduler, e.g. ``pipe.scheduler = MMGibbsScheduler.from_scheduler(pipe.scheduler,
+        covariance="isotropic")``: its config and its class (a config built in Python names no class, and some
+        configs fit several schedulers whose levels differ). An MMGibbsScheduler without settings comes back as is."""
+        if isinstance(scheduler, MMGibbsScheduler):
+            return cls.from_config(scheduler.config, **settings) if settings else scheduler
+        return cls.from_config({**scheduler.config, "_class_name": type(scheduler).__name__}, **settings)
+
+    @classmethod
     def from_config(
         cls, config: dict[str, Any] | None = None, return_unused_kwargs: bool = False, **kwargs: Any
     ) -> MMGibbsScheduler | tuple[MMGibbsScheduler, dict[str, Any]]:
