@@ -3,6 +3,7 @@
     python examples/benchmark.py                      # everything (about 2-3 hours on 2 CPU cores)
     python examples/benchmark.py --section digits     # one section: digits | single-level | toy | image-mixture
     python examples/benchmark.py --quick              # a smoke run: 200 samples, 1 seed, few rows
+    python examples/benchmark.py --section speed      # speed and memory (speed.py; also --section families)
 
 Sections:
 
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import speed
 import torch
 from diffusers import (
     DDIMScheduler,
@@ -606,7 +608,9 @@ def save_grids(summaries: list[dict[str, Any]], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--section", choices=["all", "digits", "single-level", "toy", "image-mixture"], default="all")
+    parser.add_argument(
+        "--section", choices=["all", "digits", "single-level", "toy", "image-mixture", *speed.SECTIONS], default="all"
+    )
     parser.add_argument("--num-samples", type=int, default=2000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out-dir", type=Path, default=Path("benchmark_out"))
@@ -616,6 +620,7 @@ def main() -> None:
     parser.add_argument(
         "--only", nargs="+", default=None, help="digits/single-level: only the rows whose name contains one of these"
     )
+    speed.add_arguments(parser)
     args = parser.parse_args()
     if args.quick:
         args.num_samples, args.seeds = 200, args.seeds[:1]
@@ -628,6 +633,13 @@ def main() -> None:
         report = image_mixture.section(n, args.seeds, args.out_dir, args.force, args.quick)
         print(report)
         (args.out_dir / "report_image-mixture.md").write_text(report)
+        print(f"({time.perf_counter() - start:.0f} s; report in {args.out_dir})")
+        return
+    if args.section in speed.SECTIONS:  # timing sections, with their own models (speed.py); not part of "all"
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        report = speed.SECTIONS[args.section](args)
+        print(report)
+        (args.out_dir / f"report_{args.section}.md").write_text(report)
         print(f"({time.perf_counter() - start:.0f} s; report in {args.out_dir})")
         return
     bench = Bench(args)

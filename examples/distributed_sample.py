@@ -6,8 +6,10 @@ and the main process gathers the samples and writes one grid (and, optionally, t
 On a machine without GPUs the same command starts CPU processes that talk over gloo (the script asks accelerate
 for CPU state when no accelerator is present).
 
-Process k samples images [k*B/P, (k+1)*B/P) with seed ``--seed + k``; the gathered set is the same whatever the
-machine, for a fixed number of processes. Takes the same sampler options as ``examples/sample.py``.
+Process k samples its share of the images (accelerate's ``split_between_processes``: the first B mod P processes
+get one more) with seed ``--seed + k``; the gathered set is the same whatever the machine, for a fixed number of
+processes. With fewer images than processes the last processes sample none and only take part in the gather. Takes
+the same sampler options as ``examples/sample.py``, checked before any model is loaded.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
-from sample import build_sampler, load_pipeline, parse_args, sample, save_grid, scheduler_settings
+from sample import build_sampler, check_loaded, load_pipeline, parse_args, sample, save_grid, scheduler_settings
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,19 +32,25 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(rest)
     state = PartialState(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()))
     dtype = getattr(torch, args.dtype)
-    sampler = build_sampler(load_pipeline(args.model, dtype), args.mode, scheduler_settings(args)).to(state.device)
+    pipe = load_pipeline(args.model, dtype)
+    check_loaded(pipe, args)
+    sampler = build_sampler(pipe, args.mode, scheduler_settings(args)).to(state.device)
     sampler.set_progress_bar_config(disable=not state.is_main_process)
 
     with state.split_between_processes(list(range(args.batch_size))) as indices:
-        images, cost = sample(sampler, args, len(indices), args.seed + state.process_index)
+        # with fewer samples than processes the last processes get none: they sample nothing but still gather
+        images, cost = sample(sampler, args, len(indices), args.seed + state.process_index) if indices else (None, {})
     gathered = gather_object([(state.process_index, images, cost)])
     if state.is_main_process:
         parts = sorted(gathered, key=lambda item: item[0])
-        all_images = np.concatenate([images for _, images, _ in parts])
+        all_images = np.concatenate([images for _, images, _ in parts if images is not None])
         save_grid(all_images, args.out)
         if known.save_array is not None:
             np.save(known.save_array, all_images)
         for rank, images, cost in parts:
+            if images is None:
+                print(f"process {rank}: 0 samples ({args.batch_size} samples for {state.num_processes} processes)")
+                continue
             print(
                 f"process {rank}: {len(images)} samples, seed {args.seed + rank}, {cost['unet_forwards']} UNet "
                 f"forwards, {cost['backward_passes']} backward passes, {cost['seconds']:.1f} s"

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,12 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from diffusers import DiffusionPipeline
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from PIL import Image
 
 from mmgibbs import COVARIANCES, MMGibbsScheduler, MomentMatchingGibbsPipeline
+from mmgibbs.moments import JACOBIAN_COVARIANCES
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "checkpoints" / "digits-ddpm"
 
@@ -66,18 +70,26 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32) -> DiffusionPi
 
 
 def scheduler_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The MMGibbsScheduler settings the command line asks for."""
+    """The MMGibbsScheduler settings the command line asks for (flags left out keep the scheduler's defaults)."""
     settings: dict[str, Any] = {
         "covariance": args.covariance,
         "gibbs_sweeps": args.gibbs_sweeps,
         "transition": args.transition,
-        "eta": args.eta,
-        "num_probes": args.num_probes,
         "final_output": args.final_output,
     }
+    settings.update({k: v for k, v in (("eta", args.eta), ("num_probes", args.num_probes)) if v is not None})
     if args.sigma is not None:
         settings.update(schedule="single_level", sigma=args.sigma)
     return settings
+
+
+def check_loaded(pipe: DiffusionPipeline, args: argparse.Namespace) -> None:
+    """The model checks of :func:`check_model` for a pipeline loaded from the Hub (a local folder was checked
+    before loading), before any sampling."""
+    if Path(args.model).expanduser().exists():
+        return
+    components = {k: [None, None] if v is None else ["", type(v).__name__] for k, v in pipe.components.items()}
+    check_model(build_parser(), args, {"_class_name": type(pipe).__name__, **components})
 
 
 def build_sampler(pipe: DiffusionPipeline, mode: str, settings: dict[str, Any]) -> DiffusionPipeline:
@@ -136,7 +148,9 @@ def sample(sampler: DiffusionPipeline, args: argparse.Namespace, batch_size: int
     sizes, handle = count_forwards(denoiser_of(sampler))
     kwargs: dict[str, Any] = {"num_inference_steps": args.steps, "generator": generator, "output_type": "np"}
     if args.prompt is not None:
-        kwargs.update(prompt=[args.prompt] * batch_size, guidance_scale=args.guidance_scale)
+        kwargs["prompt"] = [args.prompt] * batch_size
+        if args.guidance_scale is not None:
+            kwargs["guidance_scale"] = args.guidance_scale
     else:
         kwargs["batch_size"] = batch_size
     start = time.perf_counter()
@@ -154,25 +168,147 @@ def sample(sampler: DiffusionPipeline, args: argparse.Namespace, batch_size: int
     return to_uint8(out.images), cost
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def _number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False) -> Any:
+    """An argparse type: a finite ``kind`` in [low, high] (``low_open``: (low, high]), with argparse's own error."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'}"
+            ) from None
+        ok = math.isfinite(value) and (low is None or (value > low if low_open else value >= low))
+        if not ok or (high is not None and value > high):
+            bounds = f"{'>' if low_open else '>='} {low:g}" if high is None else f"in [{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number {bounds}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    positive_int = _number(int, 1)
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="local pipeline folder or Hub id")
     parser.add_argument("--mode", choices=["pipeline", "drop-in"], default="pipeline")
     parser.add_argument("--covariance", choices=COVARIANCES, default="isotropic")
-    parser.add_argument("--num-probes", type=int, default=1, help="Hutchinson probes (covariance diagonal)")
-    parser.add_argument("--gibbs-sweeps", type=int, default=1, help="Gibbs sweeps per noise level")
+    parser.add_argument("--num-probes", type=positive_int, default=None, help="Hutchinson probes (diagonal; 1)")
+    parser.add_argument("--gibbs-sweeps", type=positive_int, default=1, help="Gibbs sweeps per noise level")
     parser.add_argument("--transition", choices=["ancestral", "gibbs"], default="ancestral")
-    parser.add_argument("--eta", type=float, default=1.0, help="ancestral noise share: 1 DDPM-like, 0 DDIM-like")
+    parser.add_argument(
+        "--eta",
+        type=_number(float, 0.0, 1.0),
+        default=None,
+        help="ancestral noise share: 1 DDPM-like (default), 0 DDIM",
+    )
     parser.add_argument("--final-output", choices=["sample", "mean"], default="sample")
-    parser.add_argument("--sigma", type=float, default=None, help="run the single-level chain at this sigma")
-    parser.add_argument("--steps", type=int, default=20, help="noise levels (annealed) or sweeps (single level)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--sigma", type=_number(float, 0.0, low_open=True), default=None, help="run the single-level chain at sigma"
+    )
+    parser.add_argument("--steps", type=positive_int, default=20, help="noise levels (annealed) or sweeps (1 level)")
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompt", default=None, help="text prompt (text-to-image pipelines)")
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument(
+        "--guidance-scale", type=_number(float), default=None, help="with --prompt (default: the pipeline's own)"
+    )
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
-    parser.add_argument("--out", type=Path, default=Path("samples.png"))
-    return parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, default=Path("samples.png"), help="image file to write (.png, .jpg, ...)")
+    return parser
+
+
+def _check_out(parser: argparse.ArgumentParser, out: Path) -> None:
+    """--out is a new or existing image file in a folder this process can write to."""
+    if out.is_dir():
+        parser.error(f"--out {out} is a folder; pass an image file name, e.g. {out / 'samples.png'}")
+    Image.init()
+    image_format = Image.registered_extensions().get(out.suffix.lower())
+    if image_format is None or image_format not in Image.SAVE:
+        parser.error(
+            f"--out {out}: {out.suffix or 'no extension'} is not an image format PIL writes (.png, .jpg, ...)"
+        )
+    folder = out.parent
+    if not folder.is_dir():
+        parser.error(f"--out {out}: the folder {folder} does not exist")
+    try:  # permissions, read-only mounts and pseudo file systems alike
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        parser.error(f"--out {out}: cannot write to {folder} ({err.strerror or err})")
+
+
+def _model_index(parser: argparse.ArgumentParser, model: str) -> dict[str, Any] | None:
+    """The model_index.json of a local --model folder (None for a Hub id, checked for its form only)."""
+    path = Path(model).expanduser()
+    if model.strip() and path.exists():
+        if not path.is_dir():
+            parser.error(f"--model {model} is a file; pass a pipeline folder (with model_index.json) or a Hub id")
+        if not (path / "model_index.json").is_file():
+            parser.error(
+                f"--model {model} has no model_index.json: pass a folder saved with `pipe.save_pretrained(folder)` "
+                "(or a Hub snapshot)"
+            )
+        return json.loads((path / "model_index.json").read_text())
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        parser.error(f"--model {model!r} is neither an existing folder nor a Hub id ('name' or 'organisation/name')")
+    return None
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Everything that can be checked before a model is loaded: --out, --model, flags that contradict each other
+    or the model (for a local folder: its model_index.json and scheduler config)."""
+    _check_out(parser, args.out)
+    if args.mode == "drop-in" and args.covariance in JACOBIAN_COVARIANCES:
+        parser.error(
+            f"--covariance {args.covariance} needs the model's Jacobian, which a pipeline's own loop (--mode drop-in) "
+            "does not give the scheduler: use --mode pipeline (MomentMatchingGibbsPipeline), or --covariance none "
+            "or isotropic"
+        )
+    if args.num_probes is not None and args.covariance != "diagonal":
+        parser.error(f"--num-probes sets the Hutchinson probes of --covariance diagonal, not {args.covariance}")
+    if args.eta is not None and args.transition == "gibbs":
+        parser.error("--eta sets the ancestral transition's noise; --transition gibbs re-noises afresh (no eta)")
+    if args.guidance_scale is not None and args.prompt is None:
+        parser.error("--guidance-scale needs --prompt (classifier-free guidance of a text-to-image model)")
+    index = _model_index(parser, args.model)
+    if index is not None:
+        check_model(parser, args, index, Path(args.model).expanduser())
+
+
+def check_model(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, index: dict[str, Any], folder: Path | None = None
+) -> None:
+    """Flags against the model: --prompt iff it has a text encoder, --mode drop-in only over a diffusers pipeline
+    with its own loop, and (for a local folder) the sampler settings against its scheduler config."""
+    name = index.get("_class_name")
+    name = name[-1] if isinstance(name, list) else name
+    text = index.get("text_encoder") is not None and index.get("text_encoder") != [None, None]
+    if args.prompt is not None and not text:
+        parser.error(f"--prompt: {args.model} ({name}) has no text encoder; it takes no prompt")
+    if args.prompt is None and text:
+        parser.error(f"{args.model} ({name}) is a text-to-image pipeline: pass --prompt")
+    if args.mode == "drop-in" and name == MomentMatchingGibbsPipeline.__name__:
+        parser.error(
+            f"--mode drop-in swaps a diffusers pipeline's scheduler; {args.model} is a {name}: use --mode pipeline"
+        )
+    if folder is not None and (folder / "scheduler").is_dir():
+        try:
+            MMGibbsScheduler.from_config(
+                MMGibbsScheduler.load_config(folder, subfolder="scheduler"), **scheduler_settings(args)
+            )
+        except (ValueError, TypeError) as err:
+            parser.error(f"the sampler settings do not fit {args.model}: {err}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked as far as it can be before any model is loaded (argparse errors, exit code 2)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_arguments(parser, args)
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -182,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     if dtype != torch.float32 and state.device.type == "cpu":
         print(f"note: {args.dtype} on CPU is slow; the moments are computed in float32 either way")
     pipe = load_pipeline(args.model, dtype)
+    check_loaded(pipe, args)
     sampler = build_sampler(pipe, args.mode, scheduler_settings(args)).to(state.device)
     sampler.set_progress_bar_config(disable=True)
     images, cost = sample(sampler, args, args.batch_size, args.seed)

@@ -1,12 +1,29 @@
-"""Shared fixtures: examples/ and tests/ importable, float64 exact models."""
+"""Shared fixtures: examples/ and tests/ importable, float64 exact models; a private diffusers modules cache and one
+torch thread per test process."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# Before diffusers is imported (it reads the variable once): custom-code loads (`trust_remote_code=True`) copy
+# mmgibbs_pipeline.py / mmgibbs_scheduler.py into HF_MODULES_CACHE/diffusers_modules/local/ and run them from
+# there; in the shared default cache a concurrent run rewriting those files made loads here fail (a SyntaxError on a
+# half-written file). Subprocesses of the tests inherit this session's cache.
+_MODULES_CACHE = tempfile.mkdtemp(prefix="mmgibbs-tests-hf-modules-")
+os.environ["HF_MODULES_CACHE"] = _MODULES_CACHE
+# Before torch is imported: one thread per test process (and its subprocesses) unless asked otherwise. The tiny
+# models gain nothing from more, and on a busy 2-core machine torch's default of one thread per core spins at every
+# parallel region: the suite took 23 minutes there instead of 2 (load ~5), with 20 minutes of CPU time. Results
+# also no longer depend on the machine's core count (summation order, hence round-off, follows the thread count).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 for path in (ROOT / "examples", ROOT / "tests"):
@@ -32,3 +49,7 @@ FAMILY_CONFIGS = {
 def public(config) -> dict:
     """A config without diffusers' private bookkeeping keys (``_class_name``, ``_use_default_values``, ...)."""
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_MODULES_CACHE, ignore_errors=True)

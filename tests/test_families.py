@@ -62,3 +62,17 @@ def test_unsupported_pipelines_and_arguments_get_clear_errors(sd_pipe) -> None:
         MomentMatchingGibbsPipeline.from_pipe(tiny_ddpm_pipeline(), covarience="diagonal")
     with pytest.raises(ValueError, match="must be a diffusers model"):
         MomentMatchingGibbsPipeline(unet=torch.nn.Linear(2, 2), scheduler=DDPMScheduler())
+
+
+def test_from_pipe_names_the_host_scheduler_class_of_a_config_built_in_code() -> None:
+    """A DDPMScheduler built in Python with SD's settings has no `_class_name` in its config, and that config fits
+    several schedulers with different levels (from_config asks for `source_scheduler=`); from_pipe knows the class."""
+    from diffusers import DDPMScheduler as Native
+    from tiny_pipelines import SD_SCHEDULER_CONFIG
+
+    host = tiny_stable_diffusion_pipeline()
+    host.scheduler = Native.from_config(SD_SCHEDULER_CONFIG)
+    assert "_class_name" not in host.scheduler.config
+    pipe = MomentMatchingGibbsPipeline.from_pipe(host)
+    assert pipe.scheduler.config.source_scheduler == "DDPMScheduler"
+    assert MMGibbsScheduler.from_scheduler(host.scheduler, covariance="none").config.covariance == "none"

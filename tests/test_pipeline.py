@@ -120,10 +120,13 @@ def test_sigma_05_leaves_bridges_and_annealing_removes_them() -> None:
 
 
 def test_annealed_isotropic_keeps_the_mode_width_that_dpm_solver_loses_at_20_evaluations() -> None:
-    """The toy as a VP diffusion model (1000 linear-beta steps, no clipping), 20 model calls each. Measured
-    (3 seeds, N = 4000): DPM-Solver++ (2M) per-mode variance 0.022 and energy distance 2.7e-3; annealed MMGibbs
-    with isotropic covariance 0.046 and 0.4e-3 (truth 0.040, clean-vs-clean -0.4e-3). The ODE solver's modes are
-    too tight; the covariance-aware ancestral step keeps their width at no extra model calls."""
+    """The toy as a VP diffusion model (1000 linear-beta steps, no clipping), 20 model calls each. DPM-Solver++ (2M)
+    makes every mode too tight (per-mode variance 0.021-0.023, truth 0.040); the covariance-aware ancestral step
+    keeps their width at no extra model calls. Measured over seeds 0-7 (N = 4000): Analytic-DPM's batch estimate
+    (``isotropic_batch``) 0.044-0.047 with an energy distance 0.05-0.47 of DPM-Solver's; the per-sample estimate
+    (``isotropic``, noisy in d = 2) 0.0499-0.0519, wider than the truth. (This test used to assert 0.04 +- 25% for the
+    per-sample estimate, which seed 0 met by 4e-5 and seeds 2-5 missed: any change of floating-point round-off, a
+    thread count or another CPU, could fail it.)"""
     config = DDPMScheduler(clip_sample=False).config
     model = GaussianMixtureDenoiser.paper_toy(scheduler_config=dict(config))
     reference = model.sample(N, torch.Generator().manual_seed(1000))
@@ -133,15 +136,20 @@ def test_annealed_isotropic_keeps_the_mode_width_that_dpm_solver_loses_at_20_eva
     x = torch.randn(N, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for t in dpm.timesteps:
         x = dpm.step(model(x, t).sample, t, x).prev_sample
-
-    pipe = MomentMatchingGibbsPipeline(unet=model, scheduler=MMGibbsScheduler.from_config(config))
-    pipe.set_progress_bar_config(disable=True)
-    out = pipe(batch_size=N, num_inference_steps=20, generator=torch.Generator().manual_seed(0), output_type="pt")
-    assert out.num_forward == 20 and out.num_backward == 0
-
     assert model.component_variance(x) < 0.7 * 0.04
-    assert model.component_variance(out.images) == pytest.approx(0.04, rel=0.25)
-    assert energy_distance(out.images, reference) < 0.5 * energy_distance(x, reference)
+
+    def gibbs(covariance: str) -> torch.Tensor:
+        scheduler = MMGibbsScheduler.from_config(config, covariance=covariance)
+        pipe = MomentMatchingGibbsPipeline(unet=model, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe(batch_size=N, num_inference_steps=20, generator=torch.Generator().manual_seed(0), output_type="pt")
+        assert out.num_forward == 20 and out.num_backward == 0
+        return out.images
+
+    pooled = gibbs("isotropic_batch")
+    assert model.component_variance(pooled) == pytest.approx(0.04, rel=0.25)
+    assert energy_distance(pooled, reference) < 0.5 * energy_distance(x, reference)
+    assert 0.04 < model.component_variance(gibbs("isotropic")) < 0.06
 
 
 def test_full_covariance_matches_anisotropic_modes_in_d10() -> None:
@@ -264,7 +272,7 @@ def test_bad_arguments_are_refused(unet_pipeline) -> None:
         unet_pipeline(batch_size=3, generator=[torch.Generator(), torch.Generator()])
     with pytest.raises(ValueError, match="`covariance` must be one of"):
         unet_pipeline(covariance="low_rank")
-    with pytest.raises(ValueError, match="starting sample must have shape"):
+    with pytest.raises(ValueError, match="`latents` must have shape"):
         unet_pipeline(batch_size=2, latents=torch.zeros(2, 1, 4, 4), num_inference_steps=1)
 
 

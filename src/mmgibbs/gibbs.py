@@ -51,7 +51,10 @@ class GibbsOutput:
         sample: the last draw x (or the last posterior mean, ``final_output="mean"``), in y's dtype.
         mean: the last posterior mean mu.
         num_forward, num_backward, num_jvp: batched model forward passes, backward passes (reverse-mode Jacobian
-            products) and forward-mode Jacobian-vector products, summed over all steps.
+            products) and forward-mode Jacobian-vector products, summed over all steps; one per Jacobian product
+            also when ``product_batch`` computes several in one vectorised pass.
+        num_product_passes: the passes that computed the Jacobian products (fewer than the products with
+            ``product_batch`` > 1; see :class:`mmgibbs.moments.DenoisingMoments`).
     """
 
     sample: torch.Tensor
@@ -59,6 +62,7 @@ class GibbsOutput:
     num_forward: int = 0
     num_backward: int = 0
     num_jvp: int = 0
+    num_product_passes: int = 0
 
 
 def kept_noise_share(sigma: float, sigma_next: float, transition: str = "ancestral", eta: float = 1.0) -> float:
@@ -71,6 +75,32 @@ def kept_noise_share(sigma: float, sigma_next: float, transition: str = "ancestr
     if transition == "gibbs" or ratio >= 1.0:
         return 0.0
     return math.sqrt(1.0 - eta**2 * (1.0 - ratio**2))
+
+
+def condition_on_known(
+    moments: DenoisingMoments, x: torch.Tensor, known: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """A draw (or mean) ``x`` of N(mu, Sigma) turned into one of N(mu, Sigma) conditioned on x_K = x_known, K the
+    entries where ``keep`` is 1: a Gibbs step on the unknown entries given the known ones.
+
+    Matheron's rule, x + Sigma P (P Sigma P + I - P)^{-1} P (x_known - x) with P = diag(keep), is exact for any
+    Gaussian: on K it gives x_known, on the rest x_U + Sigma_UK Sigma_KK^{-1} (x_known - x)_K. For diagonal or
+    isotropic Sigma (and for ``none``) Sigma_UK = 0, so it is the replacement x_K <- x_known; ``full`` applies
+    the formula (its Sigma_KK is regularised by 1e-9 of its mean variance, as clamped spectra can be singular);
+    ``projection`` holds no Sigma and is replaced, which is not the conditional of its draw.
+    """
+    x_known, keep = known[0].to(x.dtype), known[1].to(x.dtype).expand_as(x)
+    if moments.covariance != "full":
+        return torch.lerp(x, x_known, keep)
+    n, d = x.shape[0], x[0].numel()
+    p = keep.reshape(n, d)
+    cov = moments.variance.to(x.dtype)
+    ridge = 1e-9 * torch.diagonal(cov, dim1=-2, dim2=-1).mean(-1).clamp(min=1e-30)
+    eye = torch.eye(d, dtype=x.dtype, device=x.device)
+    block = p.unsqueeze(-1) * cov * p.unsqueeze(-2) + torch.diag_embed(1.0 - p) + ridge.reshape(n, 1, 1) * eye
+    residual = (p * (x_known - x).reshape(n, d)).unsqueeze(-1)
+    weights = p.unsqueeze(-1) * torch.linalg.solve(block, residual)
+    return torch.lerp(x + (cov @ weights).reshape(x.shape), x_known, keep)
 
 
 def gibbs_step(
@@ -89,9 +119,9 @@ def gibbs_step(
     """Steps 2-4 of the kernel: draw x ~ N(mu, Sigma) at level ``sigma``, then re-noise it to ``sigma_next``.
 
     Returns ``(y_next, mu)``; after the last step (``sigma_next=None``) ``(x, mu)`` (or ``(mu, mu)``).
-    ``clip_range`` clamps mu to [-r, r] (diffusers' ``clip_sample``); ``known = (x_known, keep)`` replaces the draw
-    where ``keep`` is 1. Random numbers are drawn in this order: the draw x (unless ``covariance="none"``), then
-    the re-noising z.
+    ``clip_range`` clamps mu to [-r, r] (diffusers' ``clip_sample``); ``known = (x_known, keep)`` conditions the
+    draw (and a final mean) on x = x_known where ``keep`` is 1 (:func:`condition_on_known`). Random numbers are
+    drawn in this order: the draw x (unless ``covariance="none"``), then the re-noising z.
     """
     mu = moments.mu.to(y.dtype)
     if clip_range is not None:
@@ -99,10 +129,9 @@ def gibbs_step(
         moments = dataclasses.replace(moments, mu=mu)
     x = moments.sample(generator).to(y.dtype) if moments.covariance != "none" else mu
     if known is not None:
-        x_known, keep = known
-        x = torch.lerp(x, x_known.to(x.dtype), keep.to(x.dtype))
+        x = condition_on_known(moments, x, known)
     if sigma_next is None:
-        out = x if final_output == "sample" else mu
+        out = x if final_output == "sample" else mu if known is None else condition_on_known(moments, mu, known)
         return (out.clamp(-clip_range, clip_range) if clip_range is not None else out), mu
     c = kept_noise_share(sigma, sigma_next, transition, eta)
     z = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -121,6 +150,7 @@ def sample(
     variance_bound: float | None = None,
     max_full_dim: int = DEFAULT_MAX_FULL_DIM,
     covariance_table: CovarianceTable | None = None,
+    product_batch: int = 1,
     transition: str = "ancestral",
     eta: float = 1.0,
     final_output: str = "sample",
@@ -136,7 +166,7 @@ def sample(
         denoiser: ``(y, i) -> mu`` at step i (``MMGibbsScheduler.denoiser`` builds it from a model).
         sigmas: the noise level of every step, a Python sequence of floats (levels x sweeps entries).
         y: the starting point in the frame of ``sigmas[0]``; the chain runs in its dtype (float32 or float64).
-        covariance, num_probes, jacobian, variance_bound, max_full_dim: how Sigma is estimated
+        covariance, num_probes, jacobian, variance_bound, max_full_dim, product_batch: how Sigma is estimated
             (:func:`mmgibbs.moments.denoising_moments`).
         covariance_table: the calibrated covariances (``mmgibbs.calibration.CovarianceTable``) that
             ``covariance="calibrated"`` / ``"calibrated_jacobian"`` read, one level per distinct sigma.
@@ -146,7 +176,7 @@ def sample(
             last); a returned tensor replaces ``y_next``.
         progress: wraps the steps, e.g. a pipeline's ``progress_bar``.
     """
-    counts = {"num_forward": 0, "num_backward": 0, "num_jvp": 0}
+    counts = {"num_forward": 0, "num_backward": 0, "num_jvp": 0, "num_product_passes": 0}
     mu = y
     n = len(sigmas)
     calibrated = covariance in CALIBRATED_COVARIANCES
@@ -170,6 +200,7 @@ def sample(
             variance_bound=variance_bound,
             max_full_dim=max_full_dim,
             calibration=levels[i] if calibrated else None,
+            product_batch=product_batch,
         )
         for key in counts:
             counts[key] += getattr(moments, key)

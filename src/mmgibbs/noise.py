@@ -131,6 +131,16 @@ def _vp_betas(config: Mapping[str, Any], num_train_timesteps: int) -> torch.Tens
             "`beta_schedule` must be one of 'linear', 'scaled_linear', 'squaredcos_cap_v2', 'sigmoid' "
             f"(or pass `trained_betas`); got {schedule!r}."
         )
+    finite = bool(torch.isfinite(betas).all())
+    if betas.numel() == 0 or not finite or bool((betas <= 0).any()) or bool((betas > 1).any()):
+        # 1 - beta is the share of signal kept per step: a beta outside (0, 1] gives NaN or negative alpha-bars
+        if trained is not None:
+            got = f"min {float(betas.min()):g}, max {float(betas.max()):g}" if betas.numel() else "empty"
+            raise ValueError(f"`trained_betas` must lie in (0, 1] (finite); got {got}.")
+        raise ValueError(
+            f"The betas of beta_schedule={schedule!r} must lie in (0, 1]: `beta_start`={start!r}, `beta_end`={end!r} "
+            "give betas outside it."
+        )
     if config.get("rescale_betas_zero_snr", False):
         betas = rescale_zero_terminal_snr(betas)
     return betas
@@ -140,9 +150,12 @@ def _as_float64(values: Any, argument: str) -> torch.Tensor:
     """A 1-d float64 tensor of custom levels; empty or non-finite values are refused naming ``argument``."""
     try:
         t = torch.as_tensor(values if not isinstance(values, torch.Tensor) else values.detach().cpu())
-        t = t.to(torch.float64).flatten()
+        t = t.to(torch.float64)
     except (TypeError, ValueError, RuntimeError) as err:
         raise ValueError(f"`{argument}` must be a sequence of numbers; got {values!r}.") from err
+    if t.ndim > 1:
+        raise ValueError(f"`{argument}` must be a 1-d sequence of numbers; got shape {tuple(t.shape)}.")
+    t = t.flatten()
     if t.numel() == 0:
         raise ValueError(f"`{argument}` is empty.")
     if not bool(torch.all(torch.isfinite(t))):

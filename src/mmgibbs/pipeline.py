@@ -33,6 +33,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from . import gibbs
 from .calibration import TABLE_FILE, CovarianceTable, calibrate_covariance
+from .checks import check_generator, check_host_arguments, check_tensor
 from .families import FAMILIES, Family, Unconditional, family_of
 from .scheduler import MMGibbsScheduler
 
@@ -62,6 +63,7 @@ GIBBS_SETTINGS = (
     "eta",
     "final_output",
     "jacobian",
+    "product_batch",
     "variance_bound",
 )
 #: what a saved folder needs so that ``DiffusionPipeline.from_pretrained`` finds this class (diffusers' custom
@@ -87,11 +89,14 @@ class MomentMatchingGibbsPipelineOutput(ImagePipelineOutput):
         num_forward: batched model forward passes.
         num_backward: batched backward passes (reverse-mode Jacobian products).
         num_jvp: batched forward-mode Jacobian-vector products.
+        num_product_passes: the model passes that computed the Jacobian products (one per product, or one per
+            batch of ``product_batch`` products).
     """
 
     num_forward: int = 0
     num_backward: int = 0
     num_jvp: int = 0
+    num_product_passes: int = 0
 
 
 class MomentMatchingGibbsPipeline(DiffusionPipeline):
@@ -139,8 +144,12 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         super().__init__()
         if scheduler is None:
             raise ValueError("`scheduler` is required: an MMGibbsScheduler or any diffusers scheduler to convert.")
-        if not isinstance(scheduler, MMGibbsScheduler):
-            scheduler = MMGibbsScheduler.from_config(scheduler.config)
+        if not isinstance(scheduler, SchedulerMixin) or not hasattr(scheduler, "config"):
+            raise TypeError(
+                f"`scheduler` must be a diffusers scheduler (an MMGibbsScheduler or one to convert); got "
+                f"{type(scheduler).__name__}. From a config dict: MMGibbsScheduler.from_config(config)."
+            )
+        scheduler = MMGibbsScheduler.from_scheduler(scheduler)
         denoiser = unet if unet is not None else transformer
         if denoiser is None:
             raise ValueError("Pass the denoiser as `unet` (UNet families) or `transformer` (DiT, SD3, Flux, PixArt).")
@@ -185,8 +194,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             family_of(host)
             own = set(inspect.signature(type(pipeline).__init__).parameters) - set(COMPONENTS) - {"self", "scheduler"}
             host_config = {k: v for k, v in pipeline.config.items() if k in own}
-            if "add_watermarker" in own and hasattr(pipeline, "watermark"):  # SDXL keeps it out of its config
-                host_config["add_watermarker"] = pipeline.watermark is not None
+            host_config.update(family_of(host).host_values(pipeline))
         components = {k: v for k, v in pipeline.components.items() if k in COMPONENTS}
         components.update({k: kwargs.pop(k) for k in list(kwargs) if k in COMPONENTS})
         source = kwargs.pop("scheduler", pipeline.scheduler)
@@ -196,8 +204,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
                 f"from_pipe got unknown arguments {unknown}: pass components ({', '.join(COMPONENTS)}, scheduler) "
                 f"or Gibbs settings ({', '.join(GIBBS_SETTINGS)}, ...)."
             )
-        if not isinstance(source, MMGibbsScheduler) or kwargs:
-            source = MMGibbsScheduler.from_config(source.config, **kwargs)
+        source = MMGibbsScheduler.from_scheduler(source, **kwargs)
         new = cls(**components, scheduler=source, host_pipeline=host, host_config=host_config)
         new.set_progress_bar_config(**getattr(pipeline, "_progress_bar_config", {}))
         return new
@@ -279,6 +286,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         eta: float | None = None,
         final_output: str | None = None,
         jacobian: str | None = None,
+        product_batch: int | None = None,
         variance_bound: float | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -293,11 +301,15 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             batch_size: number of samples of an unconditional model.
             num_inference_steps: noise levels (annealed) or sweeps at ``sigma`` (single level).
             generator: torch generator(s) for the start, the draws and the Hutchinson probes; a list gives every
-                image its own stream (then image i does not depend on the rest of the batch).
-            latents: the first model input x_t itself (default: the host's ``prepare_latents``, N(0, I) scaled).
-            x_init: (unconditional) a clean starting point, re-noised to the first level.
-            covariance, num_probes, gibbs_sweeps, transition, eta, final_output, jacobian, variance_bound: override
-                the scheduler's settings for this call (see :class:`MMGibbsScheduler`).
+                image its own stream (then image i does not depend on the rest of the batch) and must have one
+                generator per image.
+            latents: the first model input x_t itself, a torch tensor of the shape the host's ``prepare_latents``
+                would draw (default: drawn there, N(0, I) scaled).
+            x_init: (unconditional) a clean starting point, re-noised to the first level; not with ``latents``.
+                Without ``batch_size`` an unconditional model draws as many samples as ``latents`` or ``x_init``
+                hold.
+            covariance, num_probes, gibbs_sweeps, transition, eta, final_output, jacobian, product_batch,
+                variance_bound: override the scheduler's settings for this call (see :class:`MMGibbsScheduler`).
             output_type: ``"pil"``, ``"np"`` (NHWC in [0, 1]), ``"pt"`` (NCHW in [0, 1]) or ``"latent"`` (raw
                 samples or latents); non-image samples accept ``"pt"``/``"np"``/``"latent"``, raw.
             return_dict: return a :class:`MomentMatchingGibbsPipelineOutput` rather than a tuple.
@@ -322,8 +334,13 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
         ):
             raise ValueError(f"`batch_size` must be a positive integer; got {batch_size!r}.")
-        if isinstance(generator, list) and batch_size is not None and len(generator) != batch_size:
-            raise ValueError(f"{len(generator)} generators were passed for `batch_size`={batch_size}.")
+        check_generator(generator, batch_size)
+        for name, value in (("latents", latents), ("x_init", x_init)):
+            if value is not None:
+                check_tensor(value, name)
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError(f"`callback_on_step_end` must be callable; got {type(callback_on_step_end).__name__}.")
+        check_host_arguments({"prompt": prompt, "negative_prompt": negative_prompt, **host_arguments})
 
         settings = dict(
             covariance=covariance,
@@ -333,6 +350,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             eta=eta,
             final_output=final_output,
             jacobian=jacobian,
+            product_batch=product_batch,
             variance_bound=variance_bound,
         )
         overrides = {k: v for k, v in settings.items() if v is not None}
@@ -354,6 +372,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         arguments = self._accepted(family, arguments)
         family.set_timesteps(scheduler, num_inference_steps, device, arguments)
         job = family.prepare(scheduler, device=device, **arguments)
+        check_generator(generator, len(job.latents))  # one per image, whatever the family's batch
 
         start = job.start
         aliases = {job.callback_name, "latents", "sample"}
@@ -370,9 +389,15 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
                 raise ValueError(
                     f"`callback_on_step_end` must return a dict (or None); got {type(returned).__name__}."
                 )
-            replaced = next((returned[k] for k in aliases if returned and k in returned), None)
+            key = next((k for k in aliases if returned and k in returned), None)
+            replaced = None if key is None else returned[key]
             if replaced is None:
                 return None
+            if not isinstance(replaced, torch.Tensor):
+                raise TypeError(
+                    f"`callback_on_step_end` returned a {type(replaced).__name__} as {key!r}; the sample it may "
+                    "replace is a torch.Tensor."
+                )
             if replaced.shape != sample.shape:
                 raise ValueError(
                     f"`callback_on_step_end` returned a sample of shape {tuple(replaced.shape)}; the sample has shape "
@@ -392,7 +417,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         )
         images = job.finish(result.sample, output_type)
         self.maybe_free_model_hooks()
-        counts = {k: getattr(result, k) for k in ("num_forward", "num_backward", "num_jvp")}
+        counts = {k: getattr(result, k) for k in ("num_forward", "num_backward", "num_jvp", "num_product_passes")}
         if not return_dict:
             return (images,)
         return MomentMatchingGibbsPipelineOutput(images=images, **counts)

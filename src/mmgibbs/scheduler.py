@@ -31,7 +31,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from diffusers.utils import BaseOutput, logging
 
 from . import sources
 from .calibration import TABLE_FILE, CovarianceTable
+from .checks import check_generator, check_number, check_tensor, is_real
 from .gibbs import FINAL_OUTPUTS, TRANSITIONS, LevelDenoiser, gibbs_step
 from .moments import COVARIANCES, JACOBIAN_COVARIANCES, JACOBIAN_MODES, Generator, moments_from_mean
 from .noise import (
@@ -112,6 +113,9 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
             ``calibrated_jacobian`` correction (pipeline only).
         jacobian: ``"auto"``, ``"reverse"``, ``"forward"`` or ``"finite_difference"`` Jacobian products for
             Jacobian covariances (pipeline only).
+        product_batch: Jacobian products per model pass (pipeline only): 1 computes them one at a time; k > 1
+            computes k probes (or k basis vectors of ``full``) in one pass vectorised with ``torch.func.vmap``, same
+            draws, same results to float rounding (see ``mmgibbs.moments.denoising_moments``).
         variance_bound: optional upper bound on per-dimension posterior variances (r^2 for data in [-r, r]).
         noise_family: ``"vp"``, ``"ve"``, ``"edm"`` or ``"flow"``; inferred by :meth:`from_config`.
         source_scheduler: the diffusers scheduler class the config came from (set by :meth:`from_config`):
@@ -144,6 +148,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         final_output: str = "sample",
         num_probes: int = 1,
         jacobian: str = "auto",
+        product_batch: int = 1,
         variance_bound: float | None = 1.0,
         noise_family: str | None = None,
         num_train_timesteps: int | None = None,
@@ -172,15 +177,22 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         _check_choice("transition", transition, TRANSITIONS)
         _check_choice("final_output", final_output, FINAL_OUTPUTS)
         _check_choice("jacobian", jacobian, JACOBIAN_MODES)
-        for name, value in (("gibbs_sweeps", gibbs_sweeps), ("num_probes", num_probes)):
+        for name, value in (
+            ("gibbs_sweeps", gibbs_sweeps),
+            ("num_probes", num_probes),
+            ("product_batch", product_batch),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
-        if schedule == "single_level" and (sigma is None or not (sigma > 0 and math.isfinite(sigma))):
+        if schedule == "single_level" and not (is_real(sigma) and sigma > 0 and math.isfinite(sigma)):
             raise ValueError(f"schedule='single_level' needs a positive noise level `sigma` (finite); got {sigma!r}.")
-        if not 0.0 <= eta <= 1.0:
-            raise ValueError(f"`eta` must lie in [0, 1]; got {eta!r}.")
-        if variance_bound is not None and not variance_bound > 0:
-            raise ValueError(f"`variance_bound` must be positive or None; got {variance_bound!r}.")
+        check_number(eta, "eta", low=0.0, high=1.0)
+        if variance_bound is not None and not (is_real(variance_bound) and variance_bound > 0):
+            raise ValueError(
+                f"`variance_bound` must be positive (a number, or None for no bound); got {variance_bound!r}."
+            )
+        if num_train_timesteps is not None:
+            check_number(num_train_timesteps, "num_train_timesteps", integer=True, low=1)
         sources.refuse_source(source_scheduler)
         family = noise_family or (
             infer_noise_family({"source_scheduler": source_scheduler}) if source_scheduler else "vp"
@@ -237,6 +249,15 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
 
     # ------------------------------------------------------------------ configuration
     @classmethod
+    def from_scheduler(cls, scheduler: SchedulerMixin, **settings: Any) -> MMGibbsScheduler:
+        """From a live diffusers scheduler, e.g. ``pipe.scheduler = MMGibbsScheduler.from_scheduler(pipe.scheduler,
+        covariance="isotropic")``: its config and its class (a config built in Python names no class, and some
+        configs fit several schedulers whose levels differ). An MMGibbsScheduler without settings comes back as is."""
+        if isinstance(scheduler, MMGibbsScheduler):
+            return cls.from_config(scheduler.config, **settings) if settings else scheduler
+        return cls.from_config({**scheduler.config, "_class_name": type(scheduler).__name__}, **settings)
+
+    @classmethod
     def from_config(
         cls, config: dict[str, Any] | None = None, return_unused_kwargs: bool = False, **kwargs: Any
     ) -> MMGibbsScheduler | tuple[MMGibbsScheduler, dict[str, Any]]:
@@ -250,6 +271,11 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         source scheduler (which then override the config's): anything else, e.g. a misspelt ``covarience=``,
         raises a TypeError naming it.
         """
+        if config is not None and not isinstance(config, Mapping):
+            raise TypeError(
+                f"`config` must be a scheduler config (a dict such as `pipe.scheduler.config`); got "
+                f"{type(config).__name__}."
+            )
         config = dict(config or {})
         native = config.get("noise_family") is not None  # our own config, maybe through another scheduler's
         if "source_scheduler" in kwargs:
@@ -487,7 +513,12 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
     @staticmethod
     def _one_timestep(timestep: torch.Tensor | float) -> torch.Tensor:
         """The single level of a step's ``timestep``: a number, a 0-d tensor or a per-sample tensor of equal values."""
-        t = torch.as_tensor(timestep, dtype=torch.float64).flatten()
+        try:
+            t = torch.as_tensor(timestep, dtype=torch.float64).flatten()
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(
+                f"`timestep` must be a number or a tensor; got {type(timestep).__name__}: {timestep!r}."
+            ) from None
         if t.numel() == 0:
             raise ValueError("`timestep` is empty.")
         if bool(torch.any(t != t[0])):
@@ -504,12 +535,14 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
             return sample
         if self._step_index is None:
             self._init_step_index(timestep)
-        return self.noise_schedule.model_input(sample, self.timesteps[self._step_index].cpu())
+        return sample * self._levels[self._step_index][2]  # c_in of this step, a Python float: no device sync
 
     def add_noise(
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor | float
     ) -> torch.Tensor:
         """x_t = alpha_t x + s_t eps, in the model's frame; ``timesteps`` is one value or one per sample."""
+        check_tensor(original_samples, "original_samples")
+        check_tensor(noise, "noise")
         t = torch.as_tensor(timesteps).cpu()
         if t.ndim > 1:
             t = t.flatten()
@@ -607,6 +640,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
             "covariance": cfg.covariance,
             "num_probes": cfg.num_probes,
             "jacobian": cfg.jacobian,
+            "product_batch": cfg.product_batch,
             "variance_bound": cfg.variance_bound,
             "covariance_table": self.covariance_table,
             "transition": cfg.transition,
@@ -641,6 +675,35 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"`eta` must lie in [0, 1]; got {eta!r}.")
         return float(eta)
 
+    def _prediction_of(self, model_output: Any, sample: Any) -> torch.Tensor:
+        """``model_output`` checked against ``sample``: tensors of one shape, or, when the source config's
+        ``variance_type`` is learned (``"learned"``, ``"learned_range"``: improved-DDPM UNets), a 2C-channel output
+        [F, v] for a C-channel sample, of which the prediction F is kept, as DDPMScheduler splits it. The learned
+        variance v is not used: the moment-matched covariance (``covariance``) takes its place."""
+        check_tensor(model_output, "model_output")
+        check_tensor(sample, "sample", floating=True)
+        if model_output.shape == sample.shape:
+            return model_output
+        doubled = (
+            model_output.ndim == sample.ndim >= 2
+            and model_output.shape[1] == 2 * sample.shape[1]
+            and model_output.shape[0] == sample.shape[0]
+            and model_output.shape[2:] == sample.shape[2:]
+        )
+        if doubled:
+            if str(self.config.get("variance_type") or "").startswith("learned"):
+                return model_output[:, : sample.shape[1]]
+            raise ValueError(
+                f"`model_output` has {model_output.shape[1]} channels for a {sample.shape[1]}-channel `sample`: a "
+                "model with a learned variance? Build the scheduler from its own config (variance_type='learned' "
+                "or 'learned_range'), and the prediction, the first half of the channels, is used; otherwise pass "
+                "the prediction alone."
+            )
+        raise ValueError(
+            f"`model_output` has shape {tuple(model_output.shape)} but `sample` has shape {tuple(sample.shape)}: "
+            "the model's prediction must have the sample's shape (it is not broadcast)."
+        )
+
     def step(
         self,
         model_output: torch.Tensor,
@@ -653,10 +716,12 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         """One Gibbs sweep (``mmgibbs.gibbs``): x ~ N(mu, Sigma) at this level, then re-noise to the next step's.
 
         Args:
-            model_output: the model's prediction at ``sample`` (of the config's ``prediction_type``).
+            model_output: the model's prediction at ``sample`` (of the config's ``prediction_type``), of the
+                sample's shape; with a learned-variance config (``variance_type`` "learned"/"learned_range") a
+                2C-channel output for a C-channel sample is split, its first C channels are the prediction.
             timestep: the current timestep (steps are counted by index; this only seeds the first index).
             sample: x_t, the current model input (before ``scale_model_input``).
-            generator: torch generator(s) for the draws.
+            generator: a torch generator for the draws, or a list with one per sample.
             kwargs: what DDIM-style pipelines pass (``DDIMPipeline``): ``eta``, the ancestral transition's eta for
                 this step instead of the config's (the same meaning: 1 the DDPM posterior, 0 a DDIM step);
                 ``use_clipped_model_output``, accepted: the transition always re-derives the noise from the
@@ -668,6 +733,8 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         from a model output; the Jacobian covariances need the model itself (:class:`MomentMatchingGibbsPipeline`).
         """
         eta = self._step_eta(kwargs)
+        model_output = self._prediction_of(model_output, sample)
+        check_generator(generator, len(sample))
         cfg = self.config
         if cfg.covariance in JACOBIAN_COVARIANCES:
             raise ValueError(

@@ -9,12 +9,24 @@ from __future__ import annotations
 import torch
 
 from .base import Family, Job, guided, postprocess
+from .dit import DiT
+from .flux import Flux
+from .pixart import PixArt
+from .sd3 import StableDiffusion3
 from .stable_diffusion import StableDiffusion
 from .stable_diffusion_xl import StableDiffusionXL
 from .unconditional import Unconditional, model_predict, sample_shape
 
 #: every supported family, tried in order
-FAMILIES: tuple[type[Family], ...] = (Unconditional, StableDiffusion, StableDiffusionXL)
+FAMILIES: tuple[type[Family], ...] = (
+    Unconditional,
+    StableDiffusion,
+    StableDiffusionXL,
+    StableDiffusion3,
+    Flux,
+    DiT,
+    PixArt,
+)
 
 
 def supported() -> str:

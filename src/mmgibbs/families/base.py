@@ -21,8 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import diffusers
 import torch
 from diffusers.image_processor import VaeImageProcessor
+
+from ..checks import check_shape
 
 Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -73,6 +76,12 @@ class Family:
             return host_class in cls.hosts
         return model is not None and any(c.__name__ in cls.model_classes for c in type(model).__mro__)
 
+    @classmethod
+    def host_values(cls, pipeline: Any) -> dict[str, Any]:
+        """Host ``__init__`` values the host pipeline keeps outside its config (``from_pipe`` adds them to
+        ``host_config``; e.g. DiT's ``id2label``). Default: none."""
+        return {}
+
     def set_timesteps(self, scheduler: Any, num_inference_steps: int, device: Any, arguments: dict[str, Any]) -> None:
         """Lay out the schedule before :meth:`prepare` (Flux overrides it: its shift depends on the image size)."""
         scheduler.set_timesteps(num_inference_steps, device=device)
@@ -84,10 +93,46 @@ class Family:
     # ------------------------------------------------------------------ shared helpers
     def default(self, name: str, value: Any) -> Any:
         """``value``, or the host pipeline's own default for its call argument ``name``."""
-        if value is not None:
-            return value
-        parameter = inspect.signature(type(self.host).__call__).parameters.get(name)
-        return None if parameter is None else parameter.default
+        return host_default(self.host, name, value)
+
+
+def sibling_host(host: Any, class_name: str, values: dict[str, Any] | None = None) -> Any:
+    """A ``class_name`` diffusers pipeline over ``host``'s own components, scheduler and config (``host`` itself
+    when it is one), e.g. the inpainting host of a text-to-image pipeline; ``values``: what the host keeps
+    outside its config (:meth:`Family.host_values`)."""
+    if type(host).__name__ == class_name:
+        return host
+    cls = getattr(diffusers, class_name)
+    takes = inspect.signature(cls.__init__).parameters
+    parts = {k: v for k, v in host.components.items() if k in takes}
+    parts.update({k: v for k, v in host.config.items() if k in takes and k not in parts and not k.startswith("_")})
+    parts.update({k: v for k, v in (values or {}).items() if k in takes})
+    sibling = cls(**parts)
+    sibling.set_progress_bar_config(disable=True)
+    return sibling
+
+
+def host_default(host: Any, name: str, value: Any) -> Any:
+    """``value``, or ``host``'s own default for its call argument ``name``."""
+    if value is not None:
+        return value
+    parameter = inspect.signature(type(host).__call__).parameters.get(name)
+    return None if parameter is None else parameter.default
+
+
+def check_latents(
+    latents: torch.Tensor | None, batch: int, channels: int, height: Any, width: Any, factor: int, packed: bool = False
+) -> None:
+    """``latents`` passed to a host's ``prepare_latents`` have the shape it would draw: (batch, C, height / f,
+    width / f), or Flux's packed (batch, (height / 2f) (width / 2f), 4 C'), C = ``channels`` (the model's input
+    channels). Hosts take any shape there: a smaller one runs silently at another size, others fail inside the
+    network; this names ``latents`` and the shape instead."""
+    if latents is None:
+        return
+    h, w = int(height) // factor, int(width) // factor
+    shape = (batch, (h // 2) * (w // 2), channels) if packed else (batch, channels, h, w)
+    what = f"{batch} images of {height}x{width} pixels; pass `height`/`width` for another size"
+    check_shape(latents, shape, "latents", what)
 
 
 def refuse_unused(family: str, **arguments: Any) -> None:
@@ -117,6 +162,23 @@ def guided(
         return out
 
     return predict
+
+
+def learned_variance(model: torch.nn.Module) -> int | None:
+    """C when ``model`` predicts a learned variance next to its prediction (``out_channels == 2 * in_channels``,
+    e.g. improved-DDPM, DiT, PixArt), else ``None``."""
+    config = getattr(model, "config", None)
+    channels = getattr(config, "in_channels", None)
+    out = getattr(config, "out_channels", None)
+    return channels if channels is not None and out == 2 * channels else None
+
+
+def drop_learned_variance(output: torch.Tensor, channels: int | None) -> torch.Tensor:
+    """The first ``channels`` output channels: the prediction (epsilon, x0 or v) without the learned variance.
+
+    The learned variance is not used: the Gibbs draw's covariance (isotropic, or the model's own Jacobian,
+    Sigma = sigma^2 d mu / d y) takes its place. ``channels=None`` returns ``output`` unchanged."""
+    return output if channels is None else output[:, :channels]
 
 
 def postprocess(images: torch.Tensor, output_type: str, processor: VaeImageProcessor | None = None) -> Any:

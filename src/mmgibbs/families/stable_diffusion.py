@@ -26,12 +26,11 @@ kept and fresh noise as everywhere else, so y_K has exactly the marginal of the 
 Sweeps within a level (``gibbs_sweeps > 1``) play the role of RePaint's resampling with jump length one: they
 re-noise to the same level and draw again with x_K clamped, which is a Gibbs sampler on x_U given x_K.
 
-Replacing x_K in a draw from N(mu, Sigma) is exact Gaussian conditioning x_U | x_K only when Sigma has no
-cross-covariance between U and K: covariance ``"none"``, ``"isotropic"`` and ``"diagonal"`` (and
-``"exact_diagonal"``). For ``"full"`` (and the structured ``"projection"`` draw, sigma J z) it is not the
-conditional of the joint Gaussian, which would be N(mu_U + S_UK S_KK^-1 (x_K - mu_K), S_UU - S_UK S_KK^-1 S_KU)
-(a Schur complement); the sampler keeps x_U's marginal draw N(mu_U, S_UU) instead. The coupling still enters
-through mu(y), which sees the re-noised known region.
+The draw is conditioned on x_K = image exactly, by Matheron's rule (``mmgibbs.gibbs.condition_on_known``): for
+covariance ``"none"``, ``"isotropic"``, ``"diagonal"`` and ``"exact_diagonal"`` Sigma has no cross-covariance
+between U and K and this is the replacement x_K <- image; for ``"full"`` the unknown part moves too, x_U <- x_U +
+S_UK S_KK^-1 (image - x)_K, a draw of the joint Gaussian's conditional N(mu_U + S_UK S_KK^-1 (image - mu_K),
+S_UU - S_UK S_KK^-1 S_KU). The structured ``"projection"`` draw (sigma J z) holds no Sigma and is only replaced.
 
 Inpainting UNets with 9 input channels (``stable-diffusion-inpainting``) also get the host's extra input, the
 latent mask and the masked image's latents, concatenated to the model input inside the prediction, as the host
@@ -41,14 +40,12 @@ the sample after each step instead, which is the same re-noising as above).
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import diffusers
 import torch
 
-from .base import Family, Job, Predict, guided, refuse_unused
+from .base import Family, Job, Predict, check_latents, guided, host_default, refuse_unused, sibling_host
 
 MODES = ("text", "img2img", "inpaint")
 
@@ -68,30 +65,6 @@ def mode_of(
     if strength is not None:
         raise ValueError("`strength` needs `image` (image-to-image or inpainting).")
     return "text"
-
-
-def sibling_host(host: Any, class_name: str) -> Any:
-    """A ``class_name`` diffusers pipeline over ``host``'s own components, scheduler and config (``host`` itself
-    when it is one); e.g. the inpainting host of a text-to-image pipeline."""
-    if type(host).__name__ == class_name:
-        return host
-    cls = getattr(diffusers, class_name)
-    takes = inspect.signature(cls.__init__).parameters
-    parts = {k: v for k, v in host.components.items() if k in takes}
-    parts.update({k: v for k, v in host.config.items() if k in takes and k not in parts and not k.startswith("_")})
-    if "add_watermarker" in takes and hasattr(host, "watermark"):  # SDXL: not in the config, only its effect is
-        parts["add_watermarker"] = host.watermark is not None
-    sibling = cls(**parts)
-    sibling.set_progress_bar_config(disable=True)
-    return sibling
-
-
-def host_default(host: Any, name: str, value: Any) -> Any:
-    """``value``, or ``host``'s own default for its call argument ``name``."""
-    if value is not None:
-        return value
-    parameter = inspect.signature(type(host).__call__).parameters.get(name)
-    return None if parameter is None else parameter.default
 
 
 def start_step(host: Any, scheduler: Any, strength: float, device: Any) -> int:
@@ -153,6 +126,7 @@ def image_start(
         x_t = host.prepare_latents(pixels, timestep, prompts, num_images_per_prompt, dtype, device, generator)
         return Start(latents=x_t, start=start)
     pixels = host.image_processor.preprocess(image, height=height, width=width).to(torch.float32)
+    check_latents(latents, batch, host.vae.config.latent_channels, height, width, host.vae_scale_factor)
     x_t, noise, image_latents = host.prepare_latents(
         batch,
         host.vae.config.latent_channels,
@@ -192,15 +166,6 @@ def image_start(
                 f"latents have {x_t.shape[1]} + {mask.shape[1]} + {masked_latents.shape[1]}."
             )
     return Start(latents=x_t, start=start, known=(image_latents, keep), channels=channels)
-
-
-def with_known(latents: torch.Tensor, known: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """The chain's result with the known region set to the image latents (the kernel clamps its draws; this also
-    covers ``final_output="mean"``, whose last posterior mean is close to, not equal to, the image there)."""
-    if known is None:
-        return latents
-    image_latents, keep = known
-    return torch.lerp(latents, image_latents.to(latents.dtype), keep.to(latents.dtype))
 
 
 def chain_dtype(latents: torch.Tensor) -> torch.Tensor:
@@ -260,7 +225,7 @@ class StableDiffusion(Family):
         device: torch.device | None = None,
     ) -> Job:
         mode = mode_of(image, mask_image, masked_image_latents, strength)
-        host = sibling_host(self.host, self.mode_hosts[mode])
+        host = sibling_host(self.host, self.mode_hosts[mode], self.host_values(self.host))
         unet = host.unet
         guidance_scale = host_default(host, "guidance_scale", guidance_scale)
         guidance_rescale = host_default(host, "guidance_rescale", guidance_rescale) or 0.0
@@ -287,6 +252,7 @@ class StableDiffusion(Family):
             clip_skip=clip_skip,
         )
         if mode == "text":
+            check_latents(latents, len(positive), unet.config.in_channels, height, width, host.vae_scale_factor)
             x_t = host.prepare_latents(
                 len(positive), unet.config.in_channels, height, width, positive.dtype, device, generator, latents
             )
@@ -314,9 +280,7 @@ class StableDiffusion(Family):
         return Job(
             latents=chain_dtype(begin.latents),
             predict=guided(call, guidance_scale if cfg else None, guidance_rescale),
-            finish=lambda z, output_type: self.decode(
-                host, with_known(z, begin.known), output_type, generator, positive.dtype
-            ),
+            finish=lambda z, output_type: self.decode(host, z, output_type, generator, positive.dtype),
             start=begin.start,
             known=begin.known,
         )

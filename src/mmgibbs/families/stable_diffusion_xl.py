@@ -25,19 +25,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import Job, guided
-from .stable_diffusion import (
-    MODES,
-    StableDiffusion,
-    Start,
-    chain_dtype,
-    host_default,
-    image_start,
-    mode_of,
-    sibling_host,
-    unet_call,
-    with_known,
-)
+from .base import Job, check_latents, guided, host_default, sibling_host
+from .stable_diffusion import MODES, StableDiffusion, Start, chain_dtype, image_start, mode_of, unet_call
 
 Size = tuple[int, int]
 
@@ -47,6 +36,11 @@ class StableDiffusionXL(StableDiffusion):
     hosts = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
     model_classes = ()  # a bare UNet2DConditionModel is taken for SD 1.x/2.x; SDXL comes with its host
     mode_hosts: ClassVar[dict[str, str]] = dict(zip(MODES, hosts, strict=True))
+
+    @classmethod
+    def host_values(cls, pipeline: Any) -> dict[str, Any]:
+        """SDXL hosts keep ``add_watermarker`` out of their config; it shows as ``pipeline.watermark``."""
+        return {"add_watermarker": pipeline.watermark is not None} if hasattr(pipeline, "watermark") else {}
 
     def prepare(
         self,
@@ -83,7 +77,7 @@ class StableDiffusionXL(StableDiffusion):
         device: torch.device | None = None,
     ) -> Job:
         mode = mode_of(image, mask_image, masked_image_latents, strength)
-        host = sibling_host(self.host, self.mode_hosts[mode])
+        host = sibling_host(self.host, self.mode_hosts[mode], self.host_values(self.host))
         unet = host.unet
         if mode == "text" and (aesthetic_score is not None or negative_aesthetic_score is not None):
             raise ValueError("`aesthetic_score` conditions image-to-image and inpainting only (pass `image`).")
@@ -121,6 +115,7 @@ class StableDiffusionXL(StableDiffusion):
         )
         batch, dtype = len(positive), positive.dtype
         if mode == "text":
+            check_latents(latents, batch, unet.config.in_channels, height, width, host.vae_scale_factor)
             x_t = host.prepare_latents(
                 batch, unet.config.in_channels, height, width, dtype, device, generator, latents
             )
@@ -180,7 +175,7 @@ class StableDiffusionXL(StableDiffusion):
         return Job(
             latents=chain_dtype(begin.latents),
             predict=guided(call, guidance_scale if cfg else None, guidance_rescale),
-            finish=lambda z, output_type: self.decode_xl(host, with_known(z, begin.known), output_type),
+            finish=lambda z, output_type: self.decode_xl(host, z, output_type),
             start=begin.start,
             known=begin.known,
         )

@@ -1,6 +1,10 @@
 """Unconditional denoisers called as ``model(sample, timestep)``: pixel-space ``UNet2DModel`` (DDPM, DDIM, PNDM,
 ScoreSdeVe pipelines), latent ``UNet2DModel`` with a VQ decoder (``LDMPipeline``), and any diffusers model that
-declares its ``sample_shape`` (e.g. :class:`mmgibbs.GaussianMixtureDenoiser`)."""
+declares its ``sample_shape`` (e.g. :class:`mmgibbs.GaussianMixtureDenoiser`).
+
+A ``UNet2DModel`` with ``out_channels == 2 * in_channels`` (learned variance, e.g. improved-DDPM checkpoints)
+predicts [F, v]: the chain uses F, the first C channels (epsilon, x0 or v). The learned variance v is not used: the
+moment-matched covariance (isotropic, or sigma^2 d mu / d y from the model's Jacobian) replaces it."""
 
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ from typing import Any
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .base import Family, Job, postprocess
+from ..checks import check_shape
+from .base import Family, Job, drop_learned_variance, learned_variance, postprocess
 
 
 def sample_shape(model: torch.nn.Module) -> tuple[int, ...]:
@@ -24,11 +29,14 @@ def sample_shape(model: torch.nn.Module) -> tuple[int, ...]:
 
 
 def model_predict(model: torch.nn.Module) -> Any:
-    """``(model_input, t) -> model(model_input, t)`` in the model's dtype, unwrapping diffusers outputs."""
+    """``(model_input, t) -> model(model_input, t)`` in the model's dtype, unwrapping diffusers outputs and
+    dropping a learned variance (the last C of 2C output channels)."""
+    channels = learned_variance(model)
 
     def predict(model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         out = model(model_input.to(model.dtype), timestep.expand(len(model_input)))
-        return out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+        out = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+        return drop_learned_variance(out, channels)
 
     return predict
 
@@ -46,13 +54,27 @@ class Unconditional(Family):
         self,
         scheduler: Any,
         *,
-        batch_size: int = 1,
+        batch_size: int | None = None,
         generator: Any = None,
         latents: torch.Tensor | None = None,
         x_init: torch.Tensor | None = None,
         device: torch.device | None = None,
     ) -> Job:
-        shape = (batch_size, *sample_shape(self.unet))
+        """The chain's start: ``latents`` (x_t at the first level), ``x_init`` re-noised to it, or N(0, I) scaled.
+
+        ``batch_size`` defaults to the number of samples in ``latents`` / ``x_init`` (else 1); either must have
+        shape (batch_size, *sample shape)."""
+        if latents is not None and x_init is not None:
+            raise ValueError(
+                "Pass `x_init` (a clean start, re-noised to the first level) or `latents` (the noisy start), not both."
+            )
+        given, name = (latents, "latents") if latents is not None else (x_init, "x_init")
+        if batch_size is None:
+            batch_size = len(given) if given is not None and given.ndim > 0 else 1
+        one = sample_shape(self.unet)
+        shape = (batch_size, *one)
+        if given is not None:
+            check_shape(given, shape, name, f"`batch_size` samples of the model's sample shape {one}")
         dtype = torch.float64 if self.unet.dtype == torch.float64 else torch.float32
         if latents is not None:
             sample = latents.to(device, dtype)
@@ -61,8 +83,6 @@ class Unconditional(Family):
             sample = scheduler.add_noise(x_init.to(device, dtype), noise, scheduler.timesteps[:1].cpu())
         else:
             sample = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
-        if sample.shape != shape:
-            raise ValueError(f"The starting sample must have shape {shape}; got {tuple(sample.shape)}.")
         return Job(latents=sample, predict=model_predict(self.unet), finish=self.finish, callback_name="sample")
 
     def finish(self, sample: torch.Tensor, output_type: str) -> Any:

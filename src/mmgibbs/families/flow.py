@@ -1,0 +1,66 @@
+"""What the flow-matching families (SD3, Flux) share: the noise frame and the resolution-dependent shift.
+
+Rectified-flow models see x_t = (1 - u) x + u eps at timestep t = u * T (T = ``num_train_timesteps``, 1000) and
+predict the velocity v = eps - x, so mu = E[x | x_t] = x_t - u v (the ``flow`` row of ``mmgibbs.noise``); the
+variance-exploding frame of the Gibbs kernel is y = x_t / (1 - u) = x + sigma eps with sigma = u / (1 - u).
+
+Which levels u a host lays out depends on the image size when the scheduler config has
+``use_dynamic_shifting``: u -> e^mu / (e^mu + 1 / u - 1) with mu = :func:`calculate_shift` (diffusers' own),
+linear in the image's token count between (``base_image_seq_len``, ``base_shift``) and (``max_image_seq_len``,
+``max_shift``). :meth:`FlowMatching.set_timesteps` computes mu as the host pipeline does, before the latents exist
+(the token count follows from ``height``/``width`` or from the ``latents`` passed).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+from .base import Family
+
+
+class FlowMatching(Family):
+    """A flow-matching transformer family: the levels' shift ``mu`` follows the image size (see the module).
+
+    Subclasses give :meth:`image_seq_len` (tokens per image, as the host counts them) and say whether the host
+    passes its own default ``sigmas`` (Flux: linspace(1, 1/n, n)) and ``mu`` always (Flux) or only with
+    ``use_dynamic_shifting`` (SD3).
+    """
+
+    model = "transformer"
+    #: the host's default for a config without ``max_shift`` (FluxPipeline 1.15, StableDiffusion3Pipeline 1.16)
+    default_max_shift: ClassVar[float] = 1.15
+    #: whether the host passes ``sigmas = linspace(1, 1/n, n)`` when the caller gives none (FluxPipeline does)
+    host_sigmas: ClassVar[bool] = False
+    #: whether the host computes ``mu`` without ``use_dynamic_shifting`` too (FluxPipeline does; ignored there)
+    always_mu: ClassVar[bool] = False
+
+    def image_seq_len(self, arguments: dict[str, Any]) -> int:
+        """Image tokens the transformer sees for these call arguments."""
+        raise NotImplementedError
+
+    def set_timesteps(self, scheduler: Any, num_inference_steps: int, device: Any, arguments: dict[str, Any]) -> None:
+        """The host's levels: ``mu`` = calculate_shift(image tokens, the config's base/max shift and sequence
+        lengths) when the config shifts dynamically (or a ``mu`` the caller passes), and the host's ``sigmas``."""
+        config = scheduler.config
+        mu = arguments.get("mu")
+        if mu is None and (self.always_mu or config.get("use_dynamic_shifting", False)):
+            mu = calculate_shift(
+                self.image_seq_len(arguments),
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", self.default_max_shift),
+            )
+        sigmas = arguments.get("sigmas")
+        if sigmas is None and self.host_sigmas and not config.get("use_flow_sigmas", False):
+            sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        kwargs: dict[str, Any] = {"device": device}
+        if mu is not None:
+            kwargs["mu"] = mu
+        if sigmas is not None:
+            scheduler.set_timesteps(sigmas=sigmas, **kwargs)
+        else:
+            scheduler.set_timesteps(num_inference_steps, **kwargs)
