@@ -3,7 +3,8 @@ noise level sigma (here exact: ``GaussianMixtureDenoiser``), and the samplers of
 
 * the noisy marginal p~ itself and unadjusted Langevin on its score (started from N(0, I));
 * the moment-matching Gibbs chain x -> y = x + sigma eps -> x ~ N(mu(y), Sigma(y)), started from N(0, I),
-  with covariance none / isotropic / diagonal (Hutchinson) / exact diagonal / full / projection,
+  with covariance none / isotropic / diagonal (Hutchinson) / exact diagonal / full / projection / calibrated
+  (the expected posterior covariance per cluster of mu, from 4000 clean samples) / calibrated + Jacobian,
   run by ``MomentMatchingGibbsPipeline`` exactly as for a UNet;
 * the exact-posterior Gibbs chain x ~ p(x | y) (what the moment matching approximates).
 
@@ -80,6 +81,10 @@ def run(sigma: float, sweeps: int, num_samples: int, seed: int) -> dict[str, dic
     record("noisy marginal p~", lambda: model.sample_noisy(num_samples, sigma, g))
     record("Langevin on p~", lambda: langevin_on_noisy(model, sigma, num_samples, g))
     record("exact-posterior Gibbs", lambda: exact_gibbs(model, sigma, num_samples, sweeps, g))
+    # the calibrated covariances read a table: E[Cov[x | y] | cluster of mu(y)] at this level, from 4000 clean samples
+    # and one model call each, 4 clusters (the modes); its own generator, so the other rows' draws are unchanged
+    g_cal = torch.Generator().manual_seed(10**4 + seed)
+    pipe.calibrate_covariance(sweeps, samples=model.sample(4000, g_cal), generator=g_cal, num_clusters=4, rank=2)
     for cov in COVARIANCES:
 
         def gibbs(cov: str = cov):
