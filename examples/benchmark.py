@@ -545,7 +545,7 @@ def toy_annealed_table(bench: Bench, n: int) -> str:
         runs += [(name, steps, lambda seed, a=name, k=steps: diffusers_run(a, k, seed)) for name in TOY_SCHEDULERS]
         runs += [
             (f"MMGibbs ancestral, {cov}", steps, lambda seed, c=cov, k=steps: mmgibbs_run(c, k, seed))
-            for cov in ("none", "isotropic", "full", "projection")
+            for cov in ("none", "isotropic", "isotropic_batch", "full", "projection")
         ]
     lines = [
         f"#### Exact toy as a VP diffusion model (1000 linear-beta DDPM steps, no clipping; N = {n}; "
