@@ -459,6 +459,12 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         Returns the table; its ``sample_forwards`` and ``settings["sampler_sample_forwards"]`` are the calibration's
         cost in single-sample model evaluations (calibration passes; drawing the self-samples).
         """
+        family = self.family(self.scheduler)
+        if not isinstance(family, Unconditional):
+            raise NotImplementedError(
+                f"calibrate_covariance supports unconditional models; {family.name} is conditional, and one table "
+                "per level would average the posterior covariance over prompts (calibrate per prompt set instead)."
+            )
         steps = [num_inference_steps] if isinstance(num_inference_steps, int) else list(num_inference_steps)
         settings: dict[str, Any] = {"source": "given samples", "sampler_sample_forwards": 0}
         if samples is None:
@@ -483,12 +489,6 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             }
         device = self._execution_device
         samples = samples.to(device)
-        family = self.family(self.scheduler)
-        if not isinstance(family, Unconditional):
-            raise NotImplementedError(
-                f"calibrate_covariance supports unconditional models; {family.name} is conditional, and one table "
-                "per level would average the posterior covariance over prompts (calibrate per prompt set instead)."
-            )
         predict = family.prepare(self.scheduler, batch_size=1, device=device).predict
         table, old = None, self.scheduler.covariance_table
         for n in steps:
