@@ -242,6 +242,14 @@ def test_save_pretrained_keeps_the_table(calibrated, tmp_path) -> None:
     torch.testing.assert_close(_draw(loaded, [60, 61]), _draw(calibrated, [60, 61]), rtol=0, atol=0)
 
 
+def test_from_pipe_and_from_scheduler_keep_the_table(calibrated) -> None:
+    """New settings over a calibrated scheduler keep its table (it was dropped with the old scheduler)."""
+    assert MMGibbsScheduler.from_scheduler(calibrated.scheduler, gibbs_sweeps=2).covariance_table is not None
+    again = MomentMatchingGibbsPipeline.from_pipe(calibrated, eta=1.0)
+    assert again.scheduler.covariance_table is calibrated.scheduler.covariance_table
+    torch.testing.assert_close(_draw(again, [62, 63]), _draw(calibrated, [62, 63], eta=1.0), rtol=0, atol=0)
+
+
 def test_uncalibrated_use_fails_with_a_clear_message(calibrated) -> None:
     with pytest.raises(ValueError, match="No calibrated covariance for sigma"):
         _draw(calibrated, [1], steps=13)

@@ -252,9 +252,15 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
     def from_scheduler(cls, scheduler: SchedulerMixin, **settings: Any) -> MMGibbsScheduler:
         """From a live diffusers scheduler, e.g. ``pipe.scheduler = MMGibbsScheduler.from_scheduler(pipe.scheduler,
         covariance="isotropic")``: its config and its class (a config built in Python names no class, and some
-        configs fit several schedulers whose levels differ). An MMGibbsScheduler without settings comes back as is."""
+        configs fit several schedulers whose levels differ). An MMGibbsScheduler without settings comes back as is;
+        with settings, a new one that keeps its calibrated covariance table (the table is keyed by level, so a
+        setting that moves the levels finds the missing ones named when sampling)."""
         if isinstance(scheduler, MMGibbsScheduler):
-            return cls.from_config(scheduler.config, **settings) if settings else scheduler
+            if not settings:
+                return scheduler
+            new = cls.from_config(scheduler.config, **settings)
+            new.set_covariance_table(scheduler.covariance_table)
+            return new
         return cls.from_config({**scheduler.config, "_class_name": type(scheduler).__name__}, **settings)
 
     @classmethod
