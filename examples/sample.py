@@ -44,7 +44,8 @@ from huggingface_hub.utils import validate_repo_id
 from PIL import Image
 
 from mmgibbs import COVARIANCES, MMGibbsScheduler, MomentMatchingGibbsPipeline
-from mmgibbs.moments import JACOBIAN_COVARIANCES
+from mmgibbs.calibration import TABLE_FILE
+from mmgibbs.moments import CALIBRATED_COVARIANCES, JACOBIAN_COVARIANCES
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "checkpoints" / "digits-ddpm"
 
@@ -55,7 +56,8 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32) -> DiffusionPi
     kwargs = {} if dtype == torch.float32 else {"torch_dtype": dtype}
     if path.exists():
         index = json.loads((path / "model_index.json").read_text())
-        if index.get("_class_name") == MomentMatchingGibbsPipeline.__name__:
+        name = index.get("_class_name")  # a [module, class] pair when saved diffusers' custom-class way
+        if (name[-1] if isinstance(name, list) else name) == MomentMatchingGibbsPipeline.__name__:
             return MomentMatchingGibbsPipeline.from_pretrained(path, **kwargs)
         return DiffusionPipeline.from_pretrained(path, **kwargs)
     try:
@@ -88,8 +90,11 @@ def check_loaded(pipe: DiffusionPipeline, args: argparse.Namespace) -> None:
     before loading), before any sampling."""
     if Path(args.model).expanduser().exists():
         return
+    parser = build_parser()
     components = {k: [None, None] if v is None else ["", type(v).__name__] for k, v in pipe.components.items()}
-    check_model(build_parser(), args, {"_class_name": type(pipe).__name__, **components})
+    check_model(parser, args, {"_class_name": type(pipe).__name__, **components})
+    if args.covariance in CALIBRATED_COVARIANCES and getattr(pipe.scheduler, "covariance_table", None) is None:
+        parser.error(_NO_TABLE.format(covariance=args.covariance, model=args.model))
 
 
 def build_sampler(pipe: DiffusionPipeline, mode: str, settings: dict[str, Any]) -> DiffusionPipeline:
@@ -278,6 +283,12 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         check_model(parser, args, index, Path(args.model).expanduser())
 
 
+_NO_TABLE = (
+    "--covariance {covariance} needs a calibrated covariance table, and {model} was saved without one: calibrate it "
+    "once (MomentMatchingGibbsPipeline.calibrate_covariance, then save_pretrained) and pass that folder"
+)
+
+
 def check_model(
     parser: argparse.ArgumentParser, args: argparse.Namespace, index: dict[str, Any], folder: Path | None = None
 ) -> None:
@@ -294,6 +305,12 @@ def check_model(
         parser.error(
             f"--mode drop-in swaps a diffusers pipeline's scheduler; {args.model} is a {name}: use --mode pipeline"
         )
+    if (
+        folder is not None
+        and args.covariance in CALIBRATED_COVARIANCES
+        and not (folder / "scheduler" / TABLE_FILE).is_file()
+    ):
+        parser.error(_NO_TABLE.format(covariance=args.covariance, model=args.model))
     if folder is not None and (folder / "scheduler").is_dir():
         try:
             MMGibbsScheduler.from_config(

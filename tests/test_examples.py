@@ -60,6 +60,39 @@ def test_main_job_refuses_jacobian_covariance_in_drop_in_mode(tmp_path, capsys) 
     assert "--covariance diagonal needs the model's Jacobian" in capsys.readouterr().err
 
 
+def test_main_job_refuses_calibrated_covariance_without_a_table(tmp_path, capsys) -> None:
+    """A folder saved without a calibrated table: refused before the model is loaded (it used to sample and fail
+    with a traceback from inside the kernel)."""
+    import sample
+
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(
+            ["--covariance", "calibrated", "--batch-size", "2", "--steps", "2", "--out", str(tmp_path / "a.png")]
+        )
+    assert exit_info.value.code == 2
+    assert "--covariance calibrated needs a calibrated covariance table" in capsys.readouterr().err
+
+
+def test_main_job_samples_a_saved_calibrated_pipeline(tmp_path, capsys) -> None:
+    """Calibrate the digits DDPM (2 levels, 64 train digits), save it, sample it from the command line: the saved
+    pipeline (custom-class ``model_index.json``) loads without remote code and the table travels with it."""
+    import sample
+    from digits import load_digits_split
+
+    from mmgibbs import MomentMatchingGibbsPipeline
+
+    pipe = MomentMatchingGibbsPipeline.from_pretrained(CHECKPOINTS / "digits-ddpm")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.calibrate_covariance(
+        2, samples=load_digits_split()[0][:64], generator=torch.Generator().manual_seed(0), num_clusters=2, rank=4
+    )
+    pipe.save_pretrained(tmp_path / "calibrated")
+    argv = ["--model", str(tmp_path / "calibrated"), "--covariance", "calibrated", "--eta", "0", "--steps", "2"]
+    sample.main([*argv, "--batch-size", "3", "--out", str(tmp_path / "a.png")])
+    printed = capsys.readouterr().out
+    assert "covariance=calibrated" in printed and "2 UNet forward passes, 0 backward passes" in printed
+
+
 def test_offline_hub_id_says_how_to_pass_a_local_folder() -> None:
     result = _run([sys.executable, "examples/sample.py", "--model", "google/ddpm-cifar10-32", "--steps", "2"])
     assert result.returncode != 0
