@@ -529,9 +529,9 @@ def toy_annealed_table(bench: Bench, n: int) -> str:
         scheduler.set_timesteps(steps)
         return standard_loop(model, scheduler, (n, 2), bench._gen(seed), torch.float64), steps
 
-    def mmgibbs_run(covariance: str, steps: int, seed: int) -> tuple[torch.Tensor, float]:
+    def mmgibbs_run(covariance: str, steps: int, seed: int, eta: float = 1.0) -> tuple[torch.Tensor, float]:
         pipe = MomentMatchingGibbsPipeline(
-            unet=model, scheduler=MMGibbsScheduler.from_config(config, covariance=covariance)
+            unet=model, scheduler=MMGibbsScheduler.from_config(config, covariance=covariance, eta=eta)
         )
         pipe.set_progress_bar_config(disable=True)
         out = pipe(batch_size=n, num_inference_steps=steps, generator=bench._gen(seed), output_type="pt")
@@ -547,6 +547,9 @@ def toy_annealed_table(bench: Bench, n: int) -> str:
             (f"MMGibbs ancestral, {cov}", steps, lambda seed, c=cov, k=steps: mmgibbs_run(c, k, seed))
             for cov in ("none", "isotropic", "isotropic_batch", "full", "projection")
         ]
+        runs.append(
+            ("MMGibbs ancestral eta=0, isotropic", steps, lambda seed, k=steps: mmgibbs_run("isotropic", k, seed, 0.0))
+        )
     lines = [
         f"#### Exact toy as a VP diffusion model (1000 linear-beta DDPM steps, no clipping; N = {n}; "
         f"seeds {bench.args.seeds}; each seed against fresh clean samples)\n",
