@@ -181,6 +181,19 @@ def drop_learned_variance(output: torch.Tensor, channels: int | None) -> torch.T
     return output if channels is None else output[:, :channels]
 
 
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The chain's dtype for a model or latents of ``dtype``: float64 stays float64, anything else (half precision
+    included) is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def chain_dtype(latents: torch.Tensor) -> torch.Tensor:
+    """``latents`` in the chain's dtype (:func:`work_dtype`): float64 for float64 models, else float32."""
+    return latents.to(work_dtype(latents.dtype))
+
+
 def postprocess(images: torch.Tensor, output_type: str, processor: VaeImageProcessor | None = None) -> Any:
-    """Images in [-1, 1] (N, C, H, W) to ``output_type`` with diffusers' ``VaeImageProcessor``."""
+    """Images in [-1, 1] (N, C, H, W) to ``output_type`` with diffusers' ``VaeImageProcessor``, in float32 (float64
+    kept: :func:`work_dtype`)."""
+    images = images.to(work_dtype(images.dtype))
     return (processor or VaeImageProcessor()).postprocess(images, output_type=output_type)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .base import Family, Job, drop_learned_variance, guided, learned_variance, postprocess
+from .base import Family, Job, drop_learned_variance, guided, learned_variance, postprocess, work_dtype
 
 
 class DiT(Family):
@@ -118,9 +118,8 @@ class DiT(Family):
             )[0]
             return drop_learned_variance(out, keep)
 
-        work = torch.float64 if model.dtype == torch.float64 else torch.float32
         return Job(
-            latents=start.to(work),
+            latents=start.to(work_dtype(model.dtype)),
             predict=guided(call, guidance_scale if cfg else None, cond_first=True),
             finish=self.decode,
         )
@@ -131,4 +130,4 @@ class DiT(Family):
             return latents
         vae = self.host.vae
         images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-        return postprocess(images.float() if images.dtype != torch.float64 else images, output_type)
+        return postprocess(images, output_type)

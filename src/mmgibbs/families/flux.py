@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .base import Job, check_latents, guided
+from .base import Job, chain_dtype, check_latents, guided
 from .flow import FlowMatching
 
 
@@ -166,7 +166,7 @@ class Flux(FlowMatching):
             )[0]
 
         return Job(
-            latents=start if start.dtype == torch.float64 else start.float(),
+            latents=chain_dtype(start),
             predict=guided(call, true_cfg_scale if cfg else None),
             finish=lambda z, output_type: self.decode(z, output_type, height, width),
         )

@@ -25,7 +25,7 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
 )
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
 
-from .base import Family, Job, check_latents, drop_learned_variance, guided, learned_variance
+from .base import Family, Job, check_latents, drop_learned_variance, guided, learned_variance, work_dtype
 
 #: the hosts' aspect-ratio bins by the transformer's ``sample_size``
 ASPECT_RATIO_BINS: dict[str, dict[int, dict[str, list[float]]]] = {
@@ -141,9 +141,8 @@ class PixArt(Family):
             )[0]
             return drop_learned_variance(out, keep)
 
-        work = torch.float64 if model.dtype == torch.float64 else torch.float32
         return Job(
-            latents=start.to(work),
+            latents=start.to(work_dtype(model.dtype)),
             predict=guided(call, guidance_scale if cfg else None),
             finish=lambda z, output_type: self.decode(z, output_type, size),
         )

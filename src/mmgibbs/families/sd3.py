@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .base import Job, check_latents, guided
+from .base import Job, chain_dtype, check_latents, guided
 from .flow import FlowMatching
 
 
@@ -127,7 +127,7 @@ class StableDiffusion3(FlowMatching):
             )[0]
 
         return Job(
-            latents=start if start.dtype == torch.float64 else start.float(),
+            latents=chain_dtype(start),
             predict=guided(call, guidance_scale if cfg else None),
             finish=self.decode,
         )

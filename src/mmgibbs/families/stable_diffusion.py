@@ -45,7 +45,17 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import Family, Job, Predict, check_latents, guided, host_default, refuse_unused, sibling_host
+from .base import (
+    Family,
+    Job,
+    Predict,
+    chain_dtype,
+    check_latents,
+    guided,
+    host_default,
+    refuse_unused,
+    sibling_host,
+)
 
 MODES = ("text", "img2img", "inpaint")
 
@@ -166,11 +176,6 @@ def image_start(
                 f"latents have {x_t.shape[1]} + {mask.shape[1]} + {masked_latents.shape[1]}."
             )
     return Start(latents=x_t, start=start, known=(image_latents, keep), channels=channels)
-
-
-def chain_dtype(latents: torch.Tensor) -> torch.Tensor:
-    """The chain runs in float64 for float64 models, else float32 (half-precision latents are upcast)."""
-    return latents.double() if latents.dtype == torch.float64 else latents.float()
 
 
 def unet_call(

@@ -25,8 +25,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import Job, check_latents, guided, host_default, sibling_host
-from .stable_diffusion import MODES, StableDiffusion, Start, chain_dtype, image_start, mode_of, unet_call
+from .base import Job, chain_dtype, check_latents, guided, host_default, sibling_host
+from .stable_diffusion import MODES, StableDiffusion, Start, image_start, mode_of, unet_call
 
 Size = tuple[int, int]
 
