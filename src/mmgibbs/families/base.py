@@ -192,6 +192,24 @@ def chain_dtype(latents: torch.Tensor) -> torch.Tensor:
     return latents.to(work_dtype(latents.dtype))
 
 
+def learned_sigma_call(model: torch.nn.Module, **conditioning: Any) -> Predict:
+    """``(model_input, t) -> model(model_input, timestep=t, **conditioning)`` in the model's dtype, ``t`` repeated
+    per row, without the learned variance (:func:`drop_learned_variance`): how DiT and PixArt call their
+    transformers, on the batch of ``conditioning`` (both guidance branches with CFG)."""
+    keep = learned_variance(model)
+
+    def call(model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        out = model(
+            model_input.to(model.dtype),
+            timestep=timestep.expand(len(model_input)),
+            return_dict=False,
+            **conditioning,
+        )[0]
+        return drop_learned_variance(out, keep)
+
+    return call
+
+
 def postprocess(images: torch.Tensor, output_type: str, processor: VaeImageProcessor | None = None) -> Any:
     """Images in [-1, 1] (N, C, H, W) to ``output_type`` with diffusers' ``VaeImageProcessor``, in float32 (float64
     kept: :func:`work_dtype`)."""

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .base import Family, Job, drop_learned_variance, guided, learned_variance, postprocess, work_dtype
+from .base import Family, Job, guided, learned_sigma_call, postprocess, work_dtype
 
 
 class DiT(Family):
@@ -107,17 +107,7 @@ class DiT(Family):
         start = latents.to(device) * scheduler.init_noise_sigma
         null = [config.num_embeds_ada_norm] * len(labels) if cfg else []
         class_input = torch.tensor(labels + null, device=device)
-        keep = learned_variance(model)
-
-        def call(model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-            out = model(
-                model_input.to(model.dtype),
-                timestep=timestep.expand(len(model_input)),
-                class_labels=class_input,
-                return_dict=False,
-            )[0]
-            return drop_learned_variance(out, keep)
-
+        call = learned_sigma_call(model, class_labels=class_input)
         return Job(
             latents=start.to(work_dtype(model.dtype)),
             predict=guided(call, guidance_scale if cfg else None, cond_first=True),
