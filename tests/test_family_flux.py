@@ -14,7 +14,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline
 from exact_flow_gaussians import ExactGaussians, assert_law, chain_law, guided_affine
 from tiny_flux import FLUX_DEV_SCHEDULER_CONFIG, tiny_flux_components, tiny_flux_pipeline
-from tiny_pipelines import count_calls
+from tiny_pipelines import count_calls, generator
 
 from mmgibbs import MMGibbsScheduler, MomentMatchingGibbsPipeline
 
@@ -29,13 +29,8 @@ def flux_pipe() -> MomentMatchingGibbsPipeline:
 
 
 def run(pipe, prompts: list[str], seed: int | list[int] = 0, **kwargs):
-    generator = (
-        [torch.Generator().manual_seed(s) for s in seed]
-        if isinstance(seed, list)
-        else torch.Generator().manual_seed(seed)
-    )
     kwargs = {"num_inference_steps": 2, "output_type": "np", **SIZE, **kwargs}
-    return pipe(prompts, generator=generator, **kwargs)
+    return pipe(prompts, generator=generator(seed), **kwargs)
 
 
 def record(module: torch.nn.Module, keys: tuple[str, ...]):

@@ -17,6 +17,8 @@ from diffusers import (
 from tiny_pipelines import (
     SD_SCHEDULER_CONFIG,
     count_calls,
+    generator,
+    gibbs,
     tiny_sd_components,
     tiny_stable_diffusion_pipeline,
     tiny_unet2d_condition,
@@ -28,16 +30,6 @@ from mmgibbs.noise import NoiseSchedule
 
 PROMPTS = ["a red cat", "a blue dog"]
 SD_HOSTS = (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline)
-
-
-def generator(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def gibbs(host: Any, **settings: Any) -> MomentMatchingGibbsPipeline:
-    pipe = MomentMatchingGibbsPipeline.from_pipe(host, jacobian="reverse", **settings)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
 from exact_flow_gaussians import ExactGaussians, assert_law, chain_law, guided_affine
-from tiny_pipelines import count_calls
+from tiny_pipelines import count_calls, generator
 from tiny_sd3 import tiny_sd3_components, tiny_sd3_pipeline
 
 from mmgibbs import MMGibbsScheduler, MomentMatchingGibbsPipeline
@@ -30,13 +30,8 @@ def sd3_pipe64() -> MomentMatchingGibbsPipeline:
 
 
 def run(pipe: MomentMatchingGibbsPipeline, prompts: list[str], seed: int | list[int] = 0, **kwargs):
-    generator = (
-        [torch.Generator().manual_seed(s) for s in seed]
-        if isinstance(seed, list)
-        else torch.Generator().manual_seed(seed)
-    )
     kwargs = {"num_inference_steps": 2, "output_type": "np", **kwargs}
-    return pipe(prompts, generator=generator, **kwargs)
+    return pipe(prompts, generator=generator(seed), **kwargs)
 
 
 def test_from_pipe_shares_the_host_components() -> None:

@@ -32,12 +32,16 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from mmgibbs import MomentMatchingGibbsPipeline
+
 __all__ = [
     "SD_SCHEDULER_CONFIG",
     "TINY_SD_IMAGE_SIZE",
     "TINY_SD_LATENT_SIZE",
     "TINY_VOCAB_WORDS",
     "count_calls",
+    "generator",
+    "gibbs",
     "tiny_autoencoder_kl",
     "tiny_clip_text_model",
     "tiny_clip_tokenizer",
@@ -272,3 +276,17 @@ def count_calls(module: torch.nn.Module) -> Iterator[list[int]]:
         yield calls
     finally:
         handle.remove()
+
+
+def gibbs(host: Any, **settings: Any) -> MomentMatchingGibbsPipeline:
+    """``MomentMatchingGibbsPipeline.from_pipe(host, jacobian="reverse", **settings)``, progress bar off."""
+    pipe = MomentMatchingGibbsPipeline.from_pipe(host, jacobian="reverse", **settings)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generator(seed: int | list[int] = 0) -> torch.Generator | list[torch.Generator]:
+    """A CPU generator seeded with ``seed``; a list of seeds gives one generator each (one per image)."""
+    if isinstance(seed, list):
+        return [torch.Generator().manual_seed(s) for s in seed]
+    return torch.Generator().manual_seed(seed)
