@@ -30,12 +30,14 @@ the recursion uses (its batch fluctuation is O(1 / sqrt(N d)), far inside the to
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from mmgibbs import MMGibbsScheduler
 from mmgibbs.gibbs import kept_noise_share
 
 
@@ -127,3 +129,85 @@ def assert_law(samples: torch.Tensor, mean: torch.Tensor, var: float, what: str)
     assert abs(pooled) < 4.5, f"{what}: mean off by {pooled:.1f} standard errors"
     per_coordinate = residual.mean(0).pow(2).mean().sqrt().item() / (var / n) ** 0.5  # ~1 when right
     assert per_coordinate < 1.25, f"{what}: per-coordinate means off by {per_coordinate:.2f} standard errors (rms)"
+
+
+# ------------------------------------------------------------------ the checks SD3 and Flux share
+# ``run(pipe, prompts, seed=..., **call arguments)`` is the test module's call (seeded generators, its sizes);
+# ``guidance`` are the family's guidance arguments (SD3: ``guidance_scale``; Flux: ``negative_prompt`` and
+# ``true_cfg_scale``); the hook's conditions 0 and 1 are ``prompts`` and 2 the unconditional branch.
+Run = Callable[..., Any]
+
+
+def assert_exact_laws(
+    run: Run, pipe: Any, hook: ExactGaussians, prompts: list[str], covariance: str, g: float | None, **guidance: Any
+) -> None:
+    """Final latents per prompt at 20 levels have the exact law (module docstring): N(m_c, s_c^2) without guidance
+    (``g`` None), the chain's guided Gaussian with it. `isotropic` runs one prompt per batch (its variance is one
+    estimate per batch); `diagonal` both prompts in one batch."""
+    n = 96
+    batches = [[0, 1]] if covariance == "diagonal" else [[0], [1]]
+    handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            hook.levels.clear()
+            latents = run(
+                pipe,
+                [prompts[c] for c in batch],
+                seed=sum(batch),
+                covariance=covariance,
+                num_inference_steps=20,
+                num_images_per_prompt=n,
+                max_sequence_length=8,
+                output_type="latent",
+                **guidance,
+            ).images
+            assert latents.dtype == torch.float64 and len(hook.levels) == 20
+            for j, c in enumerate(batch):
+                mean, var = chain_law(hook.levels, hook.means, hook.stds, c, covariance, 2, g)
+                if g is None:
+                    torch.testing.assert_close(mean, hook.means[c], atol=2e-3, rtol=0)
+                    assert abs(var / hook.stds[c].item() ** 2 - 1) < 2e-3
+                assert_law(latents[j * n : (j + 1) * n], mean, var, f"{covariance} prompt {c} {guidance}")
+    finally:
+        handle.remove()
+
+
+def assert_exact_affine_denoiser(
+    pipe: Any, hook: ExactGaussians, arguments: dict[str, Any], shape: tuple[int, ...], g: float
+) -> None:
+    """Through the family's ``prepare`` for ``arguments`` (two prompts, guidance scale g), on 5 levels: mu = a y + b
+    and J^T v = a v with the analytic guided a, b (:func:`guided_affine`) at every level, for y of ``shape`` per
+    image."""
+    scheduler = MMGibbsScheduler.from_config(pipe.scheduler.config)
+    family = pipe.family(scheduler)
+    family.set_timesteps(scheduler, 5, "cpu", arguments)
+    denoiser = scheduler.denoiser(family.prepare(scheduler, device=torch.device("cpu"), **arguments).predict)
+    y = torch.randn(2, *shape, dtype=torch.float64, requires_grad=True)
+    v = torch.randn_like(y)
+    handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
+    try:
+        for i, sigma in enumerate(scheduler.ve_sigmas()):
+            mu = denoiser(y, i)
+            (vjp,) = torch.autograd.grad(mu, y, v)
+            for c in (0, 1):
+                a, b = guided_affine(sigma, hook.means, hook.stds, c, 2, g)
+                torch.testing.assert_close(mu[c], a * y[c].detach() + b, atol=1e-5, rtol=1e-6)
+                torch.testing.assert_close(vjp[c], a * v[c], atol=1e-8, rtol=1e-6)
+    finally:
+        handle.remove()
+
+
+def assert_per_image_streams(run: Run, pipe: Any, hook: ExactGaussians, prompts: list[str], **guidance: Any) -> None:
+    """With one generator per image, image 0 of the float64 ``pipe`` is the same alone and in a batch for `none`,
+    `diagonal`, `projection` and `isotropic`, and not for `isotropic_batch` (one variance estimate over the batch;
+    run with the exact Gaussians' hook, whose variance estimate is never clamped to 0)."""
+    for covariance in ("none", "diagonal", "projection", "isotropic", "isotropic_batch"):
+        kwargs = {**guidance, "covariance": covariance, "output_type": "latent", "max_sequence_length": 8}
+        with contextlib.ExitStack() as stack:
+            if covariance.startswith("isotropic"):
+                handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
+                stack.callback(handle.remove)
+            alone = run(pipe, prompts[:1], seed=[7], **kwargs).images
+            batched = run(pipe, prompts, seed=[7, 8], **kwargs).images
+        same = torch.allclose(alone[0], batched[0], atol=1e-9, rtol=1e-9)
+        assert same == (covariance != "isotropic_batch"), covariance

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler
-from tiny_pipelines import count_calls, tiny_ddpm_pipeline, tiny_stable_diffusion_pipeline
+from tiny_pipelines import count_calls, gibbs, tiny_ddpm_pipeline, tiny_stable_diffusion_pipeline
 
 from mmgibbs import MMGibbsScheduler, MomentMatchingGibbsPipeline
 
@@ -14,8 +14,7 @@ JACOBIAN_FREE_AND_CHEAP = ["none", "isotropic", "diagonal", "projection"]
 
 @pytest.fixture(scope="module")
 def sd_pipe() -> MomentMatchingGibbsPipeline:
-    pipe = MomentMatchingGibbsPipeline.from_pipe(tiny_stable_diffusion_pipeline(), jacobian="reverse")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = gibbs(tiny_stable_diffusion_pipeline())
     return pipe
 
 

@@ -12,7 +12,7 @@ from tiny_dit import (
     ExactClassConditional,
     tiny_dit_pipeline,
 )
-from tiny_pipelines import count_calls, tiny_autoencoder_kl
+from tiny_pipelines import count_calls, gibbs, tiny_autoencoder_kl
 
 from mmgibbs import GaussianMixtureDenoiser, MMGibbsScheduler, MomentMatchingGibbsPipeline
 from mmgibbs.moments import denoising_moments
@@ -22,8 +22,7 @@ COVARIANCES = ["none", "isotropic", "diagonal", "projection"]
 
 @pytest.fixture(scope="module")
 def dit_pipe() -> MomentMatchingGibbsPipeline:
-    pipe = MomentMatchingGibbsPipeline.from_pipe(tiny_dit_pipeline(), jacobian="reverse")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = gibbs(tiny_dit_pipeline())
     return pipe
 
 
@@ -80,8 +79,7 @@ def test_dit_every_covariance_with_and_without_guidance(dit_pipe, covariance: st
 
 def test_dit_legacy_transformer2d_and_latent_output() -> None:
     """DiT checkpoints name their model ``Transformer2DModel``; DiTPipeline holding one works the same."""
-    pipe = MomentMatchingGibbsPipeline.from_pipe(tiny_dit_pipeline(legacy=True), jacobian="reverse")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = gibbs(tiny_dit_pipeline(legacy=True))
     out = pipe(class_labels=[1, 2], covariance="diagonal", num_inference_steps=2, output_type="latent")
     assert out.images.shape == (2, 4, 4, 4) and torch.isfinite(out.images).all()
 
@@ -131,8 +129,7 @@ def test_dit_adapter_is_exact_for_gaussian_classes(covariance: str, guidance_sca
     host = tiny_dit_pipeline()
     host.transformer.double()
     host.vae.double()
-    pipe = MomentMatchingGibbsPipeline.from_pipe(host, jacobian="reverse")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = gibbs(host)
     case = _gaussian_case(equal)
     alphas_cumprod = DDIMScheduler(**DIT_SCHEDULER_CONFIG).alphas_cumprod.double()
 

@@ -12,9 +12,14 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline
-from exact_flow_gaussians import ExactGaussians, assert_law, chain_law, guided_affine
+from exact_flow_gaussians import (
+    ExactGaussians,
+    assert_exact_affine_denoiser,
+    assert_exact_laws,
+    assert_per_image_streams,
+)
 from tiny_flux import FLUX_DEV_SCHEDULER_CONFIG, tiny_flux_components, tiny_flux_pipeline
-from tiny_pipelines import count_calls
+from tiny_pipelines import count_calls, generator
 
 from mmgibbs import MMGibbsScheduler, MomentMatchingGibbsPipeline
 
@@ -29,13 +34,8 @@ def flux_pipe() -> MomentMatchingGibbsPipeline:
 
 
 def run(pipe, prompts: list[str], seed: int | list[int] = 0, **kwargs):
-    generator = (
-        [torch.Generator().manual_seed(s) for s in seed]
-        if isinstance(seed, list)
-        else torch.Generator().manual_seed(seed)
-    )
     kwargs = {"num_inference_steps": 2, "output_type": "np", **SIZE, **kwargs}
-    return pipe(prompts, generator=generator, **kwargs)
+    return pipe(prompts, generator=generator(seed), **kwargs)
 
 
 def record(module: torch.nn.Module, keys: tuple[str, ...]):
@@ -130,16 +130,7 @@ def test_deterministic_and_per_image_generators(flux_pipe, exact_flux) -> None:
     other = run(flux_pipe, PROMPTS, seed=1, **kwargs).images
     assert (first == again).all() and not (first == other).all()
     pipe64, hook = exact_flux
-    for covariance in ("none", "diagonal", "projection", "isotropic", "isotropic_batch"):
-        kwargs = {**kwargs, "covariance": covariance, "output_type": "latent", "max_sequence_length": 8}
-        with contextlib.ExitStack() as stack:
-            if covariance.startswith("isotropic"):
-                handle = pipe64.transformer.register_forward_hook(hook, with_kwargs=True)
-                stack.callback(handle.remove)
-            alone = run(pipe64, PROMPTS[:1], seed=[7], **kwargs).images
-            batched = run(pipe64, PROMPTS, seed=[7, 8], **kwargs).images
-        same = torch.allclose(alone[0], batched[0], atol=1e-9, rtol=1e-9)
-        assert same == (covariance != "isotropic_batch"), covariance
+    assert_per_image_streams(run, pipe64, hook, PROMPTS, negative_prompt="", true_cfg_scale=3.0)
 
 
 # ---------------------------------------------------------------------------------------- exactness
@@ -165,42 +156,14 @@ def test_exact_gaussians_through_the_adapter(exact_flux, covariance, true_cfg_sc
     """Final packed latents per prompt at 20 levels have the exact law (``exact_flow_gaussians``): N(m_c, s_c^2)
     without true CFG, the chain's guided Gaussian with it."""
     pipe, hook = exact_flux
-    n = 96
-    batches = [[0, 1]] if covariance == "diagonal" else [[0], [1]]
-    handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
-    try:
-        for batch in batches:
-            hook.levels.clear()
-            latents = run(
-                pipe,
-                [PROMPTS[c] for c in batch],
-                seed=sum(batch),
-                covariance=covariance,
-                negative_prompt="",
-                true_cfg_scale=true_cfg_scale or 1.0,
-                num_inference_steps=20,
-                num_images_per_prompt=n,
-                max_sequence_length=8,
-                output_type="latent",
-            ).images
-            assert latents.dtype == torch.float64 and len(hook.levels) == 20
-            for j, c in enumerate(batch):
-                mean, var = chain_law(hook.levels, hook.means, hook.stds, c, covariance, 2, true_cfg_scale)
-                if true_cfg_scale is None:
-                    torch.testing.assert_close(mean, hook.means[c], atol=2e-3, rtol=0)
-                    assert abs(var / hook.stds[c].item() ** 2 - 1) < 2e-3
-                what = f"{covariance} prompt {c} true_cfg {true_cfg_scale}"
-                assert_law(latents[j * n : (j + 1) * n], mean, var, what)
-    finally:
-        handle.remove()
+    guidance = {"negative_prompt": "", "true_cfg_scale": true_cfg_scale or 1.0}
+    assert_exact_laws(run, pipe, hook, PROMPTS, covariance, true_cfg_scale, **guidance)
 
 
 def test_true_cfg_mean_and_jacobian_products_are_exact_in_float64(exact_flux) -> None:
     """Through the adapter (packing, pooled/T5 embeddings, batched true CFG, t / 1000): mu = a y + b and
     J^T v = a v with the analytic guided a, b at every level."""
     pipe, hook = exact_flux
-    scheduler = MMGibbsScheduler.from_config(pipe.scheduler.config)
-    family = pipe.family(scheduler)
     arguments = {
         "prompt": PROMPTS,
         "negative_prompt": "",
@@ -208,21 +171,7 @@ def test_true_cfg_mean_and_jacobian_products_are_exact_in_float64(exact_flux) ->
         "max_sequence_length": 8,
         **SIZE,
     }
-    family.set_timesteps(scheduler, 5, "cpu", arguments)
-    denoiser = scheduler.denoiser(family.prepare(scheduler, device=torch.device("cpu"), **arguments).predict)
-    y = torch.randn(2, 16, 16, dtype=torch.float64, requires_grad=True)
-    v = torch.randn_like(y)
-    handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
-    try:
-        for i, sigma in enumerate(scheduler.ve_sigmas()):
-            mu = denoiser(y, i)
-            (vjp,) = torch.autograd.grad(mu, y, v)
-            for c in (0, 1):
-                a, b = guided_affine(sigma, hook.means, hook.stds, c, 2, TRUE_CFG)
-                torch.testing.assert_close(mu[c], a * y[c].detach() + b, atol=1e-5, rtol=1e-6)
-                torch.testing.assert_close(vjp[c], a * v[c], atol=1e-8, rtol=1e-6)
-    finally:
-        handle.remove()
+    assert_exact_affine_denoiser(pipe, hook, arguments, (16, 16), TRUE_CFG)
 
 
 # ---------------------------------------------------------------------------------------- drop-in and errors

@@ -7,9 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler
-from tiny_pipelines import count_calls, tiny_unet2d
-
-from mmgibbs import MomentMatchingGibbsPipeline
+from tiny_pipelines import count_calls, gibbs, tiny_unet2d
 
 
 def _learned_variance_ddpm(channels: int) -> DDPMPipeline:
@@ -26,8 +24,7 @@ def _learned_variance_ddpm(channels: int) -> DDPMPipeline:
 def test_unconditional_learned_variance_keeps_the_first_channels(channels: int, covariance: str) -> None:
     """With C = 1 the 2C-channel output used to broadcast into a 2-channel sample, with C = 3 it failed; now the
     sample keeps C channels and equals the chain of a model that returns only its first C output channels."""
-    pipe = MomentMatchingGibbsPipeline.from_pipe(_learned_variance_ddpm(channels), jacobian="reverse")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = gibbs(_learned_variance_ddpm(channels))
     run = dict(batch_size=2, num_inference_steps=3, covariance=covariance, output_type="latent")
     with count_calls(pipe.unet) as calls:
         out = pipe(generator=torch.Generator().manual_seed(0), **run).images

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
 from guided_gaussian import chain_law, exact_epsilon
-from tiny_pipelines import count_calls
+from tiny_pipelines import count_calls, gibbs
 from tiny_pixart import PIXART_SCHEDULER_CONFIG, tiny_pixart_pipeline, tiny_pixart_transformer
 
 from mmgibbs import MMGibbsScheduler, MomentMatchingGibbsPipeline
@@ -18,8 +18,7 @@ QUIET = dict(clean_caption=False, use_resolution_binning=False, max_sequence_len
 
 @pytest.fixture(scope="module")
 def pixart_pipe() -> MomentMatchingGibbsPipeline:
-    pipe = MomentMatchingGibbsPipeline.from_pipe(tiny_pixart_pipeline(), jacobian="reverse")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = gibbs(tiny_pixart_pipeline())
     return pipe
 
 
@@ -68,8 +67,7 @@ def test_pixart_every_covariance_with_and_without_guidance(
 
 def test_pixart_images_per_prompt_embeds_and_sigma_host() -> None:
     host = tiny_pixart_pipeline(sigma=True)
-    pipe = MomentMatchingGibbsPipeline.from_pipe(host, jacobian="reverse")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = gibbs(host)
     embeds, mask, negative, negative_mask = host.encode_prompt("a red cat", True, max_sequence_length=16)
     with count_calls(pipe.transformer) as calls:
         out = pipe(
@@ -135,8 +133,7 @@ def test_pixart_adapter_is_exact_for_gaussian_prompts(covariance: str, guidance_
     host = tiny_pixart_pipeline()
     for part in (host.transformer, host.vae, host.text_encoder):
         part.double()
-    pipe = MomentMatchingGibbsPipeline.from_pipe(host, jacobian="reverse")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = gibbs(host)
     g = torch.Generator().manual_seed(2)
     means = {k: torch.randn(D, generator=g, dtype=torch.float64) for k in (1, 4, 6)}
     variances = {1: 0.25, 4: 0.25, 6: 0.25} if equal else {1: 0.25, 4: 0.36, 6: 0.16}

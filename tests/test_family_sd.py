@@ -14,24 +14,22 @@ from diffusers import (
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
 )
-from tiny_pipelines import SD_SCHEDULER_CONFIG, count_calls, tiny_sd_components, tiny_stable_diffusion_pipeline
-from tiny_sdxl import tiny_inpainting_unet, tiny_sdxl_pipeline, tiny_stand_in_unet
+from tiny_pipelines import (
+    SD_SCHEDULER_CONFIG,
+    count_calls,
+    generator,
+    gibbs,
+    tiny_sd_components,
+    tiny_stable_diffusion_pipeline,
+    tiny_unet2d_condition,
+)
+from tiny_sdxl import tiny_sdxl_pipeline, tiny_stand_in_unet
 
 from mmgibbs import MomentMatchingGibbsPipeline
 from mmgibbs.noise import NoiseSchedule
 
 PROMPTS = ["a red cat", "a blue dog"]
 SD_HOSTS = (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline)
-
-
-def generator(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def gibbs(host: Any, **settings: Any) -> MomentMatchingGibbsPipeline:
-    pipe = MomentMatchingGibbsPipeline.from_pipe(host, jacobian="reverse", **settings)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +133,7 @@ def test_inpainting_keeps_the_known_region_exactly(channels, covariance, final_o
     if channels == 4:
         host = tiny_stable_diffusion_pipeline()
     else:
-        host = StableDiffusionInpaintPipeline(**{**tiny_sd_components(), "unet": tiny_inpainting_unet()})
+        host = StableDiffusionInpaintPipeline(**{**tiny_sd_components(), "unet": tiny_unet2d_condition(in_channels=9)})
     pipe = gibbs(host)
     image_latents = torch.randn(2, 4, 8, 8, generator=generator(3))
     keep = torch.zeros(2, 1, 8, 8)

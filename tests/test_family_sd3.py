@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
-from exact_flow_gaussians import ExactGaussians, assert_law, chain_law, guided_affine
-from tiny_pipelines import count_calls
+from exact_flow_gaussians import (
+    ExactGaussians,
+    assert_exact_affine_denoiser,
+    assert_exact_laws,
+    assert_per_image_streams,
+)
+from tiny_pipelines import count_calls, generator
 from tiny_sd3 import tiny_sd3_components, tiny_sd3_pipeline
 
 from mmgibbs import MMGibbsScheduler, MomentMatchingGibbsPipeline
@@ -30,13 +34,8 @@ def sd3_pipe64() -> MomentMatchingGibbsPipeline:
 
 
 def run(pipe: MomentMatchingGibbsPipeline, prompts: list[str], seed: int | list[int] = 0, **kwargs):
-    generator = (
-        [torch.Generator().manual_seed(s) for s in seed]
-        if isinstance(seed, list)
-        else torch.Generator().manual_seed(seed)
-    )
     kwargs = {"num_inference_steps": 2, "output_type": "np", **kwargs}
-    return pipe(prompts, generator=generator, **kwargs)
+    return pipe(prompts, generator=generator(seed), **kwargs)
 
 
 def test_from_pipe_shares_the_host_components() -> None:
@@ -156,16 +155,7 @@ def test_deterministic_and_per_image_generators(sd3_pipe, exact_sd3) -> None:
     other = run(sd3_pipe, PROMPTS, seed=1, covariance="diagonal", guidance_scale=5.0).images
     assert (first == again).all() and not (first == other).all()
     pipe64, hook = exact_sd3
-    for covariance in ("none", "diagonal", "projection", "isotropic", "isotropic_batch"):
-        kwargs = {"covariance": covariance, "guidance_scale": 5.0, "output_type": "latent", "max_sequence_length": 8}
-        with contextlib.ExitStack() as stack:
-            if covariance.startswith("isotropic"):
-                handle = pipe64.transformer.register_forward_hook(hook, with_kwargs=True)
-                stack.callback(handle.remove)
-            alone = run(pipe64, PROMPTS[:1], seed=[7], **kwargs).images
-            batched = run(pipe64, PROMPTS, seed=[7, 8], **kwargs).images
-        same = torch.allclose(alone[0], batched[0], atol=1e-9, rtol=1e-9)
-        assert same == (covariance != "isotropic_batch"), covariance
+    assert_per_image_streams(run, pipe64, hook, PROMPTS, guidance_scale=5.0)
 
 
 # ---------------------------------------------------------------------------------------- exactness
@@ -193,32 +183,7 @@ def test_exact_gaussians_through_the_adapter(exact_sd3, covariance, guidance) ->
     N(m_c, s_c^2) without guidance, the chain's guided Gaussian with it. `isotropic` runs one prompt per batch
     (its variance is one estimate per batch); `diagonal` both prompts in one batch."""
     pipe, hook = exact_sd3
-    n = 96
-    batches = [[0, 1]] if covariance == "diagonal" else [[0], [1]]
-    handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
-    try:
-        for batch in batches:
-            hook.levels.clear()
-            latents = run(
-                pipe,
-                [PROMPTS[c] for c in batch],
-                seed=sum(batch),
-                covariance=covariance,
-                guidance_scale=guidance or 1.0,
-                num_inference_steps=20,
-                num_images_per_prompt=n,
-                max_sequence_length=8,
-                output_type="latent",
-            ).images
-            assert latents.dtype == torch.float64 and len(hook.levels) == 20
-            for j, c in enumerate(batch):
-                mean, var = chain_law(hook.levels, hook.means, hook.stds, c, covariance, 2, guidance)
-                if guidance is None:
-                    torch.testing.assert_close(mean, hook.means[c], atol=2e-3, rtol=0)
-                    assert abs(var / hook.stds[c].item() ** 2 - 1) < 2e-3
-                assert_law(latents[j * n : (j + 1) * n], mean, var, f"{covariance} prompt {c} guidance {guidance}")
-    finally:
-        handle.remove()
+    assert_exact_laws(run, pipe, hook, PROMPTS, covariance, guidance, guidance_scale=guidance or 1.0)
 
 
 def test_guided_mean_and_jacobian_products_are_exact_in_float64(exact_sd3) -> None:
@@ -226,24 +191,8 @@ def test_guided_mean_and_jacobian_products_are_exact_in_float64(exact_sd3) -> No
     the analytic guided a, b at every level. To 1e-6 relative: the model is told the float32 timestep (as
     FlowMatchEuler gives it) while the frame change uses the float64 level."""
     pipe, hook = exact_sd3
-    scheduler = MMGibbsScheduler.from_config(pipe.scheduler.config)
-    family = pipe.family(scheduler)
     arguments = {"prompt": PROMPTS, "guidance_scale": GUIDANCE, "max_sequence_length": 8}
-    family.set_timesteps(scheduler, 5, "cpu", arguments)
-    denoiser = scheduler.denoiser(family.prepare(scheduler, device=torch.device("cpu"), **arguments).predict)
-    y = torch.randn(2, 4, 8, 8, dtype=torch.float64, requires_grad=True)
-    v = torch.randn_like(y)
-    handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
-    try:
-        for i, sigma in enumerate(scheduler.ve_sigmas()):
-            mu = denoiser(y, i)
-            (vjp,) = torch.autograd.grad(mu, y, v)
-            for c in (0, 1):
-                a, b = guided_affine(sigma, hook.means, hook.stds, c, 2, GUIDANCE)
-                torch.testing.assert_close(mu[c], a * y[c].detach() + b, atol=1e-5, rtol=1e-6)
-                torch.testing.assert_close(vjp[c], a * v[c], atol=1e-8, rtol=1e-6)
-    finally:
-        handle.remove()
+    assert_exact_affine_denoiser(pipe, hook, arguments, (4, 8, 8), GUIDANCE)
 
 
 # ---------------------------------------------------------------------------------------- drop-in and errors

@@ -13,7 +13,7 @@ from diffusers import (
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
 )
-from tiny_pipelines import count_calls
+from tiny_pipelines import count_calls, generator, gibbs
 from tiny_sdxl import tiny_sdxl_components, tiny_sdxl_pipeline
 
 from mmgibbs import MomentMatchingGibbsPipeline
@@ -22,16 +22,6 @@ PROMPTS = ["a red cat", "a blue dog"]
 MODES = ("text", "img2img", "inpaint")
 HOST_CLASSES = (StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline)
 SDXL_HOSTS = dict(zip(MODES, HOST_CLASSES, strict=True))
-
-
-def generator(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def gibbs(host: Any, **settings: Any) -> MomentMatchingGibbsPipeline:
-    pipe = MomentMatchingGibbsPipeline.from_pipe(host, jacobian="reverse", **settings)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")

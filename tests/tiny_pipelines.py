@@ -30,7 +30,9 @@ from diffusers import (
     UNet2DConditionModel,
     UNet2DModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from mmgibbs import MomentMatchingGibbsPipeline
 
 __all__ = [
     "SD_SCHEDULER_CONFIG",
@@ -38,6 +40,8 @@ __all__ = [
     "TINY_SD_LATENT_SIZE",
     "TINY_VOCAB_WORDS",
     "count_calls",
+    "generator",
+    "gibbs",
     "tiny_autoencoder_kl",
     "tiny_clip_text_model",
     "tiny_clip_tokenizer",
@@ -161,9 +165,10 @@ def tiny_clip_tokenizer(model_max_length: int = TOKENIZER_MAX_LENGTH) -> CLIPTok
 
 
 def tiny_clip_text_model(
-    vocab_size: int, seed: int = 0, eos_token_id: int = 1, bos_token_id: int = 0
-) -> CLIPTextModel:
-    """A 2-layer, 2-head, 32-wide ``CLIPTextModel`` in eval mode."""
+    vocab_size: int, seed: int = 0, eos_token_id: int = 1, bos_token_id: int = 0, projection: bool = False
+) -> CLIPTextModel | CLIPTextModelWithProjection:
+    """A 2-layer, 2-head, 32-wide ``CLIPTextModel`` in eval mode; ``projection=True``: the same as a
+    ``CLIPTextModelWithProjection`` (projection 32), SDXL's second encoder and SD3's CLIP encoders."""
     config = CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=TEXT_HIDDEN_SIZE,
@@ -177,16 +182,18 @@ def tiny_clip_text_model(
         pad_token_id=eos_token_id,
     )
     with _seeded(seed):
-        model = CLIPTextModel(config)
+        model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
     return model.eval()
 
 
-def tiny_unet2d_condition(seed: int = 0) -> UNet2DConditionModel:
-    """A tiny text-conditioned ``UNet2DConditionModel`` on 4 x 8 x 8 latents (cross-attention dim 32)."""
+def tiny_unet2d_condition(seed: int = 0, in_channels: int = 4) -> UNet2DConditionModel:
+    """A tiny text-conditioned ``UNet2DConditionModel`` on 4 x 8 x 8 latents (cross-attention dim 32);
+    ``in_channels=9``: an inpainting UNet (latents, mask, masked-image latents), as ``stable-diffusion-inpainting``
+    has."""
     with _seeded(seed):
         unet = UNet2DConditionModel(
             sample_size=TINY_SD_LATENT_SIZE,
-            in_channels=4,
+            in_channels=in_channels,
             out_channels=4,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -199,8 +206,9 @@ def tiny_unet2d_condition(seed: int = 0) -> UNet2DConditionModel:
     return unet.eval()
 
 
-def tiny_autoencoder_kl(seed: int = 0) -> AutoencoderKL:
-    """A tiny ``AutoencoderKL`` (channels 8/16, 4 latent channels) with downsampling factor 2."""
+def tiny_autoencoder_kl(seed: int = 0, **config: Any) -> AutoencoderKL:
+    """A tiny ``AutoencoderKL`` (channels 8/16, 4 latent channels) with downsampling factor 2; ``config``: further
+    ``AutoencoderKL`` arguments (e.g. SD3/Flux's scaling and shift factors)."""
     with _seeded(seed):
         vae = AutoencoderKL(
             in_channels=3,
@@ -212,6 +220,7 @@ def tiny_autoencoder_kl(seed: int = 0) -> AutoencoderKL:
             latent_channels=4,
             norm_num_groups=4,
             sample_size=TINY_SD_IMAGE_SIZE,
+            **config,
         )
     return vae.eval()
 
@@ -267,3 +276,17 @@ def count_calls(module: torch.nn.Module) -> Iterator[list[int]]:
         yield calls
     finally:
         handle.remove()
+
+
+def gibbs(host: Any, **settings: Any) -> MomentMatchingGibbsPipeline:
+    """``MomentMatchingGibbsPipeline.from_pipe(host, jacobian="reverse", **settings)``, progress bar off."""
+    pipe = MomentMatchingGibbsPipeline.from_pipe(host, jacobian="reverse", **settings)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generator(seed: int | list[int] = 0) -> torch.Generator | list[torch.Generator]:
+    """A CPU generator seeded with ``seed``; a list of seeds gives one generator each (one per image)."""
+    if isinstance(seed, list):
+        return [torch.Generator().manual_seed(s) for s in seed]
+    return torch.Generator().manual_seed(seed)

@@ -1,12 +1,10 @@
 """Tiny, random-weight, offline PixArt pipelines.
 
-* :func:`tiny_t5_tokenizer`: a ``T5Tokenizer`` (transformers 5: a ``tokenizers`` Unigram model) built from a
-  hand-made vocabulary in memory: the words of ``tiny_pipelines.TINY_VOCAB_WORDS`` as whole pieces, single letters
-  as fallbacks; no sentencepiece model, no download.
-* :func:`tiny_pixart_pipeline`: ``PixArtAlphaPipeline`` or ``PixArtSigmaPipeline`` with a 1-layer T5 encoder
-  (32 wide), a 1-layer ``PixArtTransformer2DModel`` (8 wide, learned sigma: 8 output channels) on 4 x 8 x 8
-  latents, the tiny VAE of ``tiny_pipelines`` (factor 2: 16 x 16 images) and PixArt's DPM-Solver settings. With
-  ``binning=True``: ``sample_size`` 32 and a factor-8 VAE, the smallest model whose size has a resolution-bin table.
+* :func:`tiny_pixart_pipeline`: ``PixArtAlphaPipeline`` or ``PixArtSigmaPipeline`` with the T5 tokenizer and a
+  1-layer T5 encoder (32 wide) of ``tiny_sd3`` (a hand-made Unigram vocabulary, no sentencepiece, no download), a
+  1-layer ``PixArtTransformer2DModel`` (8 wide, learned sigma: 8 output channels) on 4 x 8 x 8 latents, the tiny VAE
+  of ``tiny_pipelines`` (factor 2: 16 x 16 images) and PixArt's DPM-Solver settings. With ``binning=True``:
+  ``sample_size`` 32 and a factor-8 VAE, the smallest model whose size has a resolution-bin table.
 """
 
 from __future__ import annotations
@@ -20,10 +18,10 @@ from diffusers import (
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
 )
-from tiny_pipelines import TINY_VOCAB_WORDS, _seeded, tiny_autoencoder_kl
-from transformers import T5Config, T5EncoderModel, T5Tokenizer
+from tiny_pipelines import _seeded, tiny_autoencoder_kl
+from tiny_sd3 import tiny_t5_encoder, tiny_t5_tokenizer
 
-__all__ = ["PIXART_SCHEDULER_CONFIG", "T5_HIDDEN_SIZE", "tiny_pixart_pipeline", "tiny_t5_encoder", "tiny_t5_tokenizer"]
+__all__ = ["PIXART_SCHEDULER_CONFIG", "T5_HIDDEN_SIZE", "tiny_pixart_pipeline"]
 
 #: PixArt-alpha's scheduler_config.json (DPM-Solver++, linear betas, epsilon)
 PIXART_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -34,32 +32,6 @@ PIXART_SCHEDULER_CONFIG: dict[str, Any] = {
     "prediction_type": "epsilon",
 }
 T5_HIDDEN_SIZE = 32
-
-
-def tiny_t5_tokenizer() -> T5Tokenizer:
-    """A T5 tokenizer over a 40-piece vocabulary: <pad>=0, </s>=1, <unk>=2, the word-start marker, whole words,
-    letters. Prompts end with </s> and pad with <pad>, as T5's do."""
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    vocab += [("\u2581" + word, -1.0) for word in TINY_VOCAB_WORDS]
-    vocab += [(chr(c), -5.0) for c in range(ord("a"), ord("z") + 1)]
-    return T5Tokenizer(vocab=vocab, extra_ids=0)
-
-
-def tiny_t5_encoder(vocab_size: int, seed: int = 0) -> T5EncoderModel:
-    """A 1-layer, 4-head, 32-wide ``T5EncoderModel`` in eval mode."""
-    config = T5Config(
-        vocab_size=vocab_size,
-        d_model=T5_HIDDEN_SIZE,
-        d_kv=8,
-        d_ff=37,
-        num_layers=1,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        dropout_rate=0.0,
-    )
-    with _seeded(seed):
-        model = T5EncoderModel(config)
-    return model.eval()
 
 
 def tiny_pixart_transformer(seed: int = 0, sample_size: int = 8, heads: int = 2) -> PixArtTransformer2DModel:
@@ -101,7 +73,7 @@ def tiny_pixart_pipeline(
     host = PixArtSigmaPipeline if sigma else PixArtAlphaPipeline
     pipe = host(
         tokenizer=tokenizer,
-        text_encoder=tiny_t5_encoder(len(tokenizer), seed + 1),
+        text_encoder=tiny_t5_encoder(len(tokenizer), T5_HIDDEN_SIZE, seed + 1),
         vae=_factor8_vae(seed + 2) if binning else tiny_autoencoder_kl(seed + 2),
         transformer=tiny_pixart_transformer(seed, sample_size=32 if binning else 8),
         scheduler=DPMSolverMultistepScheduler(**PIXART_SCHEDULER_CONFIG),

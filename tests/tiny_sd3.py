@@ -13,13 +13,19 @@ from __future__ import annotations
 from typing import Any
 
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-from tiny_pipelines import TINY_VOCAB_WORDS, TOKENIZER_MAX_LENGTH, _seeded, tiny_clip_tokenizer
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer
+from tiny_pipelines import (
+    TEXT_HIDDEN_SIZE,
+    TINY_VOCAB_WORDS,
+    _seeded,
+    tiny_autoencoder_kl,
+    tiny_clip_text_model,
+    tiny_clip_tokenizer,
+)
+from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
 __all__ = [
     "SD3_SCHEDULER_CONFIG",
     "TINY_SD3_IMAGE_SIZE",
-    "tiny_clip_with_projection",
     "tiny_flow_vae",
     "tiny_sd3_components",
     "tiny_sd3_pipeline",
@@ -30,7 +36,7 @@ __all__ = [
 #: SD3-medium's scheduler: FlowMatchEuler with a static shift of 3
 SD3_SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0}
 TINY_SD3_IMAGE_SIZE = 16
-CLIP_WIDTH = 32
+CLIP_WIDTH = TEXT_HIDDEN_SIZE  # the width of tiny_clip_text_model
 JOINT_WIDTH = 2 * CLIP_WIDTH  # the two CLIP widths side by side = the T5 width: no padding, no cropping
 
 
@@ -62,46 +68,12 @@ def tiny_t5_encoder(vocab_size: int, d_model: int, seed: int = 0) -> T5EncoderMo
     return model.eval()
 
 
-def tiny_clip_with_projection(vocab_size: int, seed: int = 0) -> CLIPTextModelWithProjection:
-    """A 2-layer, 32-wide ``CLIPTextModelWithProjection`` (projection 32) in eval mode; SD3 reads the
-    penultimate hidden state, so it needs at least two layers."""
-    tokenizer = tiny_clip_tokenizer()
-    config = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=CLIP_WIDTH,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=TOKENIZER_MAX_LENGTH,
-        projection_dim=CLIP_WIDTH,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.eos_token_id,
-    )
-    with _seeded(seed):
-        model = CLIPTextModelWithProjection(config)
-    return model.eval()
-
-
 def tiny_flow_vae(seed: int = 0) -> AutoencoderKL:
-    """A tiny ``AutoencoderKL`` (factor 2, 4 latent channels) with SD3/Flux-style scaling and shift factors."""
-    with _seeded(seed):
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=4,
-            sample_size=TINY_SD3_IMAGE_SIZE,
-            scaling_factor=1.5035,
-            shift_factor=0.0609,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
-    return vae.eval()
+    """The tiny ``AutoencoderKL`` of ``tiny_pipelines`` (factor 2, 4 latent channels, 16 x 16 images) with
+    SD3/Flux-style scaling and shift factors and no quant convolutions."""
+    return tiny_autoencoder_kl(
+        seed, scaling_factor=1.5035, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False
+    )
 
 
 def tiny_sd3_transformer(seed: int = 0) -> SD3Transformer2DModel:
@@ -132,9 +104,9 @@ def tiny_sd3_components(seed: int = 0, t5: bool = True) -> dict[str, Any]:
         "transformer": tiny_sd3_transformer(seed),
         "scheduler": FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG),
         "vae": tiny_flow_vae(seed + 1),
-        "text_encoder": tiny_clip_with_projection(len(tokenizer), seed + 2),
+        "text_encoder": tiny_clip_text_model(len(tokenizer), seed + 2, projection=True),
         "tokenizer": tokenizer,
-        "text_encoder_2": tiny_clip_with_projection(len(tokenizer_2), seed + 3),
+        "text_encoder_2": tiny_clip_text_model(len(tokenizer_2), seed + 3, projection=True),
         "tokenizer_2": tokenizer_2,
         "text_encoder_3": tiny_t5_encoder(len(tokenizer_3), JOINT_WIDTH, seed + 4) if t5 else None,
         "tokenizer_3": tokenizer_3,

@@ -5,8 +5,9 @@ Built locally from small configs like :mod:`tiny_pipelines` (whose tokenizer, VA
 * :func:`tiny_sdxl_pipeline`: two CLIP text encoders (the second a ``CLIPTextModelWithProjection`` whose pooled
   projection feeds the UNet's ``text_time`` embedding), 4 x 8 x 8 latents, VAE factor 2, so 16 x 16 images;
   Euler with SDXL's scheduler settings; no watermarker (the invisible-watermark package is not needed).
-* :func:`tiny_inpainting_unet`: the same UNets with 9 input channels (latents, mask, masked-image latents), as
-  ``stable-diffusion-inpainting`` and ``stable-diffusion-xl-1.0-inpainting-0.1`` have.
+  ``in_channels=9`` gives it an inpainting UNet, as ``stable-diffusion-xl-1.0-inpainting-0.1`` has.
+* :func:`tiny_sd_inpaint_pipeline`: SD 1.x's with the 9-channel UNet of ``tiny_unet2d_condition(in_channels=9)``,
+  as ``stable-diffusion-inpainting`` has.
 """
 
 from __future__ import annotations
@@ -22,20 +23,17 @@ from diffusers import (
 from tiny_pipelines import (
     TEXT_HIDDEN_SIZE,
     TINY_SD_LATENT_SIZE,
-    TOKENIZER_MAX_LENGTH,
     _seeded,
     tiny_autoencoder_kl,
     tiny_clip_text_model,
     tiny_clip_tokenizer,
     tiny_sd_components,
+    tiny_unet2d_condition,
 )
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 __all__ = [
     "SDXL_SCHEDULER_CONFIG",
     "TIME_EMBED_DIM",
-    "tiny_clip_text_model_with_projection",
-    "tiny_inpainting_unet",
     "tiny_sd_inpaint_pipeline",
     "tiny_sdxl_components",
     "tiny_sdxl_pipeline",
@@ -57,27 +55,6 @@ SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
 }
 #: width of each of the six micro-conditioning ids (original size, crop, target size) in the UNet
 TIME_EMBED_DIM = 8
-
-
-def tiny_clip_text_model_with_projection(
-    vocab_size: int, seed: int = 0, eos_token_id: int = 1, bos_token_id: int = 0
-) -> CLIPTextModelWithProjection:
-    """A 2-layer, 32-wide ``CLIPTextModelWithProjection`` (projection 32) in eval mode: SDXL's second encoder."""
-    config = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=TEXT_HIDDEN_SIZE,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=TOKENIZER_MAX_LENGTH,
-        projection_dim=TEXT_HIDDEN_SIZE,
-        bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id,
-        pad_token_id=eos_token_id,
-    )
-    with _seeded(seed):
-        model = CLIPTextModelWithProjection(config)
-    return model.eval()
 
 
 def tiny_sdxl_unet(seed: int = 0, in_channels: int = 4) -> UNet2DConditionModel:
@@ -110,7 +87,7 @@ def tiny_sdxl_components(seed: int = 0, in_channels: int = 4) -> dict[str, Any]:
     return {
         "vae": tiny_autoencoder_kl(seed=seed + 2),
         "text_encoder": tiny_clip_text_model(vocab_size=len(tokenizer), seed=seed + 1, **ids),
-        "text_encoder_2": tiny_clip_text_model_with_projection(vocab_size=len(tokenizer), seed=seed + 3, **ids),
+        "text_encoder_2": tiny_clip_text_model(len(tokenizer), seed + 3, **ids, projection=True),
         "tokenizer": tokenizer,
         "tokenizer_2": tiny_clip_tokenizer(),
         "unet": tiny_sdxl_unet(seed=seed, in_channels=in_channels),
@@ -129,27 +106,9 @@ def tiny_sdxl_pipeline(seed: int = 0, in_channels: int = 4) -> StableDiffusionXL
     return pipe
 
 
-def tiny_inpainting_unet(seed: int = 0) -> UNet2DConditionModel:
-    """The tiny SD 1.x UNet of :mod:`tiny_pipelines` with 9 input channels (latents, mask, masked image)."""
-    with _seeded(seed):
-        unet = UNet2DConditionModel(
-            sample_size=TINY_SD_LATENT_SIZE,
-            in_channels=9,
-            out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            block_out_channels=(16, 32),
-            layers_per_block=1,
-            cross_attention_dim=TEXT_HIDDEN_SIZE,
-            attention_head_dim=2,
-            norm_num_groups=8,
-        )
-    return unet.eval()
-
-
 def tiny_sd_inpaint_pipeline(seed: int = 0) -> StableDiffusionInpaintPipeline:
     """A tiny ``StableDiffusionInpaintPipeline`` with a 9-channel UNet (16 x 16 images), progress bar off."""
-    components = {**tiny_sd_components(seed), "unet": tiny_inpainting_unet(seed)}
+    components = {**tiny_sd_components(seed), "unet": tiny_unet2d_condition(seed, in_channels=9)}
     pipe = StableDiffusionInpaintPipeline(**components)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -181,6 +181,37 @@ def drop_learned_variance(output: torch.Tensor, channels: int | None) -> torch.T
     return output if channels is None else output[:, :channels]
 
 
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The chain's dtype for a model or latents of ``dtype``: float64 stays float64, anything else (half precision
+    included) is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def chain_dtype(latents: torch.Tensor) -> torch.Tensor:
+    """``latents`` in the chain's dtype (:func:`work_dtype`): float64 for float64 models, else float32."""
+    return latents.to(work_dtype(latents.dtype))
+
+
+def learned_sigma_call(model: torch.nn.Module, **conditioning: Any) -> Predict:
+    """``(model_input, t) -> model(model_input, timestep=t, **conditioning)`` in the model's dtype, ``t`` repeated
+    per row, without the learned variance (:func:`drop_learned_variance`): how DiT and PixArt call their
+    transformers, on the batch of ``conditioning`` (both guidance branches with CFG)."""
+    keep = learned_variance(model)
+
+    def call(model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        out = model(
+            model_input.to(model.dtype),
+            timestep=timestep.expand(len(model_input)),
+            return_dict=False,
+            **conditioning,
+        )[0]
+        return drop_learned_variance(out, keep)
+
+    return call
+
+
 def postprocess(images: torch.Tensor, output_type: str, processor: VaeImageProcessor | None = None) -> Any:
-    """Images in [-1, 1] (N, C, H, W) to ``output_type`` with diffusers' ``VaeImageProcessor``."""
+    """Images in [-1, 1] (N, C, H, W) to ``output_type`` with diffusers' ``VaeImageProcessor``, in float32 (float64
+    kept: :func:`work_dtype`)."""
+    images = images.to(work_dtype(images.dtype))
     return (processor or VaeImageProcessor()).postprocess(images, output_type=output_type)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .base import Family, Job, drop_learned_variance, guided, learned_variance, postprocess
+from .base import Family, Job, guided, learned_sigma_call, postprocess, work_dtype
 
 
 class DiT(Family):
@@ -107,20 +107,9 @@ class DiT(Family):
         start = latents.to(device) * scheduler.init_noise_sigma
         null = [config.num_embeds_ada_norm] * len(labels) if cfg else []
         class_input = torch.tensor(labels + null, device=device)
-        keep = learned_variance(model)
-
-        def call(model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-            out = model(
-                model_input.to(model.dtype),
-                timestep=timestep.expand(len(model_input)),
-                class_labels=class_input,
-                return_dict=False,
-            )[0]
-            return drop_learned_variance(out, keep)
-
-        work = torch.float64 if model.dtype == torch.float64 else torch.float32
+        call = learned_sigma_call(model, class_labels=class_input)
         return Job(
-            latents=start.to(work),
+            latents=start.to(work_dtype(model.dtype)),
             predict=guided(call, guidance_scale if cfg else None, cond_first=True),
             finish=self.decode,
         )
@@ -131,4 +120,4 @@ class DiT(Family):
             return latents
         vae = self.host.vae
         images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-        return postprocess(images.float() if images.dtype != torch.float64 else images, output_type)
+        return postprocess(images, output_type)

@@ -1,4 +1,5 @@
-"""What the flow-matching families (SD3, Flux) share: the noise frame and the resolution-dependent shift.
+"""What the flow-matching families (SD3, Flux) share: the noise frame, the resolution-dependent shift, the default
+image size and the decoding (z / scaling_factor + shift_factor, the VAE, the image processor).
 
 Rectified-flow models see x_t = (1 - u) x + u eps at timestep t = u * T (T = ``num_train_timesteps``, 1000) and
 predict the velocity v = eps - x, so mu = E[x | x_t] = x_t - u v (the ``flow`` row of ``mmgibbs.noise``); the
@@ -16,6 +17,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from .base import Family
@@ -36,6 +38,11 @@ class FlowMatching(Family):
     host_sigmas: ClassVar[bool] = False
     #: whether the host computes ``mu`` without ``use_dynamic_shifting`` too (FluxPipeline does; ignored there)
     always_mu: ClassVar[bool] = False
+
+    def size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """``height``/``width`` in pixels, or the host's defaults (``default_sample_size`` x VAE factor)."""
+        default = self.host.default_sample_size * self.host.vae_scale_factor
+        return height or default, width or default
 
     def image_seq_len(self, arguments: dict[str, Any]) -> int:
         """Image tokens the transformer sees for these call arguments."""
@@ -64,3 +71,12 @@ class FlowMatching(Family):
             scheduler.set_timesteps(sigmas=sigmas, **kwargs)
         else:
             scheduler.set_timesteps(num_inference_steps, **kwargs)
+
+    def decode(self, latents: torch.Tensor, output_type: str) -> Any:
+        """The host's decoding of image latents: z / scaling_factor + shift_factor, the VAE, its image processor."""
+        if output_type == "latent":
+            return latents
+        host, vae = self.host, self.host.vae
+        latents = (latents.to(vae.dtype) / vae.config.scaling_factor) + vae.config.shift_factor
+        image = vae.decode(latents, return_dict=False)[0]
+        return host.image_processor.postprocess(image, output_type=output_type)

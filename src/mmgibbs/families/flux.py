@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .base import Job, check_latents, guided
+from .base import Job, chain_dtype, check_latents, guided
 from .flow import FlowMatching
 
 
@@ -33,12 +33,6 @@ class Flux(FlowMatching):
     default_max_shift = 1.15
     host_sigmas = True
     always_mu = True
-
-    def size(self, height: int | None, width: int | None) -> tuple[int, int]:
-        """``height``/``width`` in pixels, or the host's defaults (``default_sample_size`` x VAE factor)."""
-        host = self.host
-        default = host.default_sample_size * host.vae_scale_factor
-        return height or default, width or default
 
     def image_seq_len(self, arguments: dict[str, Any]) -> int:
         """Packed tokens per image: ``latents.shape[1]``, as the host counts it for ``mu``."""
@@ -166,17 +160,15 @@ class Flux(FlowMatching):
             )[0]
 
         return Job(
-            latents=start if start.dtype == torch.float64 else start.float(),
+            latents=chain_dtype(start),
             predict=guided(call, true_cfg_scale if cfg else None),
-            finish=lambda z, output_type: self.decode(z, output_type, height, width),
+            finish=lambda z, output_type: self.decode_packed(z, output_type, height, width),
         )
 
-    def decode(self, latents: torch.Tensor, output_type: str, height: int, width: int) -> Any:
-        """The host's decoding: ``_unpack_latents``, z / scaling_factor + shift_factor, the VAE, its processor."""
+    def decode_packed(self, latents: torch.Tensor, output_type: str, height: int, width: int) -> Any:
+        """The host's decoding: ``_unpack_latents``, then :meth:`FlowMatching.decode` (``output_type="latent"``
+        returns the packed latents, as the host does)."""
         if output_type == "latent":
             return latents
-        host, vae = self.host, self.host.vae
-        latents = host._unpack_latents(latents, height, width, host.vae_scale_factor)
-        latents = (latents.to(vae.dtype) / vae.config.scaling_factor) + vae.config.shift_factor
-        image = vae.decode(latents, return_dict=False)[0]
-        return host.image_processor.postprocess(image, output_type=output_type)
+        host = self.host
+        return self.decode(host._unpack_latents(latents, height, width, host.vae_scale_factor), output_type)

@@ -25,7 +25,7 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
 )
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
 
-from .base import Family, Job, check_latents, drop_learned_variance, guided, learned_variance
+from .base import Family, Job, check_latents, guided, learned_sigma_call, work_dtype
 
 #: the hosts' aspect-ratio bins by the transformer's ``sample_size``
 ASPECT_RATIO_BINS: dict[str, dict[int, dict[str, list[float]]]] = {
@@ -128,22 +128,11 @@ class PixArt(Family):
                 "resolution": torch.tensor([height, width], dtype=embeds.dtype, device=device).repeat(rows, 1),
                 "aspect_ratio": torch.tensor([height / width], dtype=embeds.dtype, device=device).repeat(rows, 1),
             }
-        keep = learned_variance(model)
-
-        def call(model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-            out = model(
-                model_input.to(model.dtype),
-                encoder_hidden_states=embeds,
-                encoder_attention_mask=mask,
-                timestep=timestep.expand(len(model_input)),
-                added_cond_kwargs=added,
-                return_dict=False,
-            )[0]
-            return drop_learned_variance(out, keep)
-
-        work = torch.float64 if model.dtype == torch.float64 else torch.float32
+        call = learned_sigma_call(
+            model, encoder_hidden_states=embeds, encoder_attention_mask=mask, added_cond_kwargs=added
+        )
         return Job(
-            latents=start.to(work),
+            latents=start.to(work_dtype(model.dtype)),
             predict=guided(call, guidance_scale if cfg else None),
             finish=lambda z, output_type: self.decode(z, output_type, size),
         )

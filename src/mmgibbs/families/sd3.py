@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .base import Job, check_latents, guided
+from .base import Job, chain_dtype, check_latents, guided
 from .flow import FlowMatching
 
 
@@ -23,13 +23,6 @@ class StableDiffusion3(FlowMatching):
     hosts = ("StableDiffusion3Pipeline",)
     model_classes = ("SD3Transformer2DModel",)
     default_max_shift = 1.16
-
-    def size(self, height: int | None, width: int | None) -> tuple[int, int]:
-        """``height``/``width`` in pixels, or the host's defaults (transformer sample size x VAE factor)."""
-        host = self.host
-        return height or host.default_sample_size * host.vae_scale_factor, (
-            width or host.default_sample_size * host.vae_scale_factor
-        )
 
     def image_seq_len(self, arguments: dict[str, Any]) -> int:
         """(latent height / patch) x (latent width / patch), as the host counts it for ``mu``."""
@@ -127,16 +120,7 @@ class StableDiffusion3(FlowMatching):
             )[0]
 
         return Job(
-            latents=start if start.dtype == torch.float64 else start.float(),
+            latents=chain_dtype(start),
             predict=guided(call, guidance_scale if cfg else None),
             finish=self.decode,
         )
-
-    def decode(self, latents: torch.Tensor, output_type: str) -> Any:
-        """The host's decoding: z / scaling_factor + shift_factor, the VAE, its image processor."""
-        if output_type == "latent":
-            return latents
-        host, vae = self.host, self.host.vae
-        latents = (latents.to(vae.dtype) / vae.config.scaling_factor) + vae.config.shift_factor
-        image = vae.decode(latents, return_dict=False)[0]
-        return host.image_processor.postprocess(image, output_type=output_type)

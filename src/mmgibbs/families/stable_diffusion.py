@@ -45,7 +45,17 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import Family, Job, Predict, check_latents, guided, host_default, refuse_unused, sibling_host
+from .base import (
+    Family,
+    Job,
+    Predict,
+    chain_dtype,
+    check_latents,
+    guided,
+    host_default,
+    refuse_unused,
+    sibling_host,
+)
 
 MODES = ("text", "img2img", "inpaint")
 
@@ -91,7 +101,7 @@ class Start:
     channels: torch.Tensor | None = None
 
 
-def image_start(
+def chain_start(
     host: Any,
     scheduler: Any,
     mode: str,
@@ -109,13 +119,19 @@ def image_start(
     masked_image_latents: torch.Tensor | None = None,
     latents: torch.Tensor | None = None,
 ) -> Start:
-    """The start of an img2img or inpainting chain with the host's own ``image_processor``, ``prepare_latents``,
-    ``mask_processor`` and ``prepare_mask_latents`` (shared by SD 1.x/2.x and SDXL, whose hosts have them).
+    """The start of a text-to-image, img2img or inpainting chain with the host's own ``prepare_latents`` (and
+    ``image_processor``, ``mask_processor``, ``prepare_mask_latents``), shared by SD 1.x/2.x and SDXL, whose hosts
+    have them.
 
-    ``batch`` counts images (prompts x ``num_images_per_prompt``). For inpainting, the known region of the start
-    is the image noised to the first level with the start's own noise: every level, the first included, sees the
-    re-noised image there.
+    ``batch`` counts images (prompts x ``num_images_per_prompt``). Text-to-image starts from the host's noise at
+    the first level. For inpainting, the known region of the start is the image noised to the first level with the
+    start's own noise: every level, the first included, sees the re-noised image there.
     """
+    if mode == "text":
+        channels = host.unet.config.in_channels
+        check_latents(latents, batch, channels, height, width, host.vae_scale_factor)
+        x_t = host.prepare_latents(batch, channels, height, width, dtype, device, generator, latents)
+        return Start(latents=x_t)
     if mode == "img2img":
         refuse_unused("Image-to-image", latents=latents, height=height, width=width)
     start = start_step(host, scheduler, strength, device)
@@ -166,11 +182,6 @@ def image_start(
                 f"latents have {x_t.shape[1]} + {mask.shape[1]} + {masked_latents.shape[1]}."
             )
     return Start(latents=x_t, start=start, known=(image_latents, keep), channels=channels)
-
-
-def chain_dtype(latents: torch.Tensor) -> torch.Tensor:
-    """The chain runs in float64 for float64 models, else float32 (half-precision latents are upcast)."""
-    return latents.double() if latents.dtype == torch.float64 else latents.float()
 
 
 def unet_call(
@@ -251,30 +262,23 @@ class StableDiffusion(Family):
             negative_prompt_embeds=negative_prompt_embeds,
             clip_skip=clip_skip,
         )
-        if mode == "text":
-            check_latents(latents, len(positive), unet.config.in_channels, height, width, host.vae_scale_factor)
-            x_t = host.prepare_latents(
-                len(positive), unet.config.in_channels, height, width, positive.dtype, device, generator, latents
-            )
-            begin = Start(latents=x_t)
-        else:
-            begin = image_start(
-                host,
-                scheduler,
-                mode,
-                batch=len(positive),
-                num_images_per_prompt=num_images_per_prompt,
-                dtype=positive.dtype,
-                device=device,
-                generator=generator,
-                image=image,
-                strength=strength,
-                height=height,
-                width=width,
-                mask_image=mask_image,
-                masked_image_latents=masked_image_latents,
-                latents=latents,
-            )
+        begin = chain_start(
+            host,
+            scheduler,
+            mode,
+            batch=len(positive),
+            num_images_per_prompt=num_images_per_prompt,
+            dtype=positive.dtype,
+            device=device,
+            generator=generator,
+            image=image,
+            strength=strength,
+            height=height,
+            width=width,
+            mask_image=mask_image,
+            masked_image_latents=masked_image_latents,
+            latents=latents,
+        )
         context = torch.cat([negative, positive]) if cfg else positive
         call = unet_call(unet, context, begin.channels)
         return Job(

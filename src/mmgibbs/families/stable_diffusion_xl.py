@@ -25,8 +25,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import Job, check_latents, guided, host_default, sibling_host
-from .stable_diffusion import MODES, StableDiffusion, Start, chain_dtype, image_start, mode_of, unet_call
+from .base import Job, chain_dtype, guided, host_default, sibling_host
+from .stable_diffusion import MODES, StableDiffusion, chain_start, mode_of, unet_call
 
 Size = tuple[int, int]
 
@@ -114,30 +114,23 @@ class StableDiffusionXL(StableDiffusion):
             clip_skip=clip_skip,
         )
         batch, dtype = len(positive), positive.dtype
-        if mode == "text":
-            check_latents(latents, batch, unet.config.in_channels, height, width, host.vae_scale_factor)
-            x_t = host.prepare_latents(
-                batch, unet.config.in_channels, height, width, dtype, device, generator, latents
-            )
-            begin = Start(latents=x_t)
-        else:
-            begin = image_start(
-                host,
-                scheduler,
-                mode,
-                batch=batch,
-                num_images_per_prompt=num_images_per_prompt,
-                dtype=dtype,
-                device=device,
-                generator=generator,
-                image=image,
-                strength=strength,
-                height=height,
-                width=width,
-                mask_image=mask_image,
-                masked_image_latents=masked_image_latents,
-                latents=latents,
-            )
+        begin = chain_start(
+            host,
+            scheduler,
+            mode,
+            batch=batch,
+            num_images_per_prompt=num_images_per_prompt,
+            dtype=dtype,
+            device=device,
+            generator=generator,
+            image=image,
+            strength=strength,
+            height=height,
+            width=width,
+            mask_image=mask_image,
+            masked_image_latents=masked_image_latents,
+            latents=latents,
+        )
         size = (begin.latents.shape[-2] * host.vae_scale_factor, begin.latents.shape[-1] * host.vae_scale_factor)
         original_size, target_size = original_size or size, target_size or size
         crops = host_default(host, "crops_coords_top_left", crops_coords_top_left)

@@ -14,7 +14,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..checks import check_shape
-from .base import Family, Job, drop_learned_variance, learned_variance, postprocess
+from .base import Family, Job, drop_learned_variance, learned_variance, postprocess, work_dtype
 
 
 def sample_shape(model: torch.nn.Module) -> tuple[int, ...]:
@@ -75,7 +75,7 @@ class Unconditional(Family):
         shape = (batch_size, *one)
         if given is not None:
             check_shape(given, shape, name, f"`batch_size` samples of the model's sample shape {one}")
-        dtype = torch.float64 if self.unet.dtype == torch.float64 else torch.float32
+        dtype = work_dtype(self.unet.dtype)
         if latents is not None:
             sample = latents.to(device, dtype)
         elif x_init is not None:
@@ -94,4 +94,4 @@ class Unconditional(Family):
             if output_type == "pil":
                 raise ValueError(f"output_type='pil' needs image samples (N, C, H, W); got {tuple(sample.shape)}.")
             return sample.cpu().numpy() if output_type == "np" else sample
-        return postprocess(sample.float() if sample.dtype != torch.float64 else sample, output_type)
+        return postprocess(sample, output_type)
