@@ -702,7 +702,7 @@ def denoising_moments(
             k > 1: ``diagonal``'s probes and the basis vectors of ``full`` / ``exact_diagonal`` go k at a time
             through one pass vectorised with ``torch.func.vmap`` (reverse and forward mode; ``auto`` falling back
             to finite differences goes one at a time). The probes are the same draws from ``generator``, so
-            results match ``product_batch=1`` to float rounding. Measured on CPU (``docs/speed.md``): in forward
+            results match ``product_batch=1`` to float rounding. Measured on CPU (README, "Speed"): in forward
             mode the k JVPs share one primal forward (K = 4: 1.9x / 1.4x faster on the digits / an SD-shaped UNet);
             in reverse mode it is slower and holds far more memory (``torch.func.vjp`` keeps ~2.4x what autograd
             keeps, and every product in the batch adds the backward's working memory): leave it at 1 there.
