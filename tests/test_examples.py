@@ -73,24 +73,42 @@ def test_main_job_refuses_calibrated_covariance_without_a_table(tmp_path, capsys
     assert "--covariance calibrated needs a calibrated covariance table" in capsys.readouterr().err
 
 
-def test_main_job_samples_a_saved_calibrated_pipeline(tmp_path, capsys) -> None:
-    """Calibrate the digits DDPM (2 levels, 64 train digits), save it, sample it from the command line: the saved
-    pipeline (custom-class ``model_index.json``) loads without remote code and the table travels with it."""
+def test_calibrate_then_sample_from_the_command_line(tmp_path, capsys) -> None:
+    """examples/calibrate.py on the digits DDPM (2 step counts, the train digits), then the main job samples the saved
+    folder with the table: the saved pipeline (custom-class ``model_index.json``) loads without remote code and the
+    table travels with it."""
+    import calibrate
     import sample
-    from digits import load_digits_split
 
-    from mmgibbs import MomentMatchingGibbsPipeline
-
-    pipe = MomentMatchingGibbsPipeline.from_pretrained(CHECKPOINTS / "digits-ddpm")
-    pipe.set_progress_bar_config(disable=True)
-    pipe.calibrate_covariance(
-        2, samples=load_digits_split()[0][:64], generator=torch.Generator().manual_seed(0), num_clusters=2, rank=4
-    )
-    pipe.save_pretrained(tmp_path / "calibrated")
-    argv = ["--model", str(tmp_path / "calibrated"), "--covariance", "calibrated", "--eta", "0", "--steps", "2"]
+    out = tmp_path / "calibrated"
+    calibrate.main(["--out", str(out), "--steps", "2", "4", "--digits", "--clusters", "2", "--rank", "4"])
+    printed = capsys.readouterr().out
+    assert "4 levels (steps [2, 4])" in printed and "5600 single-sample forwards" in printed
+    argv = ["--model", str(out), "--covariance", "calibrated", "--eta", "0", "--steps", "4"]
     sample.main([*argv, "--batch-size", "3", "--out", str(tmp_path / "a.png")])
     printed = capsys.readouterr().out
-    assert "covariance=calibrated" in printed and "2 UNet forward passes, 0 backward passes" in printed
+    assert "covariance=calibrated" in printed and "4 UNet forward passes, 0 backward passes" in printed
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--steps", "2"], "--out"),  # required
+        (["--out", "{tmp}"], "exists and is not an empty folder"),
+        (["--out", "{tmp}/new", "--digits", "--model", "google/ddpm-cifar10-32"], "--digits calibrates the shipped"),
+        (["--out", "{tmp}/a/b"], "does not exist"),
+        (["--out", "{tmp}/new", "--samples", "{tmp}/missing.pt"], "--samples"),
+        (["--out", "{tmp}/new", "--steps", "0"], "--steps"),
+    ],
+)
+def test_calibrate_checks_its_arguments_before_loading(tmp_path, capsys, argv, match) -> None:
+    import calibrate
+
+    (tmp_path / "taken").write_text("x")  # {tmp} itself is not empty
+    with pytest.raises(SystemExit) as exit_info:
+        calibrate.main([a.format(tmp=tmp_path) for a in argv])
+    assert exit_info.value.code == 2
+    assert match in capsys.readouterr().err
 
 
 def test_offline_hub_id_says_how_to_pass_a_local_folder() -> None:

@@ -1,0 +1,104 @@
+"""Calibrate the ``calibrated`` covariance of an unconditional model once, and save a pipeline that samples with it.
+
+    python examples/calibrate.py --out calibrated-digits --steps 10 20 50 --digits    # the shipped digits DDPM, data
+    python examples/sample.py --model calibrated-digits --covariance calibrated --eta 0 --steps 20
+
+With the network (Hub ids are real code paths; offline they fail with a message saying what to pass instead):
+
+    python examples/calibrate.py --model google/ddpm-cifar10-32 --out calibrated-cifar10 --steps 20 \\
+        --num-samples 2048 --sampler-steps 100 --batch-size 256
+
+For each step count, the table holds the expected posterior covariance of every level of that schedule, low rank
++ diagonal per k-means cluster of the prediction mu(y) (``mmgibbs.calibration``): one model pass per calibration
+sample and level. Clean samples are the model's own by default (drawn here with ``--sampler-steps`` levels of its
+ancestral sampler, counted apart), ``--samples`` a tensor file of data, ``--digits`` the shipped digits' train split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sample import DEFAULT_MODEL, _model_index, _number, load_pipeline
+
+from mmgibbs import MomentMatchingGibbsPipeline
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    positive_int = _number(int, 1)
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="local pipeline folder or Hub id")
+    parser.add_argument("--out", type=Path, required=True, help="folder to save the calibrated pipeline to")
+    parser.add_argument("--steps", type=positive_int, nargs="+", default=[20], help="step counts to calibrate for")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--samples", type=Path, default=None, help="clean samples: a .pt or .npy tensor (N, C, H, W)")
+    source.add_argument("--digits", action="store_true", help="the shipped digits' 1400 train images")
+    parser.add_argument("--num-samples", type=positive_int, default=2048, help="own samples to draw (no --samples)")
+    parser.add_argument("--sampler-steps", type=positive_int, default=None, help="levels of the own-sample run")
+    parser.add_argument("--clusters", type=positive_int, default=16)
+    parser.add_argument("--rank", type=positive_int, default=16)
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="model batch (default: all at once)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked before any model is loaded (argparse errors, exit code 2)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        parser.error(f"--out {args.out} exists and is not an empty folder")
+    if not args.out.parent.is_dir():
+        parser.error(f"--out {args.out}: the folder {args.out.parent} does not exist")
+    if args.samples is not None and (not args.samples.is_file() or args.samples.suffix not in (".pt", ".npy")):
+        parser.error(f"--samples {args.samples}: pass an existing .pt or .npy file")
+    if args.digits and Path(args.model).resolve() != DEFAULT_MODEL.resolve():
+        parser.error("--digits calibrates the shipped digits DDPM; with another --model pass --samples")
+    index = _model_index(parser, args.model)
+    if index is not None and index.get("text_encoder") not in (None, [None, None]):
+        parser.error(f"--model {args.model}: calibration is for unconditional models (this one takes prompts)")
+    return args
+
+
+def clean_samples(args: argparse.Namespace) -> torch.Tensor | None:
+    if args.digits:
+        from digits import load_digits_split
+
+        return load_digits_split()[0]
+    if args.samples is None:
+        return None
+    if args.samples.suffix == ".npy":
+        return torch.from_numpy(np.load(args.samples))
+    return torch.load(args.samples)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    pipe = MomentMatchingGibbsPipeline.from_pipe(load_pipeline(args.model))
+    pipe.set_progress_bar_config(disable=True)
+    start = time.perf_counter()
+    table = pipe.calibrate_covariance(
+        args.steps,
+        samples=clean_samples(args),
+        num_samples=args.num_samples,
+        sampler_steps=args.sampler_steps,
+        generator=torch.Generator().manual_seed(args.seed),
+        batch_size=args.batch_size,
+        num_clusters=args.clusters,
+        rank=args.rank,
+    )
+    seconds = time.perf_counter() - start
+    pipe.save_pretrained(args.out)
+    print(f"model:    {args.model}")
+    print(f"table:    {len(table.sigmas)} levels (steps {args.steps}), {args.clusters} clusters, rank {args.rank}")
+    drawn, source = table.settings["sampler_sample_forwards"], table.settings["source"]
+    print(f"cost:     {table.sample_forwards} single-sample forwards to calibrate, {drawn} to draw own samples")
+    print(f"          ({source}); {seconds:.1f} s")
+    print(f"wrote:    {args.out} (sample it: python examples/sample.py --model {args.out} --covariance calibrated)")
+
+
+if __name__ == "__main__":
+    main()
