@@ -50,14 +50,20 @@ from mmgibbs.moments import CALIBRATED_COVARIANCES, JACOBIAN_COVARIANCES
 DEFAULT_MODEL = Path(__file__).resolve().parent / "checkpoints" / "digits-ddpm"
 
 
+def pipeline_class(index: dict[str, Any]) -> str | None:
+    """The pipeline class a ``model_index.json`` names (a [module, class] pair when saved diffusers' custom-class
+    way)."""
+    name = index.get("_class_name")
+    return name[-1] if isinstance(name, list) else name
+
+
 def load_pipeline(model: str, dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
     """A pipeline from a local folder or a Hub id; a Hub id that cannot be fetched explains what to pass."""
     path = Path(model)
     kwargs = {} if dtype == torch.float32 else {"torch_dtype": dtype}
     if path.exists():
         index = json.loads((path / "model_index.json").read_text())
-        name = index.get("_class_name")  # a [module, class] pair when saved diffusers' custom-class way
-        if (name[-1] if isinstance(name, list) else name) == MomentMatchingGibbsPipeline.__name__:
+        if pipeline_class(index) == MomentMatchingGibbsPipeline.__name__:
             return MomentMatchingGibbsPipeline.from_pretrained(path, **kwargs)
         return DiffusionPipeline.from_pretrained(path, **kwargs)
     try:
@@ -294,8 +300,7 @@ def check_model(
 ) -> None:
     """Flags against the model: --prompt iff it has a text encoder, --mode drop-in only over a diffusers pipeline
     with its own loop, and (for a local folder) the sampler settings against its scheduler config."""
-    name = index.get("_class_name")
-    name = name[-1] if isinstance(name, list) else name
+    name = pipeline_class(index)
     text = index.get("text_encoder") is not None and index.get("text_encoder") != [None, None]
     if args.prompt is not None and not text:
         parser.error(f"--prompt: {args.model} ({name}) has no text encoder; it takes no prompt")
