@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--samples", type=Path, default=None, help="clean samples: a .pt or .npy tensor (N, C, H, W)")
     source.add_argument("--digits", action="store_true", help="the shipped digits' 1400 train images")
-    parser.add_argument("--num-samples", type=positive_int, default=2048, help="own samples to draw (no --samples)")
+    parser.add_argument("--num-samples", type=positive_int, default=None, help="own samples to draw (2048)")
     parser.add_argument("--sampler-steps", type=positive_int, default=None, help="levels of the own-sample run")
     parser.add_argument("--clusters", type=positive_int, default=16)
     parser.add_argument("--rank", type=positive_int, default=16)
@@ -55,6 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--out {args.out}: the folder {args.out.parent} does not exist")
     if args.samples is not None and (not args.samples.is_file() or args.samples.suffix not in (".pt", ".npy")):
         parser.error(f"--samples {args.samples}: pass an existing .pt or .npy file")
+    given = "--samples" if args.samples is not None else "--digits" if args.digits else None
+    for flag, value in (("--num-samples", args.num_samples), ("--sampler-steps", args.sampler_steps)):
+        if given and value is not None:
+            parser.error(f"{flag} sets how the model's own samples are drawn; with {given} none are drawn")
     if args.digits and Path(args.model).resolve() != DEFAULT_MODEL.resolve():
         parser.error("--digits calibrates the shipped digits DDPM; with another --model pass --samples")
     index = _model_index(parser, args.model)

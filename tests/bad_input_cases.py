@@ -319,8 +319,8 @@ def offline_hub_id(tmp: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the table
-SECTIONS = ("MMGibbsScheduler", "MomentMatchingGibbsPipeline", "Command lines")
-SCHEDULER, PIPELINE, COMMAND_LINES = SECTIONS
+SECTIONS = ("MMGibbsScheduler", "MomentMatchingGibbsPipeline", "Calibration", "Command lines")
+SCHEDULER, PIPELINE, CALIBRATION, COMMAND_LINES = SECTIONS
 Z = torch.zeros
 SAMPLE = (2, 3, 8, 8)
 
@@ -710,6 +710,171 @@ def _from_pipe_ddpm(**kwargs: Any) -> Any:
     return MomentMatchingGibbsPipeline.from_pipe(tiny_ddpm_pipeline(), **kwargs)
 
 
+# ------------------------------------------------------------------------------------------ calibration
+def calibrate(**kwargs: Any) -> Any:
+    """``calibrate_covariance`` of a fresh tiny unconditional pipeline ((1, 8, 8) samples, d = 64): 8 samples, 2
+    levels, 2 clusters, rank 2 unless ``kwargs`` say otherwise. An error must come before any model call."""
+    from tiny_pipelines import count_calls, tiny_unet2d
+
+    pipe = pipeline(unet=tiny_unet2d(), scheduler=ddpm_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    arguments = {"num_inference_steps": 2, "samples": torch.randn(8, 1, 8, 8), "num_clusters": 2, "rank": 2}
+    arguments.update(kwargs)
+    with count_calls(pipe.unet) as calls:
+        try:
+            return pipe.calibrate_covariance(**arguments)
+        except Exception:
+            assert calls == [], f"{len(calls)} model calls before the error"
+            raise
+
+
+def own_samples(**kwargs: Any) -> Any:
+    """:func:`calibrate` on the model's own samples (2 of them, 2 sampler steps unless ``kwargs`` say otherwise)."""
+    return calibrate(**{"samples": None, "num_samples": 2, "sampler_steps": 2, **kwargs})
+
+
+def calibration_function(samples: Any = None, sigmas: Any = (1.0,), **kwargs: Any) -> Any:
+    """``mmgibbs.calibration.calibrate_covariance`` with a denoiser that counts its calls (none before an error)."""
+    from mmgibbs.calibration import calibrate_covariance
+
+    calls: list[int] = []
+
+    def denoiser(y: torch.Tensor, i: int) -> torch.Tensor:
+        calls.append(i)
+        return 0.5 * y
+
+    samples = torch.randn(8, 4) if samples is None else samples
+    try:
+        return calibrate_covariance(denoiser, sigmas, samples, **{"num_clusters": 2, "rank": 2, **kwargs})
+    except Exception:
+        assert calls == [], f"{len(calls)} model calls before the error"
+        raise
+
+
+def rank_above_the_cluster_sizes() -> None:
+    table = calibration_function(torch.randn(8, 64, generator=_generator()), num_clusters=3, rank=16)
+    level = table.levels[0]
+    assert level.factor.shape[:2] == (3, 64) and level.factor.shape[-1] <= 16
+    assert torch.isfinite(level.dense()).all()
+
+
+def steps_as_a_tuple() -> None:
+    from mmgibbs import MMGibbsScheduler
+
+    table = calibrate(num_inference_steps=(2, 3))
+    for steps in (2, 3):
+        schedule = MMGibbsScheduler.from_config(ddpm_scheduler().config)
+        schedule.set_timesteps(steps)
+        assert all(table.find(sigma) is not None for sigma in schedule.ve_sigmas())
+
+
+def table_of_another_model() -> Any:
+    from mmgibbs import MMGibbsScheduler
+    from mmgibbs.calibration import calibrate_covariance
+
+    pipe = pipeline(unet=tiny_unet(), scheduler=MMGibbsScheduler(covariance="calibrated"))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler.set_timesteps(2)
+    sigmas = pipe.scheduler.ve_sigmas()
+    pipe.scheduler.set_covariance_table(
+        calibrate_covariance(lambda y, i: 0.5 * y, sigmas, torch.randn(8, 16), num_clusters=1)
+    )
+    return latent(pipe, num_inference_steps=2)
+
+
+def _calibration_cases() -> list[Case]:
+    c = CALIBRATION
+    x = torch.randn(8, 1, 8, 8)
+    nan, inf = x.clone(), x.clone()
+    nan[3, 0, 2, 2], inf[0, 0, 0, 0] = float("nan"), float("inf")
+    where = "`calibrate_covariance`, before any model call"
+    call: list[tuple[str, dict[str, Any], str, type[BaseException]]] = [
+        ("`samples` of shape (8, 64) for a (1, 8, 8) model", {"samples": torch.randn(8, 64)}, "`samples` must have "
+         "shape (N, 1, 8, 8): N samples of the model's sample shape (1, 8, 8); got (8, 64)", ValueError),
+        ("`samples` with a NaN", {"samples": nan}, "`samples` contains NaN or infinite values (1 of 512 entries)",
+         ValueError),
+        ("`samples` with an inf", {"samples": inf}, "`samples` contains NaN or infinite values", ValueError),
+        ("numpy `samples`", {"samples": x.numpy()}, "`samples` must be a torch.Tensor; got ndarray (convert it with "
+         "torch.from_numpy)", TypeError),
+        ("`samples` as a list", {"samples": x.tolist()}, "`samples` must be a torch.Tensor; got list", TypeError),
+        ("integer `samples`", {"samples": x.long()}, "`samples` must be a floating-point tensor; got torch.int64",
+         TypeError),
+        ("1 sample for `num_clusters=2`", {"samples": x[:1]}, "`samples` holds 1 samples for `num_clusters`=2: "
+         "k-means needs at least one sample per cluster", ValueError),
+        ("`num_inference_steps=[]`", {"num_inference_steps": []}, "`num_inference_steps` must be a positive integer "
+         "or a non-empty sequence of them; got []", ValueError),
+        ("`num_inference_steps=2.5`", {"num_inference_steps": 2.5}, "`num_inference_steps` must be a positive "
+         "integer or a non-empty sequence of them; got 2.5", ValueError),
+        ("`num_inference_steps=None`", {"num_inference_steps": None}, "`num_inference_steps` must be a positive "
+         "integer or a non-empty sequence of them; got None", ValueError),
+        ("`num_inference_steps=[2, 0]`", {"num_inference_steps": [2, 0]}, "; got [2, 0]", ValueError),
+        ("`num_clusters=0`", {"num_clusters": 0}, "`num_clusters` must be an integer >= 1; got 0", ValueError),
+        ("`num_clusters=-2`", {"num_clusters": -2}, "`num_clusters` must be an integer >= 1; got -2", ValueError),
+        ("`rank=-1`", {"rank": -1}, "`rank` must be an integer in [1, 64] (the sample dimension is 64); got -1",
+         ValueError),
+        ("`rank=0`", {"rank": 0}, "`rank` must be an integer in [1, 64]", ValueError),
+        ("`rank=65` (above the dimension)", {"rank": 65}, "`rank` must be an integer in [1, 64] (the sample "
+         "dimension is 64); got 65", ValueError),
+        ("`shrinkage=-1.0`", {"shrinkage": -1.0}, "`shrinkage` must be a finite number >= 0; got -1.0", ValueError),
+        ("`shrinkage=nan`", {"shrinkage": float("nan")}, "`shrinkage` must be a finite number >= 0; got nan",
+         ValueError),
+        ("`batch_size=-1`", {"batch_size": -1}, "`batch_size` must be an integer >= 1 (or None: all samples at "
+         "once); got -1", ValueError),
+        ("`batch_size=0`", {"batch_size": 0}, "`batch_size` must be an integer >= 1", ValueError),
+        ("`factor_iterations=0`", {"factor_iterations": 0}, "`factor_iterations` must be an integer >= 1; got 0",
+         ValueError),
+        ("`generator=0`", {"generator": 0}, "`generator` must be a torch.Generator or None (the calibration noise of "
+         "every sample and the clustering come from one stream); got int", TypeError),
+        ("`generator=[torch.Generator()]`", {"generator": [torch.Generator()]}, "`generator` must be a "
+         "torch.Generator or None", TypeError),
+        ("`sampler_steps=2` beside `samples`", {"sampler_steps": 2}, "`sampler_steps` set how the model's own "
+         "samples are drawn; with `samples` none are drawn", ValueError),
+        ("`num_samples=100` beside 8 `samples`", {"num_samples": 100}, "`num_samples` set how the model's own "
+         "samples are drawn", ValueError),
+    ]  # fmt: skip
+    cases = [Case(c, where, i, m, lambda _, kw=kw: calibrate(**kw), e) for i, kw, m, e in call]
+    own: list[tuple[str, dict[str, Any], str]] = [
+        ("`sampler_steps=0`", {"sampler_steps": 0}, "`sampler_steps` must be an integer >= 1 (or None: every "
+         "training step); got 0"),
+        ("`num_samples=0`", {"num_samples": 0}, "`num_samples` must be an integer >= 1; got 0"),
+        ("`num_samples=1.5`", {"num_samples": 1.5}, "`num_samples` must be an integer >= 1; got 1.5"),
+        ("`num_samples=1` for `num_clusters=2`", {"num_samples": 1}, "`num_samples` holds 1 samples for "
+         "`num_clusters`=2"),
+        ("`sampler_covariance='bad'`", {"sampler_covariance": "bad"}, "`sampler_covariance` must be one of 'none'"),
+    ]  # fmt: skip
+    cases += [Case(c, f"{where} (own samples)", i, m, lambda _, kw=kw: own_samples(**kw)) for i, kw, m in own]
+    function: list[tuple[str, dict[str, Any], str, type[BaseException]]] = [
+        ("`sigmas=[]`", {"sigmas": []}, "`sigmas` must be a non-empty sequence of noise levels; got []", ValueError),
+        ("`sigmas=[1.0, -0.5]`", {"sigmas": [1.0, -0.5]}, "`sigmas[1]` must be a finite number > 0; got -0.5",
+         ValueError),
+        ("`rank=5` for 4-dimensional samples", {"rank": 5}, "`rank` must be an integer in [1, 4]", ValueError),
+        ("`samples` of shape (8,)", {"samples": torch.randn(8)}, "`samples` must hold N >= 1 samples, batch first",
+         ValueError),
+    ]  # fmt: skip
+    cases += [
+        Case(c, "`mmgibbs.calibration.calibrate_covariance`", f"`calibrate_covariance(denoiser, ...)`: {i}", m,
+             lambda _, kw=kw: calibration_function(**kw), e)
+        for i, kw, m, e in function
+    ]  # fmt: skip
+    cases += [
+        Case(c, "`mmgibbs.calibration.calibrate_level`", "`rank=16` for 8 samples in 3 clusters",
+             "each cluster's factor (at most `rank` columns, as many as its samples allow) is zero-padded to one "
+             "width (it failed in torch.stack)", lambda _: rank_above_the_cluster_sizes(), None),
+        Case(c, where, "`num_inference_steps=(2, 3)` (a tuple)", "the levels of both schedules",
+             lambda _: steps_as_a_tuple(), None),
+        Case(c, "`calibrate_covariance`", "`calibrate_covariance` of a Stable Diffusion pipeline",
+             "calibrate_covariance supports unconditional models", lambda _: stable_diffusion().calibrate_covariance(
+             2, num_samples=2, sampler_steps=2), NotImplementedError),
+        Case(c, "`MMGibbsScheduler.set_covariance_table`", "`set_covariance_table('x')`", "`table` must be a "
+             "CovarianceTable (from `calibrate_covariance` or CovarianceTable.load) or None; got str",
+             lambda _: scheduler().set_covariance_table("x"), TypeError),
+        Case(c, "sampling with the table", "a table calibrated for 16-dimensional samples, sampling a (1, 8, 8) "
+             "model", "has dimension 16, the samples have 64 ((1, 8, 8)): the table was calibrated for another model",
+             lambda _: table_of_another_model()),
+    ]  # fmt: skip
+    return cases
+
+
 def _command_line_cases() -> list[Case]:
     c = COMMAND_LINES
     sample: list[tuple[list[str], str, str]] = [
@@ -763,6 +928,10 @@ def _command_line_cases() -> list[Case]:
         (["--out", "{tmp}/a/b"], "--out a/b (a missing folder)", "/a does not exist"),
         (["--samples", "{tmp}/missing.pt"], "--samples missing.pt", "missing.pt: pass an existing .pt or .npy file"),
         (["--steps", "0"], "--steps 0", "argument --steps: '0' is not a finite number >= 1"),
+        (["--digits", "--num-samples", "100"], "--digits --num-samples 100", "--num-samples sets how the model's own "
+         "samples are drawn; with --digits none are drawn"),
+        (["--digits", "--sampler-steps", "10"], "--digits --sampler-steps 10", "--sampler-steps sets how the model's "
+         "own samples are drawn"),
     ]  # fmt: skip
     cases += [
         Case(c, "`calibrate.py`", f"`calibrate.py {shown}`", m, calibrate_job(argv), CommandLineError)
@@ -771,7 +940,7 @@ def _command_line_cases() -> list[Case]:
     return cases
 
 
-CASES: list[Case] = [*_scheduler_cases(), *_pipeline_cases(), *_command_line_cases()]
+CASES: list[Case] = [*_scheduler_cases(), *_pipeline_cases(), *_calibration_cases(), *_command_line_cases()]
 
 # ------------------------------------------------------------------------------------------ the page
 INTRO = """\

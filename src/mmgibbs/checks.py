@@ -16,15 +16,22 @@ import numpy as np
 import torch
 
 
-def check_generator(generator: Any, batch: int | None = None, argument: str = "generator") -> None:
+def check_generator(
+    generator: Any, batch: int | None = None, argument: str = "generator", *, one: str | None = None
+) -> None:
     """``generator`` is None, a ``torch.Generator`` or a list of them with one per sample (``batch`` of them).
 
     diffusers' ``randn_tensor`` reads a one-element list as a single generator and ignores generators past the
     batch; both would pass silently here, so any other length than ``batch`` is refused, as diffusers' pipelines
-    refuse it (``prepare_latents``).
+    refuse it (``prepare_latents``). ``one``: lists are refused, for this reason (where one stream serves all).
     """
     if generator is None or isinstance(generator, torch.Generator):
         return
+    if one is not None:
+        raise TypeError(
+            f"`{argument}` must be a torch.Generator or None ({one}); got {type(generator).__name__}. Seed one with "
+            "torch.Generator().manual_seed(seed)."
+        )
     if not isinstance(generator, list):
         raise TypeError(
             f"`{argument}` must be a torch.Generator or a list of them (one per sample); got "
@@ -63,6 +70,12 @@ def check_shape(value: torch.Tensor, expected: Sequence[int], argument: str, wha
         )
 
 
+def check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
+    """A ValueError naming ``name`` and listing the choices when ``value`` is not one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}; got {value!r}.")
+
+
 def is_real(value: Any) -> bool:
     """A real number (numpy scalars included), not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
@@ -76,10 +89,12 @@ def check_number(
     low: float | None = None,
     high: float | None = None,
     low_open: bool = False,
+    hint: str = "",
 ) -> None:
     """A real (or integer) finite number in [low, high] (``low_open``: (low, high]); bools are not numbers here.
 
-    Raises a ValueError naming ``argument``; numpy scalars count as numbers, bools and strings do not.
+    Raises a ValueError naming ``argument`` (``hint``: what else it may be, e.g. " (or None: ...)"); numpy scalars
+    count as numbers, bools and strings do not.
     """
     ok = is_real(value) and (not integer or isinstance(value, numbers.Integral))
     if ok:
@@ -93,7 +108,75 @@ def check_number(
             bounds = f" in {'(' if low_open else '['}{low:g}, {high:g}]"
         elif low is not None:
             bounds = f" {'>' if low_open else '>='} {low:g}"
-        raise ValueError(f"`{argument}` must be {kind}{bounds}; got {value!r}.")
+        raise ValueError(f"`{argument}` must be {kind}{bounds}{hint}; got {value!r}.")
+
+
+def check_steps(value: Any, argument: str = "num_inference_steps") -> list[int]:
+    """A step count (an integer >= 1) or a non-empty sequence of them, as a list (a ValueError naming
+    ``argument`` otherwise: an empty list would calibrate nothing, 2.5 and None fail inside ``range``)."""
+    items = [value] if not isinstance(value, Sequence) or isinstance(value, str) else list(value)
+    ok = bool(items) and all(is_real(v) and isinstance(v, numbers.Integral) and v >= 1 for v in items)
+    if not ok:
+        raise ValueError(f"`{argument}` must be a positive integer or a non-empty sequence of them; got {value!r}.")
+    return [int(v) for v in items]
+
+
+def check_finite(value: torch.Tensor, argument: str) -> None:
+    """A ValueError naming ``argument`` when the tensor holds NaN or infinite values (one host sync: for inputs
+    checked once, not inside a sampling loop)."""
+    bad = int((~torch.isfinite(value)).sum())
+    if bad:
+        raise ValueError(f"`{argument}` contains NaN or infinite values ({bad} of {value.numel()} entries).")
+
+
+def check_samples(value: Any, argument: str, shape: Sequence[int] | None = None) -> torch.Tensor:
+    """A finite floating-point tensor of samples, batch first: (N, *shape) when ``shape`` (one sample's) is given,
+    else (N, ...) with at least one more dimension. Errors name ``argument`` and the expected shape."""
+    check_tensor(value, argument, floating=True)
+    if shape is not None and (value.ndim != len(shape) + 1 or tuple(value.shape[1:]) != tuple(shape)):
+        expected = ", ".join(["N", *map(str, shape)])
+        raise ValueError(
+            f"`{argument}` must have shape ({expected}): N samples of the model's sample shape {tuple(shape)}; got "
+            f"{tuple(value.shape)}."
+        )
+    if value.ndim < 2 or len(value) == 0:
+        raise ValueError(f"`{argument}` must hold N >= 1 samples, batch first (N, ...); got {tuple(value.shape)}.")
+    check_finite(value, argument)
+    return value
+
+
+def check_calibration(
+    count: int,
+    dim: int,
+    *,
+    num_clusters: Any,
+    rank: Any,
+    shrinkage: Any,
+    batch_size: Any,
+    generator: Any,
+    factor_iterations: Any,
+    source: str = "`samples`",
+) -> None:
+    """The settings of a calibrated covariance table (``mmgibbs.calibration``) for ``count`` clean samples of
+    dimension ``dim``: ``num_clusters`` in [1, count] (k-means needs a sample per cluster), ``rank`` in [1, dim] (or
+    None),
+    ``shrinkage`` finite >= 0, ``batch_size`` an integer >= 1 or None, ``factor_iterations`` >= 1, one generator.
+
+    Without these checks rank -1 gave rank d - 1, 0 or -2 clusters gave one, a negative shrinkage a math domain
+    error and a negative batch size a k-means error, after every model call."""
+    check_number(num_clusters, "num_clusters", integer=True, low=1)
+    if rank is not None:  # None: the default rank, at most d
+        check_number(rank, "rank", integer=True, low=1, high=dim, hint=f" (the sample dimension is {dim})")
+    check_number(shrinkage, "shrinkage", low=0.0)
+    if batch_size is not None:
+        check_number(batch_size, "batch_size", integer=True, low=1, hint=" (or None: all samples at once)")
+    check_number(factor_iterations, "factor_iterations", integer=True, low=1)
+    check_generator(generator, one="the calibration noise of every sample and the clustering come from one stream")
+    if count < num_clusters:
+        raise ValueError(
+            f"{source} holds {count} samples for `num_clusters`={num_clusters}: k-means needs at least one sample "
+            "per cluster (and each cluster's covariance many more); pass more samples or fewer clusters."
+        )
 
 
 def check_prompt(value: Any, argument: str) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,8 +34,18 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from . import gibbs
 from .calibration import TABLE_FILE, CovarianceTable, calibrate_covariance
-from .checks import check_generator, check_host_arguments, check_tensor
-from .families import FAMILIES, Family, Unconditional, family_of
+from .checks import (
+    check_calibration,
+    check_choice,
+    check_generator,
+    check_host_arguments,
+    check_number,
+    check_samples,
+    check_steps,
+    check_tensor,
+)
+from .families import FAMILIES, Family, Unconditional, family_of, sample_shape
+from .moments import COVARIANCES
 from .scheduler import MMGibbsScheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -427,14 +438,14 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         self,
         num_inference_steps: int | Sequence[int] = 50,
         samples: torch.Tensor | None = None,
-        num_samples: int = 2048,
+        num_samples: int | None = None,
         generator: torch.Generator | None = None,
         batch_size: int | None = None,
         num_clusters: int = 16,
-        rank: int = 16,
+        rank: int | None = None,
         shrinkage: float = 64.0,
         sampler_steps: int | None = None,
-        sampler_covariance: str = "none",
+        sampler_covariance: str | None = None,
         factor_iterations: int = 1,
     ) -> CovarianceTable:
         """Calibrate ``covariance="calibrated"`` for the levels of ``num_inference_steps`` (``mmgibbs.calibration``).
@@ -445,17 +456,24 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         Args:
             num_inference_steps: the step count(s) to calibrate for (each schedule's distinct levels, with the
                 scheduler's timestep spacing).
-            samples: clean samples x (batch first, the model's sample shape), e.g. data; default: the model's own,
-                drawn here with ``sampler_steps`` levels of this pipeline (``covariance=sampler_covariance``,
-                ancestral, eta 1: with ``"none"`` and every training step that is DDPM's own sampler).
-            num_samples: how many samples to draw when ``samples`` is None.
-            generator: one torch generator for the self-samples, the calibration noise and the clustering.
+            samples: clean samples x, a finite floating-point tensor (N, *the model's sample shape), e.g. data, with
+                N >= ``num_clusters``; default: the model's own, drawn here with ``sampler_steps`` levels of this
+                pipeline (``covariance=sampler_covariance``, ancestral, eta 1: with ``"none"`` and every training
+                step that is DDPM's own sampler).
+            num_samples: how many samples to draw when ``samples`` is None (default 2048); with ``samples``, left
+                out or ``len(samples)``.
+            generator: one torch generator (or None) for the self-samples, the calibration noise and the clustering.
             batch_size: model batch size of the calibration passes and the self-sampling (default: all at once).
-            num_clusters, rank, shrinkage: the table's structure (:func:`mmgibbs.calibration.calibrate_level`).
+            num_clusters, rank, shrinkage: the table's structure (:func:`mmgibbs.calibration.calibrate_level`):
+                ``num_clusters`` >= 1, ``rank`` in [1, d] (d the sample dimension; default 16, or fewer
+                where d or the samples allow fewer),
+                ``shrinkage`` finite >= 0.
             sampler_steps: levels of the self-sampling run (default: the model's training steps).
-            sampler_covariance: the covariance of the self-sampling run.
+            sampler_covariance: the covariance of the self-sampling run (default ``"none"``).
             factor_iterations: of the low rank + diagonal fit (:func:`mmgibbs.moments.low_rank_plus_diagonal`).
 
+        Every argument is checked before the first model call; the self-sampling settings (``num_samples``,
+        ``sampler_steps``, ``sampler_covariance``) are refused beside ``samples``, which they would not change.
         Returns the table; its ``sample_forwards`` and ``settings["sampler_sample_forwards"]`` are the calibration's
         cost in single-sample model evaluations (calibration passes; drawing the self-samples).
         """
@@ -465,7 +483,40 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
                 f"calibrate_covariance supports unconditional models; {family.name} is conditional, and one table "
                 "per level would average the posterior covariance over prompts (calibrate per prompt set instead)."
             )
-        steps = [num_inference_steps] if isinstance(num_inference_steps, int) else list(num_inference_steps)
+        steps = check_steps(num_inference_steps)
+        shape = sample_shape(self.denoiser_model)
+        if samples is not None:
+            check_samples(samples, "samples", shape)
+            unused = {"sampler_steps": sampler_steps, "sampler_covariance": sampler_covariance}
+            if num_samples is not None and num_samples != len(samples):
+                unused["num_samples"] = num_samples
+            passed = [f"`{k}`" for k, v in unused.items() if v is not None]
+            if passed:
+                raise ValueError(
+                    f"{', '.join(passed)} set how the model's own samples are drawn; with `samples` none are drawn: "
+                    "leave them out (or pass samples=None to calibrate on own samples)."
+                )
+            count, source = len(samples), "`samples`"
+        else:
+            num_samples = 2048 if num_samples is None else num_samples
+            check_number(num_samples, "num_samples", integer=True, low=1)
+            if sampler_steps is not None:
+                hint = " (or None: every training step)"
+                check_number(sampler_steps, "sampler_steps", integer=True, low=1, hint=hint)
+            sampler_covariance = sampler_covariance or "none"
+            check_choice("sampler_covariance", sampler_covariance, COVARIANCES)
+            count, source = num_samples, "`num_samples`"
+        check_calibration(
+            count,
+            math.prod(shape),
+            num_clusters=num_clusters,
+            rank=rank,
+            shrinkage=shrinkage,
+            batch_size=batch_size,
+            generator=generator,
+            factor_iterations=factor_iterations,
+            source=source,
+        )
         settings: dict[str, Any] = {"source": "given samples", "sampler_sample_forwards": 0}
         if samples is None:
             sampler_steps = sampler_steps or self.scheduler.noise_schedule.num_train_timesteps

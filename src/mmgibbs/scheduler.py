@@ -323,6 +323,11 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
     def set_covariance_table(self, table: CovarianceTable | None) -> None:
         """Use ``table`` (``mmgibbs.calibration.CovarianceTable``) for ``covariance="calibrated"``; it is state, not
         config: :meth:`save_pretrained` writes it next to the config and :meth:`from_pretrained` reads it back."""
+        if table is not None and not isinstance(table, CovarianceTable):
+            raise TypeError(
+                "`table` must be a CovarianceTable (from `calibrate_covariance` or CovarianceTable.load) or None; "
+                f"got {type(table).__name__}."
+            )
         self.covariance_table = table
 
     @classmethod
