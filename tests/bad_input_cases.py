@@ -634,6 +634,9 @@ def _pipeline_cases() -> list[Case]:
     cases += [
         Case(p, "unconditional family", "`latents` or `x_init` of N samples without `batch_size`",
              "N samples are drawn", lambda _: batch_follows_the_start(), None),
+        Case(p, "`__call__`", "`variance_bound=None` per call", "no bound, as `from_pipe(pipe, "
+             "variance_bound=None)` (it was taken for \"not passed\" and kept the default bound)",
+             lambda _: per_call_variance_bound_none(), None),
         Case(p, "the family's `finish`", "`output_type='pil'` for vector samples", "output_type='pil' needs image "
              "samples (N, C, H, W)", lambda _: vector_model()(batch_size=2, num_inference_steps=1)),
         Case(p, "the Jacobian products (`mmgibbs.moments`)", "`jacobian='reverse'` for a network run under "
@@ -700,6 +703,18 @@ def _pipeline_cases() -> list[Case]:
                  lambda _, n=name: family_generators(n)),
         ]  # fmt: skip
     return cases
+
+
+def per_call_variance_bound_none() -> None:
+    """``variance_bound=None`` per call lifts the bound, as ``from_pipe(..., variance_bound=None)`` does."""
+    from mmgibbs import MomentMatchingGibbsPipeline
+
+    pipe = unconditional()
+    lifted = MomentMatchingGibbsPipeline.from_pipe(pipe, variance_bound=None)
+    kwargs = {"batch_size": 4, "num_inference_steps": 3, "output_type": "latent"}
+    per_call = pipe(**kwargs, variance_bound=None, generator=_generator(3)).images
+    assert torch.equal(per_call, lifted(**kwargs, generator=_generator(3)).images)
+    assert not torch.equal(per_call, pipe(**kwargs, generator=_generator(3)).images)  # the default bound, 1
 
 
 def _from_pipe_ddpm(**kwargs: Any) -> Any:

@@ -7,6 +7,7 @@ pipelines refuse other lengths), tensors are torch tensors (its pipelines call `
 
 from __future__ import annotations
 
+import enum
 import math
 import numbers
 from collections.abc import Sequence
@@ -14,6 +15,20 @@ from typing import Any
 
 import numpy as np
 import torch
+
+
+class Unset(enum.Enum):
+    """The type of :data:`UNSET`."""
+
+    UNSET = "UNSET"
+
+    def __repr__(self) -> str:
+        return "<not passed>"
+
+
+#: the default of a call argument for which None is a value (``variance_bound=None``: no bound), so that "not
+#: passed" can be told apart from None
+UNSET = Unset.UNSET
 
 
 def check_generator(

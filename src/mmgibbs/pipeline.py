@@ -35,6 +35,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from . import gibbs
 from .calibration import TABLE_FILE, CovarianceTable, calibrate_covariance
 from .checks import (
+    UNSET,
+    Unset,
     check_calibration,
     check_choice,
     check_generator,
@@ -298,7 +300,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         final_output: str | None = None,
         jacobian: str | None = None,
         product_batch: int | None = None,
-        variance_bound: float | None = None,
+        variance_bound: float | Unset | None = UNSET,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable[[Any, int, Any, dict[str, torch.Tensor]], dict[str, Any]] | None = None,
@@ -320,7 +322,9 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
                 Without ``batch_size`` an unconditional model draws as many samples as ``latents`` or ``x_init``
                 hold.
             covariance, num_probes, gibbs_sweeps, transition, eta, final_output, jacobian, product_batch,
-                variance_bound: override the scheduler's settings for this call (see :class:`MMGibbsScheduler`).
+                variance_bound: override the scheduler's settings for this call (see :class:`MMGibbsScheduler`);
+                left out (or None, except ``variance_bound``), the scheduler's own. ``variance_bound=None`` lifts the
+                bound for this call, as ``from_pipe(pipe, variance_bound=None)`` does for the pipeline.
             output_type: ``"pil"``, ``"np"`` (NHWC in [0, 1]), ``"pt"`` (NCHW in [0, 1]) or ``"latent"`` (raw
                 samples or latents); non-image samples accept ``"pt"``/``"np"``/``"latent"``, raw.
             return_dict: return a :class:`MomentMatchingGibbsPipelineOutput` rather than a tuple.
@@ -362,9 +366,10 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             final_output=final_output,
             jacobian=jacobian,
             product_batch=product_batch,
-            variance_bound=variance_bound,
         )
         overrides = {k: v for k, v in settings.items() if v is not None}
+        if variance_bound is not UNSET:  # None is a value here: no bound
+            overrides["variance_bound"] = variance_bound
         scheduler = self.scheduler
         if overrides:
             scheduler = MMGibbsScheduler.from_config(self.scheduler.config, **overrides)
