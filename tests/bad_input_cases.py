@@ -570,7 +570,7 @@ def _pipeline_cases() -> list[Case]:
         Case(p, "`__init__`", "no denoiser", "Pass the denoiser as `unet` (UNet families) or `transformer`",
              lambda _: pipeline(scheduler=ddpm_scheduler())),
         Case(p, "`__init__`", "`unet=torch.nn.Linear(2, 2)`", "`unet` must be a diffusers model (ModelMixin, e.g. "
-             "UNet2DModel) or declare `sample_shape`; got a Linear",
+             "UNet2DModel); got a Linear",
              lambda _: pipeline(unet=torch.nn.Linear(2, 2), scheduler=ddpm_scheduler())),
         Case(p, "`__init__`", "`host_pipeline='FooPipeline'`", "`host_pipeline` 'FooPipeline' is not a diffusers "
              "pipeline class", lambda _: pipeline(unet=tiny_unet(), scheduler=ddpm_scheduler(),
@@ -578,6 +578,30 @@ def _pipeline_cases() -> list[Case]:
         Case(p, "`__init__`, `from_pipe`", "`host_pipeline='KandinskyPipeline'` (an unsupported pipeline)",
              "MomentMatchingGibbsPipeline does not support the pipeline KandinskyPipeline. Supported:",
              lambda _: pipeline(unet=tiny_unet(), scheduler=ddpm_scheduler(), host_pipeline="KandinskyPipeline")),
+        Case(p, "`__init__`", "`unet=<a custom ModelMixin declaring sample_shape, called as model(sample, "
+             "timestep)>`", "the unconditional family, the same samples as through `from_pipe(DDPMPipeline(unet="
+             "model, ...))` (it was refused as an unsupported model)", lambda _: custom_unconditional("sample_shape"),
+             None),
+        Case(p, "`__init__`", "`unet=<a custom ModelMixin with in_channels and sample_size in its config>`",
+             "the unconditional family", lambda _: custom_unconditional("config"), None),
+        Case(p, "`__init__`", "`unet=<a custom ModelMixin with neither sample_shape nor in_channels/sample_size>`",
+             "MomentMatchingGibbsPipeline does not support the model Plain", lambda _: pipeline(
+             unet=custom_model("neither"), scheduler=ddpm_scheduler())),
+        Case(p, "`__init__`", "`unet=<a custom ModelMixin declaring sample_shape, called as model(sample)>`",
+             "`unet` (OneArgument) must be callable as model(sample, timestep)", lambda _: pipeline(
+             unet=custom_model("one_argument"), scheduler=ddpm_scheduler())),
+        Case(p, "`from_pipe`", "`from_pipe(sd, scheduler='DDIMScheduler')` (a string)", "`scheduler` must be a "
+             "diffusers scheduler (an MMGibbsScheduler or one to convert); got str",
+             lambda _: from_pipe_sd(scheduler="DDIMScheduler"), TypeError),
+        Case(p, "`__init__`, `from_pipe`", "`from_pipe(sd, unet=UNet2DModel(...))` (another family's denoiser)",
+             "`unet` is a UNet2DModel, the denoiser of unconditional UNet2DModel", lambda _: from_pipe_sd(
+             unet=tiny_unet())),
+        Case(p, "`__init__`, `from_pipe`", "`from_pipe(ddpm, unet=UNet2DConditionModel(...))`",
+             "`unet` is a UNet2DConditionModel, the denoiser of Stable Diffusion 1.x/2.x", lambda _: _from_pipe_ddpm(
+             unet=stable_diffusion().unet)),
+        Case(p, "`__init__`, `from_pipe`", "`from_pipe(sd, unet=None, transformer=sd.unet)` (the wrong component)",
+             "Stable Diffusion 1.x/2.x (UNet2DConditionModel) takes its denoiser as `unet`", lambda _: from_pipe_sd(
+             unet=None, transformer=stable_diffusion().unet)),
         Case(p, "`from_pipe`", "`from_pipe(pipe, covarience='full')`", "from_pipe got unknown arguments "
              "['covarience']: pass components", lambda _: _from_pipe_ddpm(covarience="full")),
     ]  # fmt: skip
@@ -703,6 +727,69 @@ def _pipeline_cases() -> list[Case]:
                  lambda _, n=name: family_generators(n)),
         ]  # fmt: skip
     return cases
+
+
+def custom_model(kind: str) -> Any:
+    """A custom diffusers model (``ModelMixin``) called as UNet2DModel is, ``model(sample, timestep)``: it declares
+    ``sample_shape`` (``kind="sample_shape"``), or has ``in_channels``/``sample_size`` in its config
+    (``"config"``), or neither (``"neither"``), or takes ``model(sample)`` only (``"one_argument"``)."""
+    from diffusers import ConfigMixin, ModelMixin
+    from diffusers.configuration_utils import register_to_config
+
+    class Denoiser(ModelMixin, ConfigMixin):
+        @register_to_config
+        def __init__(self, in_channels: int = 1, sample_size: int = 8, declare: bool = True):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.tensor(0.5))
+            if declare:
+                self.sample_shape = (in_channels, sample_size, sample_size)
+
+        def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tensor]:
+            return (self.scale * sample,)
+
+    class Plain(ModelMixin, ConfigMixin):
+        @register_to_config
+        def __init__(self, width: int = 8):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.tensor(0.5))
+
+        def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tensor]:
+            return (self.scale * sample,)
+
+    class OneArgument(Denoiser):
+        def forward(self, sample: torch.Tensor) -> tuple[torch.Tensor]:  # type: ignore[override]
+            return (self.scale * sample,)
+
+    if kind == "neither":
+        return Plain()
+    if kind == "one_argument":
+        return OneArgument()
+    return Denoiser(declare=kind == "sample_shape")
+
+
+def custom_unconditional(kind: str) -> None:
+    """The constructor takes the custom model as the unconditional family, as ``from_pipe(DDPMPipeline(unet=model,
+    ...))`` does, with the same samples."""
+    from diffusers import DDPMPipeline
+
+    from mmgibbs import MomentMatchingGibbsPipeline
+
+    model = custom_model(kind)
+    direct = pipeline(unet=model, scheduler=ddpm_scheduler())
+    direct.set_progress_bar_config(disable=True)
+    hosted = MomentMatchingGibbsPipeline.from_pipe(DDPMPipeline(unet=model, scheduler=ddpm_scheduler()))
+    hosted.set_progress_bar_config(disable=True)
+    kwargs = {"batch_size": 2, "num_inference_steps": 3, "output_type": "latent"}
+    a, b = direct(**kwargs, generator=_generator(4)).images, hosted(**kwargs, generator=_generator(4)).images
+    assert a.shape == (2, 1, 8, 8) and torch.equal(a, b)
+
+
+def from_pipe_sd(**kwargs: Any) -> Any:
+    from tiny_pipelines import tiny_stable_diffusion_pipeline
+
+    from mmgibbs import MomentMatchingGibbsPipeline
+
+    return MomentMatchingGibbsPipeline.from_pipe(tiny_stable_diffusion_pipeline(), **kwargs)
 
 
 def per_call_variance_bound_none() -> None:

@@ -62,6 +62,21 @@ def check_generator(
         )
 
 
+def check_scheduler(value: Any, argument: str = "scheduler") -> None:
+    """A diffusers scheduler instance (an MMGibbsScheduler or one to convert): None, config dicts and class names
+    are refused naming ``argument`` (a string used to fail with "'str' object has no attribute 'config'")."""
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+    if value is None:
+        raise ValueError(f"`{argument}` is required: an MMGibbsScheduler or any diffusers scheduler to convert.")
+    if not isinstance(value, SchedulerMixin) or not hasattr(value, "config"):
+        raise TypeError(
+            f"`{argument}` must be a diffusers scheduler (an MMGibbsScheduler or one to convert); got "
+            f"{type(value).__name__}. From a config: MMGibbsScheduler.from_config(config); from a class name: e.g. "
+            "diffusers.DDIMScheduler.from_config(pipe.scheduler.config)."
+        )
+
+
 def check_tensor(value: Any, argument: str, *, floating: bool = False) -> torch.Tensor:
     """``value`` as a torch tensor of real numbers, or a TypeError naming ``argument``.
 

@@ -43,10 +43,11 @@ from .checks import (
     check_host_arguments,
     check_number,
     check_samples,
+    check_scheduler,
     check_steps,
     check_tensor,
 )
-from .families import FAMILIES, Family, Unconditional, family_of, sample_shape
+from .families import FAMILIES, Family, Unconditional, check_denoiser, family_of, sample_shape
 from .moments import COVARIANCES
 from .scheduler import MMGibbsScheduler
 
@@ -120,8 +121,9 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
     denoiser: ``MomentMatchingGibbsPipeline(unet=unet, scheduler=scheduler)``.
 
     Args:
-        unet: the denoiser of UNet families (``UNet2DModel``, ``UNet2DConditionModel``, or any diffusers model with
-            ``sample_shape``, e.g. :class:`GaussianMixtureDenoiser`).
+        unet: the denoiser of UNet families (``UNet2DModel``, ``UNet2DConditionModel``, or, unconditional, any
+            diffusers model called as ``model(sample, timestep)`` that declares ``sample_shape`` or has
+            ``in_channels`` and ``sample_size`` in its config, e.g. :class:`GaussianMixtureDenoiser`).
         scheduler: an :class:`MMGibbsScheduler`; any other diffusers scheduler is converted with
             ``MMGibbsScheduler.from_config`` (so a saved DDPM pipeline folder loads directly).
         transformer, vae, vqvae, text_encoder(_2, _3), tokenizer(_2, _3), safety_checker, feature_extractor,
@@ -155,25 +157,21 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         host_config: dict[str, Any] | None = None,
     ):
         super().__init__()
-        if scheduler is None:
-            raise ValueError("`scheduler` is required: an MMGibbsScheduler or any diffusers scheduler to convert.")
-        if not isinstance(scheduler, SchedulerMixin) or not hasattr(scheduler, "config"):
-            raise TypeError(
-                f"`scheduler` must be a diffusers scheduler (an MMGibbsScheduler or one to convert); got "
-                f"{type(scheduler).__name__}. From a config dict: MMGibbsScheduler.from_config(config)."
-            )
+        check_scheduler(scheduler)
         scheduler = MMGibbsScheduler.from_scheduler(scheduler)
         denoiser = unet if unet is not None else transformer
         if denoiser is None:
             raise ValueError("Pass the denoiser as `unet` (UNet families) or `transformer` (DiT, SD3, Flux, PixArt).")
-        if not isinstance(denoiser, ModelMixin) and getattr(denoiser, "sample_shape", None) is None:
+        argument = "unet" if unet is not None else "transformer"
+        if not isinstance(denoiser, ModelMixin):
             raise ValueError(
-                f"`{'unet' if unet is not None else 'transformer'}` must be a diffusers model (ModelMixin, e.g. "
-                f"UNet2DModel) or declare `sample_shape`; got a {type(denoiser).__name__}."
+                f"`{argument}` must be a diffusers model (ModelMixin, e.g. UNet2DModel); got a "
+                f"{type(denoiser).__name__}."
             )
         if host_pipeline is not None and not hasattr(diffusers, host_pipeline):
             raise ValueError(f"`host_pipeline` {host_pipeline!r} is not a diffusers pipeline class.")
-        family_of(host_pipeline, denoiser)  # a clear error for an unsupported pipeline or model, now
+        # clear errors now for an unsupported pipeline or model, or a denoiser the host's family cannot call
+        check_denoiser(family_of(host_pipeline, denoiser), denoiser, argument)
         self.register_modules(
             unet=unet,
             scheduler=scheduler,
@@ -211,6 +209,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         components = {k: v for k, v in pipeline.components.items() if k in COMPONENTS}
         components.update({k: kwargs.pop(k) for k in list(kwargs) if k in COMPONENTS})
         source = kwargs.pop("scheduler", pipeline.scheduler)
+        check_scheduler(source)
         unknown = sorted(set(kwargs) - set(inspect.signature(MMGibbsScheduler.__init__).parameters))
         if unknown:
             raise ValueError(
