@@ -435,6 +435,13 @@ def _scheduler_cases() -> list[Case]:
          "`timesteps` must be a 1-d sequence of numbers; got shape (1, 2)", ValueError),
         ("set_timesteps(timesteps=[900, 500], sigmas=[2.0, 1.0])", {"timesteps": [900, 500], "sigmas": [2.0, 1.0]},
          None, "Pass at most one of `timesteps` and `sigmas`", ValueError),
+        ("set_timesteps(2, timesteps=[900, 500])", {"num_inference_steps": 2, "timesteps": [900, 500]}, None,
+         "Pass `num_inference_steps` or `timesteps`, not both", ValueError),
+        ("set_timesteps(3, timesteps=[900, 500])", {"num_inference_steps": 3, "timesteps": [900, 500]}, None,
+         "Pass `num_inference_steps` or `timesteps`, not both", ValueError),
+        ("set_timesteps(2, sigmas=[0.9, 0.5]) (a flow model)", {"num_inference_steps": 2, "sigmas": [0.9, 0.5]},
+         {"_class_name": "FlowMatchEulerDiscreteScheduler"}, "Pass `num_inference_steps` or `sigmas`, not both",
+         ValueError),
         ("set_timesteps(3, mu=0.5) (a VP model)", {"num_inference_steps": 3, "mu": 0.5}, None,
          "`mu` shifts flow-matching levels; this is a 'vp' model", ValueError),
         ("set_timesteps(3, foo=1)", {"num_inference_steps": 3, "foo": 1}, None,
@@ -718,6 +725,19 @@ def _pipeline_cases() -> list[Case]:
              "a cat", **kw}), e)
         for i, kw, m, e in text
     ]  # fmt: skip
+    cases += [
+        Case(p, "the family (SD3)", "SD3: `mu=0.5` on a static-shift scheduler (`use_dynamic_shifting=False`)",
+             "`mu` shifts the levels of a scheduler with `use_dynamic_shifting`; this one has a static shift",
+             lambda _: flow_levels("sd3", mu=0.5, num_inference_steps=1)),
+    ]  # fmt: skip
+    for name, host in (("sd3", "SD3"), ("flux", "Flux")):
+        cases += [
+            Case(p, f"the family ({host})", f"{host}: `sigmas=[1.0, 0.6, 0.3]` and `num_inference_steps=5`",
+                 "Pass `num_inference_steps` or `sigmas`, not both: the 3 `sigmas` are the levels",
+                 lambda _, n=name: flow_levels(n, sigmas=[1.0, 0.6, 0.3], num_inference_steps=5)),
+            Case(p, f"the family ({host})", f"{host}: `sigmas=[1.0, 0.6, 0.3]` alone", "3 levels (3 model calls)",
+                 lambda _, n=name: sigmas_alone(n), None),
+        ]  # fmt: skip
     for name, host in (("sdxl", "SDXL"), ("sd3", "SD3"), ("flux", "Flux"), ("pixart", "PixArt")):
         cases += [
             Case(p, f"the family ({host})", f"{host}: `latents` of another shape than the host draws",
@@ -802,6 +822,20 @@ def per_call_variance_bound_none() -> None:
     per_call = pipe(**kwargs, variance_bound=None, generator=_generator(3)).images
     assert torch.equal(per_call, lifted(**kwargs, generator=_generator(3)).images)
     assert not torch.equal(per_call, pipe(**kwargs, generator=_generator(3)).images)  # the default bound, 1
+
+
+def flow_levels(name: str, **kwargs: Any) -> Any:
+    """A call of a flow-matching family (``"sd3"``, ``"flux"``) at 16 x 16 pixels; returns its model calls."""
+    from tiny_pipelines import count_calls
+
+    pipe, size = family(name)
+    with count_calls(pipe.transformer) as calls:
+        pipe("a cat", output_type="latent", guidance_scale=1.0, **size, **kwargs)
+    return calls
+
+
+def sigmas_alone(name: str) -> None:
+    assert len(flow_levels(name, sigmas=[1.0, 0.6, 0.3])) == 3
 
 
 def _from_pipe_ddpm(**kwargs: Any) -> Any:

@@ -287,7 +287,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         negative_prompt: str | list[str] | None = None,
         *,
         batch_size: int | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         x_init: torch.Tensor | None = None,
@@ -311,7 +311,8 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         Args:
             prompt, negative_prompt: text conditioning (text-to-image families).
             batch_size: number of samples of an unconditional model.
-            num_inference_steps: noise levels (annealed) or sweeps at ``sigma`` (single level).
+            num_inference_steps: noise levels (annealed) or sweeps at ``sigma`` (single level); default 50, or as
+                many as the custom ``sigmas`` a flow family takes (then it is not passed: both are an error).
             generator: torch generator(s) for the start, the draws and the Hutchinson probes; a list gives every
                 image its own stream (then image i does not depend on the rest of the batch) and must have one
                 generator per image.

@@ -28,6 +28,8 @@ from diffusers.image_processor import VaeImageProcessor
 from ..checks import check_shape
 
 Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: the pipeline's number of levels when the call names none (diffusers' pipelines' default)
+DEFAULT_STEPS = 50
 
 
 @dataclass
@@ -82,9 +84,13 @@ class Family:
         ``host_config``; e.g. DiT's ``id2label``). Default: none."""
         return {}
 
-    def set_timesteps(self, scheduler: Any, num_inference_steps: int, device: Any, arguments: dict[str, Any]) -> None:
-        """Lay out the schedule before :meth:`prepare` (Flux overrides it: its shift depends on the image size)."""
-        scheduler.set_timesteps(num_inference_steps, device=device)
+    def set_timesteps(
+        self, scheduler: Any, num_inference_steps: int | None, device: Any, arguments: dict[str, Any]
+    ) -> None:
+        """Lay out the schedule before :meth:`prepare` (``num_inference_steps`` None: :data:`DEFAULT_STEPS`; the
+        flow families override it: their shift depends on the image size)."""
+        steps = DEFAULT_STEPS if num_inference_steps is None else num_inference_steps
+        scheduler.set_timesteps(steps, device=device)
 
     def prepare(self, scheduler: Any, **kwargs: Any) -> Job:
         """The :class:`Job` for these call arguments (the host pipeline's own names and defaults)."""
