@@ -319,8 +319,8 @@ def offline_hub_id(tmp: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the table
-SECTIONS = ("MMGibbsScheduler", "MomentMatchingGibbsPipeline", "Calibration", "Command lines")
-SCHEDULER, PIPELINE, CALIBRATION, COMMAND_LINES = SECTIONS
+SECTIONS = ("MMGibbsScheduler", "MomentMatchingGibbsPipeline", "Model families", "Calibration", "Command lines")
+SCHEDULER, PIPELINE, FAMILIES, CALIBRATION, COMMAND_LINES = SECTIONS
 Z = torch.zeros
 SAMPLE = (2, 3, 8, 8)
 
@@ -846,6 +846,151 @@ def _from_pipe_ddpm(**kwargs: Any) -> Any:
     return MomentMatchingGibbsPipeline.from_pipe(tiny_ddpm_pipeline(), **kwargs)
 
 
+# ------------------------------------------------------------------------------------------ model families
+@cache
+def inpainting_unet_pipeline() -> Any:
+    from tiny_sdxl import tiny_sd_inpaint_pipeline
+
+    from mmgibbs import MomentMatchingGibbsPipeline
+
+    pipe = MomentMatchingGibbsPipeline.from_pipe(tiny_sd_inpaint_pipeline())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@cache
+def dit() -> Any:
+    from tiny_dit import tiny_dit_pipeline
+
+    from mmgibbs import MomentMatchingGibbsPipeline
+
+    pipe = MomentMatchingGibbsPipeline.from_pipe(tiny_dit_pipeline())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def images(n: int, seed: int = 7) -> torch.Tensor:
+    return torch.rand(n, 3, 16, 16, generator=_generator(seed))
+
+
+def one_image_per_prompt(mask: bool) -> None:
+    """Two images for two prompts, two images per prompt: image i goes with prompt i (diffusers' img2img host
+    tiles the images, [i0, i1, i0, i1], against the prompts' [p0, p0, p1, p1]); with per-image generators each
+    prompt's pair is what that prompt and image give alone."""
+    pipe = stable_diffusion()
+    extra = {"mask_image": torch.ones(2, 1, 16, 16)} if mask else {"strength": 0.5}
+    both = latent(pipe, prompt=["a red cat", "a blue dog"], image=images(2), num_images_per_prompt=2,
+                  generator=[_generator(s) for s in range(4)], num_inference_steps=2, **extra)  # fmt: skip
+    for k, prompt in enumerate(["a red cat", "a blue dog"]):  # the prompt's image once per generated image
+        one = {key: value[[k, k]] for key, value in extra.items() if isinstance(value, torch.Tensor)}
+        alone = latent(pipe, prompt=prompt, image=images(2)[[k, k]], num_images_per_prompt=2,
+                       generator=[_generator(2 * k + s) for s in range(2)], num_inference_steps=2,
+                       **{**extra, **one})  # fmt: skip
+        torch.testing.assert_close(both[2 * k : 2 * k + 2], alone, rtol=1e-4, atol=1e-5)
+
+
+def prompt_embeddings(name: str, argument: str, value: Callable[[torch.Tensor], Any]) -> Any:
+    """``name``'s pipeline called with ``argument`` (an embedding the host's ``encode_prompt`` made, changed by
+    ``value``) and the embeddings it needs beside it."""
+    pipe, size = (stable_diffusion(), {}) if name == "sd" else family(name)
+    host = pipe.family(pipe.scheduler).host
+    if name == "sd":
+        embeds = {"prompt_embeds": host.encode_prompt("a cat", "cpu", 1, False)[0]}
+    elif name == "sdxl":
+        positive, _, pooled, _ = host.encode_prompt("a cat", device="cpu", do_classifier_free_guidance=False)
+        embeds = {"prompt_embeds": positive, "pooled_prompt_embeds": pooled}
+    elif name == "sd3":
+        positive, _, pooled, _ = host.encode_prompt("a cat", None, None, do_classifier_free_guidance=False)
+        embeds = {"prompt_embeds": positive, "pooled_prompt_embeds": pooled}
+    elif name == "flux":
+        positive, pooled, _ = host.encode_prompt("a cat", None, max_sequence_length=8)
+        embeds = {"prompt_embeds": positive, "pooled_prompt_embeds": pooled}
+    else:
+        positive, mask, _, _ = host.encode_prompt("a cat", False, clean_caption=False, max_sequence_length=8)
+        embeds = {"prompt_embeds": positive, "prompt_attention_mask": mask}
+    embeds[argument] = value(embeds[argument])
+    return latent(pipe, guidance_scale=1.0, **size, **embeds)
+
+
+def dit_labels(labels: Any) -> torch.Tensor:
+    return latent(dit(), class_labels=labels, generator=_generator(5))
+
+
+def numpy_label() -> None:
+    assert torch.equal(dit_labels(np.int64(3)), dit_labels(3))
+    assert torch.equal(dit_labels(np.array([3])), dit_labels([3]))
+
+
+def _family_cases() -> list[Case]:
+    f = FAMILIES
+    mask = torch.ones(1, 1, 16, 16)
+    nine = [
+        ("a 9-channel inpainting UNet called with a prompt only", {}),
+        ("a 9-channel inpainting UNet called with `image` but no `mask_image`", {"image": images(1)}),
+    ]
+    cases = [
+        Case(f, "Stable Diffusion, SDXL (before the host's `prepare_latents`)", i, "This UNet takes 9 input channels "
+             "(latents, mask, masked-image latents: an inpainting UNet); pass `mask_image` (and `image`)",
+             lambda _, kw=kw: latent(inpainting_unet_pipeline(), prompt="a cat", num_inference_steps=2, **kw))
+        for i, kw in nine
+    ]  # fmt: skip
+    cases += [
+        Case(f, "Stable Diffusion, SDXL (image-to-image)", "two images for one prompt", "`image` holds 2 images for "
+             "1 prompts x 1 images per prompt: pass one image, one per prompt (1) or one per generated image (1)",
+             lambda _: latent(stable_diffusion(), prompt="a cat", image=images(2), num_inference_steps=2)),
+        Case(f, "Stable Diffusion, SDXL (inpainting)", "two images for one prompt, inpainting", "`image` holds 2 "
+             "images for 1 prompts", lambda _: latent(stable_diffusion(), prompt="a cat", image=images(2),
+             mask_image=mask)),
+        Case(f, "Stable Diffusion, SDXL (inpainting)", "three masks for two prompts", "`mask_image` holds 3 images "
+             "for 2 prompts", lambda _: latent(stable_diffusion(), prompt=["a", "b"], image=images(2),
+             mask_image=torch.ones(3, 1, 16, 16))),
+        Case(f, "Stable Diffusion, SDXL (image-to-image)", "two images for two prompts, `num_images_per_prompt=2`",
+             "image i goes with prompt i (the host paired them [i0, i1, i0, i1] with [p0, p0, p1, p1])",
+             lambda _: one_image_per_prompt(mask=False), None),
+        Case(f, "Stable Diffusion, SDXL (inpainting)", "two images and masks for two prompts, "
+             "`num_images_per_prompt=2`, inpainting", "image and mask i go with prompt i",
+             lambda _: one_image_per_prompt(mask=True), None),
+    ]  # fmt: skip
+    numpy, flat, narrow = "as a numpy array", "of another shape", "of the wrong width"
+    embeds: list[tuple[str, str, str, str, Callable[[torch.Tensor], Any], str, type[BaseException]]] = [
+        ("sd", "Stable Diffusion", "prompt_embeds", numpy, lambda e: e.detach().numpy(), "`prompt_embeds` must be a "
+         "torch.Tensor; got ndarray", TypeError),
+        ("sd", "Stable Diffusion", "prompt_embeds", "2-d", lambda e: e[0], "`prompt_embeds` must be a 3-d tensor "
+         "(batch, sequence, width); got shape (16, 32)", ValueError),
+        ("sd", "Stable Diffusion", "prompt_embeds", narrow, lambda e: e[..., :5], "`prompt_embeds` must have width "
+         "32 (the unet's cross_attention_dim); got 5", ValueError),
+        ("sdxl", "SDXL", "prompt_embeds", narrow, lambda e: e[..., :5], "`prompt_embeds` must have width 64 (the "
+         "unet's cross_attention_dim); got 5", ValueError),
+        ("sdxl", "SDXL", "pooled_prompt_embeds", flat, lambda e: e[None], "`pooled_prompt_embeds` must be a 2-d "
+         "tensor (batch, width)", ValueError),
+        ("sd3", "SD3", "prompt_embeds", narrow, lambda e: e[..., :5], "`prompt_embeds` must have width 64 (the "
+         "transformer's joint_attention_dim); got 5", ValueError),
+        ("sd3", "SD3", "pooled_prompt_embeds", narrow, lambda e: e[..., :5], "`pooled_prompt_embeds` must have "
+         "width 64 (the transformer's pooled_projection_dim); got 5", ValueError),
+        ("flux", "Flux", "prompt_embeds", narrow, lambda e: e[..., :5], "`prompt_embeds` must have width",
+         ValueError),
+        ("pixart", "PixArt", "prompt_embeds", narrow, lambda e: e[..., :5], "`prompt_embeds` must have width",
+         ValueError),
+    ]  # fmt: skip
+    cases += [
+        Case(f, f"{host} (before the host's `check_inputs`)", f"{host}: `{argument}` {what}", m,
+             lambda _, n=name, a=argument, v=value: prompt_embeddings(n, a, v), e)
+        for name, host, argument, what, value, m, e in embeds
+    ]  # fmt: skip
+    cases += [
+        Case(f, "DiT", "`class_labels=1.0`", "`class_labels` must be class ids in [0, 10) or words of the "
+             "pipeline's `id2label`; got [1.0]", lambda _: dit_labels(1.0)),
+        Case(f, "DiT", "`class_labels=np.int64(3)` (and a numpy array of ids)", "class 3, as `class_labels=3`",
+             lambda _: numpy_label(), None),
+        Case(f, "`__call__`", "`device='cpu'` as a call argument", "`device` is not a call argument: the pipeline "
+             "runs where its components are (move them with `pipe.to(device)`",
+             lambda _: latent(stable_diffusion(), prompt="a cat", device="cpu")),
+        Case(f, "`__call__`", "`scheduler=...` as a call argument", "`scheduler` is not a call argument: set it "
+             "with `from_pipe(pipe, scheduler=...)`", lambda _: latent(unconditional(), scheduler=ddpm_scheduler())),
+    ]  # fmt: skip
+    return cases
+
+
 # ------------------------------------------------------------------------------------------ calibration
 def calibrate(**kwargs: Any) -> Any:
     """``calibrate_covariance`` of a fresh tiny unconditional pipeline ((1, 8, 8) samples, d = 64): 8 samples, 2
@@ -1076,7 +1221,13 @@ def _command_line_cases() -> list[Case]:
     return cases
 
 
-CASES: list[Case] = [*_scheduler_cases(), *_pipeline_cases(), *_calibration_cases(), *_command_line_cases()]
+CASES: list[Case] = [
+    *_scheduler_cases(),
+    *_pipeline_cases(),
+    *_family_cases(),
+    *_calibration_cases(),
+    *_command_line_cases(),
+]
 
 # ------------------------------------------------------------------------------------------ the page
 INTRO = """\

@@ -209,6 +209,37 @@ def check_calibration(
         )
 
 
+def per_image(value: torch.Tensor, argument: str, prompts: int, images_per_prompt: int) -> torch.Tensor:
+    """Images (or masks, latents) ``value`` (n, ...) for ``prompts`` x ``images_per_prompt`` generated images: one
+    for all (n = 1, as passed: the host repeats it), one per prompt (repeated for each image of its prompt), or one
+    per generated image; any other count is a ValueError naming ``argument``.
+
+    diffusers' image-to-image hosts tile images (``torch.cat([image] * k)``) where prompts repeat per image, so one
+    image per prompt went with the wrong prompt for ``images_per_prompt`` > 1, and more images than prompts failed
+    inside the UNet's cross-attention (or in ``add_noise`` with 0 images)."""
+    count, batch = len(value), prompts * images_per_prompt
+    if count == 1 or count == batch:
+        return value
+    if count == prompts:
+        return value.repeat_interleave(images_per_prompt, dim=0)
+    raise ValueError(
+        f"`{argument}` holds {count} images for {prompts} prompts x {images_per_prompt} images per prompt: pass one "
+        f"image, one per prompt ({prompts}) or one per generated image ({batch})."
+    )
+
+
+def check_embeddings(value: Any, argument: str, ndim: int, width: int | None, what: str) -> None:
+    """Prompt embeddings passed instead of prompts: a floating-point torch tensor of ``ndim`` dimensions ((batch,
+    sequence, width) or pooled (batch, width)) whose last dimension is ``width`` (``what`` says whose), or an error
+    naming ``argument`` (numpy arrays failed with AttributeError, other shapes inside the network)."""
+    check_tensor(value, argument, floating=True)
+    if value.ndim != ndim:
+        axes = "(batch, sequence, width)" if ndim == 3 else "(batch, width)"
+        raise ValueError(f"`{argument}` must be a {ndim}-d tensor {axes}; got shape {tuple(value.shape)}.")
+    if width is not None and value.shape[-1] != width:
+        raise ValueError(f"`{argument}` must have width {width} ({what}); got {value.shape[-1]}.")
+
+
 def check_prompt(value: Any, argument: str) -> None:
     """``value`` is None, a string or a non-empty list of strings (what diffusers' text encoders take)."""
     if value is None or isinstance(value, str):

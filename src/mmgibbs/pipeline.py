@@ -80,6 +80,12 @@ GIBBS_SETTINGS = (
     "product_batch",
     "variance_bound",
 )
+#: names a family's ``prepare`` takes from the pipeline itself, not from the caller (they collided with a TypeError)
+NOT_CALL_ARGUMENTS = {
+    "device": "the pipeline runs where its components are (move them with `pipe.to(device)`, or offload with "
+    "`pipe.enable_model_cpu_offload()`)",
+    "scheduler": "set it with `from_pipe(pipe, scheduler=...)` or `pipe.scheduler = ...`",
+}
 #: what a saved folder needs so that ``DiffusionPipeline.from_pretrained`` finds this class (diffusers' custom
 #: pipeline convention: ``"_class_name": [<file in the folder>, <class>]``)
 COMMUNITY_FILE = "mmgibbs_pipeline"
@@ -355,6 +361,8 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
                 check_tensor(value, name)
         if callback_on_step_end is not None and not callable(callback_on_step_end):
             raise TypeError(f"`callback_on_step_end` must be callable; got {type(callback_on_step_end).__name__}.")
+        for name in set(host_arguments) & set(NOT_CALL_ARGUMENTS):
+            raise ValueError(f"`{name}` is not a call argument: {NOT_CALL_ARGUMENTS[name]}.")
         check_host_arguments({"prompt": prompt, "negative_prompt": negative_prompt, **host_arguments})
 
         settings = dict(
@@ -386,6 +394,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             **host_arguments,
         )
         arguments = self._accepted(family, arguments)
+        family.check_embeddings(arguments)
         family.set_timesteps(scheduler, num_inference_steps, device, arguments)
         job = family.prepare(scheduler, device=device, **arguments)
         check_generator(generator, len(job.latents))  # one per image, whatever the family's batch

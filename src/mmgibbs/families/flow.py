@@ -32,6 +32,12 @@ class FlowMatching(Family):
     """
 
     model = "transformer"
+    embeddings: ClassVar[dict[str, tuple[int, str, str]]] = {
+        **dict.fromkeys(("prompt_embeds", "negative_prompt_embeds"), (3, "transformer", "joint_attention_dim")),
+        **dict.fromkeys(
+            ("pooled_prompt_embeds", "negative_pooled_prompt_embeds"), (2, "transformer", "pooled_projection_dim")
+        ),
+    }
     #: the host's default for a config without ``max_shift`` (FluxPipeline 1.15, StableDiffusion3Pipeline 1.16)
     default_max_shift: ClassVar[float] = 1.15
     #: whether the host passes ``sigmas = linspace(1, 1/n, n)`` when the caller gives none (FluxPipeline does)

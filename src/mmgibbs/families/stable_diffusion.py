@@ -45,6 +45,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..checks import per_image
 from .base import (
     Family,
     Job,
@@ -127,8 +128,14 @@ def chain_start(
     the first level. For inpainting, the known region of the start is the image noised to the first level with the
     start's own noise: every level, the first included, sees the re-noised image there.
     """
+    channels = host.unet.config.in_channels
+    if mode != "inpaint" and channels != host.vae.config.latent_channels:
+        raise ValueError(
+            f"This UNet takes {channels} input channels (latents, mask, masked-image latents: an inpainting UNet); "
+            "pass `mask_image` (and `image`) to inpaint with it."
+        )
+    prompts = batch // num_images_per_prompt
     if mode == "text":
-        channels = host.unet.config.in_channels
         check_latents(latents, batch, channels, height, width, host.vae_scale_factor)
         x_t = host.prepare_latents(batch, channels, height, width, dtype, device, generator, latents)
         return Start(latents=x_t)
@@ -137,11 +144,11 @@ def chain_start(
     start = start_step(host, scheduler, strength, device)
     timestep = scheduler.timesteps[start : start + 1].repeat(batch)
     if mode == "img2img":
-        pixels = host.image_processor.preprocess(image)
-        prompts = batch // num_images_per_prompt
+        pixels = per_image(host.image_processor.preprocess(image), "image", prompts, num_images_per_prompt)
         x_t = host.prepare_latents(pixels, timestep, prompts, num_images_per_prompt, dtype, device, generator)
         return Start(latents=x_t, start=start)
     pixels = host.image_processor.preprocess(image, height=height, width=width).to(torch.float32)
+    pixels = per_image(pixels, "image", prompts, num_images_per_prompt)
     check_latents(latents, batch, host.vae.config.latent_channels, height, width, host.vae_scale_factor)
     x_t, noise, image_latents = host.prepare_latents(
         batch,
@@ -159,9 +166,10 @@ def chain_start(
         return_image_latents=True,
     )
     mask = host.mask_processor.preprocess(mask_image, height=height, width=width)
+    mask = per_image(mask, "mask_image", prompts, num_images_per_prompt)
     nine_channels = host.unet.config.in_channels != x_t.shape[1]
     if masked_image_latents is not None:
-        masked = masked_image_latents
+        masked = per_image(masked_image_latents, "masked_image_latents", prompts, num_images_per_prompt)
     elif pixels.shape[1] != image_latents.shape[1]:
         masked = pixels * (mask < 0.5)
     elif nine_channels:
@@ -210,6 +218,9 @@ class StableDiffusion(Family):
     name = "Stable Diffusion 1.x/2.x (UNet2DConditionModel)"
     hosts = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
     model_classes = ("UNet2DConditionModel",)
+    embeddings: ClassVar[dict[str, tuple[int, str, str]]] = dict.fromkeys(
+        ("prompt_embeds", "negative_prompt_embeds"), (3, "unet", "cross_attention_dim")
+    )
     #: the host pipeline class of each mode (:data:`MODES`)
     mode_hosts: ClassVar[dict[str, str]] = dict(zip(MODES, hosts, strict=True))
 

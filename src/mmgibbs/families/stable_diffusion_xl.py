@@ -36,6 +36,12 @@ class StableDiffusionXL(StableDiffusion):
     hosts = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
     model_classes = ()  # a bare UNet2DConditionModel is taken for SD 1.x/2.x; SDXL comes with its host
     mode_hosts: ClassVar[dict[str, str]] = dict(zip(MODES, hosts, strict=True))
+    embeddings: ClassVar[dict[str, tuple[int, str, str]]] = {
+        **StableDiffusion.embeddings,
+        **dict.fromkeys(
+            ("pooled_prompt_embeds", "negative_pooled_prompt_embeds"), (2, "text_encoder_2", "projection_dim")
+        ),
+    }
 
     @classmethod
     def host_values(cls, pipeline: Any) -> dict[str, Any]:
