@@ -912,6 +912,54 @@ def prompt_embeddings(name: str, argument: str, value: Callable[[torch.Tensor], 
     return latent(pipe, guidance_scale=1.0, **size, **embeds)
 
 
+def same_start(image: Any, reference: Any, mask: bool = False) -> None:
+    """Image-to-image (or inpainting) from ``image`` draws what it draws from ``reference``, and a float image
+    in [0, 1] is not ``image`` itself read as floats."""
+    keep_left = torch.zeros(1, 1, 16, 16)
+    keep_left[..., 8:] = 1.0  # repaint the right half: the image's left half is kept, so the image matters
+    extra = {"mask_image": keep_left} if mask else {"strength": 0.5}
+
+    def run(start: Any) -> torch.Tensor:
+        return latent(stable_diffusion(), prompt="a cat", image=start, num_inference_steps=2,
+                      generator=_generator(6), **extra)  # fmt: skip
+
+    torch.testing.assert_close(run(image), run(reference), rtol=1e-5, atol=1e-6)
+
+
+def uint8_image(kind: str) -> None:
+    from PIL import Image
+
+    rgb = (torch.rand(16, 16, 3, generator=_generator(8)) * 255).round().to(torch.uint8)
+    rgba = torch.cat([rgb, torch.full((16, 16, 1), 77, dtype=torch.uint8)], dim=-1)
+    unit = rgb.float() / 255  # the same picture in [0, 1], HWC
+    if kind == "numpy":
+        same_start(rgb.numpy()[None], unit.numpy()[None])
+    elif kind == "tensor":
+        same_start(rgb.permute(2, 0, 1)[None], unit.permute(2, 0, 1)[None])
+    elif kind == "inpaint":
+        same_start(rgb.numpy()[None], unit.numpy()[None], mask=True)
+    elif kind == "rgba-pil":
+        same_start(Image.fromarray(rgba.numpy(), "RGBA"), Image.fromarray(rgb.numpy(), "RGB"))
+    elif kind == "rgba-numpy":
+        same_start(rgba.numpy()[None], unit.numpy()[None])
+    else:  # grayscale PIL: read as RGB, as diffusers' do_convert_rgb would
+        gray = Image.fromarray(rgb.numpy()[..., 0], "L")
+        same_start(gray, gray.convert("RGB"))
+
+
+def sdxl_negative_prompt_2() -> None:
+    """`negative_prompt_2` alone is used, with "" for the first text encoder (the host zeroed the negative branch
+    when `negative_prompt` was None and force_zeros_for_empty_prompt, dropping it)."""
+    pipe, _ = family("sdxl")
+
+    def run(**kwargs: Any) -> torch.Tensor:
+        return latent(pipe, prompt="a cat", guidance_scale=5.0, generator=_generator(9), **kwargs)
+
+    alone = run(negative_prompt_2="a dog")
+    assert torch.equal(alone, run(negative_prompt="", negative_prompt_2="a dog"))
+    assert not torch.equal(alone, run())
+
+
 def dit_labels(labels: Any) -> torch.Tensor:
     return latent(dit(), class_labels=labels, generator=_generator(5))
 
@@ -976,6 +1024,28 @@ def _family_cases() -> list[Case]:
         Case(f, f"{host} (before the host's `check_inputs`)", f"{host}: `{argument}` {what}", m,
              lambda _, n=name, a=argument, v=value: prompt_embeddings(n, a, v), e)
         for name, host, argument, what, value, m, e in embeds
+    ]  # fmt: skip
+    pixels = [
+        ("a uint8 numpy `image` (N, H, W, 3) in [0, 255]", "numpy"),
+        ("a uint8 tensor `image` (N, 3, H, W) in [0, 255]", "tensor"),
+        ("a uint8 numpy `image` for inpainting", "inpaint"),
+    ]
+    cases += [
+        Case(f, "Stable Diffusion, SDXL (`mmgibbs.checks.pixel_images`)", i, "scaled from [0, 255]: the same as "
+             "the float image / 255 (it was normalised as if in [0, 1], to values up to 509)",
+             lambda _, k=k: uint8_image(k), None)
+        for i, k in pixels
+    ]  # fmt: skip
+    cases += [
+        Case(f, "Stable Diffusion, SDXL (`mmgibbs.checks.pixel_images`)", "an RGBA PIL `image`", "converted to RGB "
+             "(alpha dropped), as the RGB image (it was taken as four latent channels)",
+             lambda _: uint8_image("rgba-pil"), None),
+        Case(f, "Stable Diffusion, SDXL (`mmgibbs.checks.pixel_images`)", "a uint8 numpy RGBA `image` (N, H, W, 4)",
+             "the RGB channels, scaled from [0, 255]", lambda _: uint8_image("rgba-numpy"), None),
+        Case(f, "Stable Diffusion, SDXL (`mmgibbs.checks.pixel_images`)", "a grayscale PIL `image`", "converted to "
+             "RGB (it failed inside the VAE's first convolution)", lambda _: uint8_image("gray"), None),
+        Case(f, "SDXL", "`negative_prompt_2` without `negative_prompt`", "used, with \"\" for the first text encoder "
+             "(the host dropped it and zeroed the negative branch)", lambda _: sdxl_negative_prompt_2(), None),
     ]  # fmt: skip
     cases += [
         Case(f, "DiT", "`class_labels=1.0`", "`class_labels` must be class ids in [0, 10) or words of the "

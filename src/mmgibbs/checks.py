@@ -209,6 +209,31 @@ def check_calibration(
         )
 
 
+def pixel_images(image: Any) -> Any:
+    """The ``image`` of image-to-image and inpainting as diffusers' image processor should read it: uint8 numpy
+    arrays (N, H, W, C) / (H, W, C) and uint8 tensors (N, C, H, W) / (C, H, W) are scaled from [0, 255] to
+    [0, 1] (float32), PIL images of another mode than RGB (RGBA, grayscale, palette) are converted to RGB, and a
+    uint8 image with 4 channels is RGBA: its alpha channel is dropped. Lists are converted item by item; float
+    images (in [0, 1], or 4-channel latents) pass unchanged.
+
+    The processor itself reads a uint8 image as if it were in [0, 1] (values up to 2 * 255 - 1 = 509 after its
+    normalisation), an RGBA image as four latent channels and a grayscale image as one channel (failing in the
+    VAE)."""
+    from PIL import Image
+
+    if isinstance(image, list):
+        return [pixel_images(item) for item in image]
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8:
+        image = image[..., :3] if image.ndim >= 3 and image.shape[-1] == 4 else image
+        return image.astype(np.float32) / 255.0
+    if isinstance(image, torch.Tensor) and image.dtype == torch.uint8:
+        image = image[..., :3, :, :] if image.ndim >= 3 and image.shape[-3] == 4 else image
+        return image.float() / 255.0
+    return image
+
+
 def per_image(value: torch.Tensor, argument: str, prompts: int, images_per_prompt: int) -> torch.Tensor:
     """Images (or masks, latents) ``value`` (n, ...) for ``prompts`` x ``images_per_prompt`` generated images: one
     for all (n = 1, as passed: the host repeats it), one per prompt (repeated for each image of its prompt), or one

@@ -5,6 +5,11 @@ The mode follows the call's arguments, whatever host pipeline the sampler was bu
 is built from the same components and scheduler, as ``StableDiffusionImg2ImgPipeline(**pipe.components)`` would):
 
 * no ``image``: text-to-image, from pure noise at the first level;
+``image`` is what the host's image processor takes (PIL, numpy NHWC, tensors NCHW in [0, 1], or latents), and
+also uint8 arrays and tensors in [0, 255] (scaled to [0, 1]) and PIL images of any mode (converted to RGB; an RGBA
+image's alpha is dropped, as is a uint8 4-channel array's), see :func:`mmgibbs.checks.pixel_images`; one image, one
+per prompt or one per generated image (:func:`mmgibbs.checks.per_image`).
+
 * ``image`` (+ ``strength``): image-to-image. The chain starts at the LEVEL that ``strength`` selects (the host's
   own ``get_timesteps``: ``int(levels * strength)`` levels are run), i.e. at step ``level_index * gibbs_sweeps``,
   the first sweep of that level, from the host's ``prepare_latents(image, t_start)``: the VAE-encoded image
@@ -45,7 +50,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..checks import per_image
+from ..checks import per_image, pixel_images
 from .base import (
     Family,
     Job,
@@ -135,6 +140,7 @@ def chain_start(
             "pass `mask_image` (and `image`) to inpaint with it."
         )
     prompts = batch // num_images_per_prompt
+    image = pixel_images(image)  # uint8 scaled from [0, 255], RGBA / grayscale to RGB
     if mode == "text":
         check_latents(latents, batch, channels, height, width, host.vae_scale_factor)
         x_t = host.prepare_latents(batch, channels, height, width, dtype, device, generator, latents)
