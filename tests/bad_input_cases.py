@@ -300,6 +300,41 @@ def calibrate_job(argv: list[str]) -> Callable[[Path], Any]:
     return run
 
 
+def samples_file(name: str, value: Any) -> Callable[[Path], Any]:
+    """``calibrate.py --samples <tmp>/<name>`` (a .pt file of ``value``, or a .npy file of it as numpy)."""
+
+    def run(tmp: Path) -> Any:
+        path = tmp / name
+        if path.suffix == ".npy":
+            np.save(path, value)
+        else:
+            torch.save(value, path)
+        return calibrate_job(["--samples", str(path), "--clusters", "2", "--rank", "2"])(tmp)
+
+    return run
+
+
+def digits_like(n: int = 8) -> torch.Tensor:
+    return torch.rand(n, 1, 8, 8, generator=_generator(10)) * 2 - 1
+
+
+def calibrated_jacobian_probes(tmp: Path) -> None:
+    """A folder saved with a calibrated table samples with --covariance calibrated_jacobian --num-probes 2."""
+    from sample import scheduler_settings
+
+    pipe = pipeline(unet=tiny_unet(), scheduler=ddpm_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    pipe.calibrate_covariance(2, samples=digits_like(), num_clusters=2, rank=2)
+    pipe.save_pretrained(tmp / "calibrated")
+    argv = ["--model", str(tmp / "calibrated"), "--covariance", "calibrated_jacobian", "--num-probes", "2"]
+    args = cli("sample", [*argv, "--out", "{tmp}/a.png"], tmp)
+    assert scheduler_settings(args)["num_probes"] == 2
+
+
+def distributed_job(argv: list[str]) -> Callable[[Path], Any]:
+    return lambda tmp: cli("distributed_sample", argv, tmp)
+
+
 def text_to_image_folder_without_prompt(tmp: Path) -> Any:
     from tiny_pipelines import tiny_stable_diffusion_pipeline
 
@@ -1254,7 +1289,7 @@ def _command_line_cases() -> list[Case]:
         (["--gibbs-sweeps", "1.5"], "--gibbs-sweeps 1.5", "argument --gibbs-sweeps: '1.5' is not an integer"),
         (["--eta", "2"], "--eta 2", "argument --eta: '2' is not a finite number in [0, 1]"),
         (["--num-probes", "2"], "--num-probes 2 (covariance isotropic)", "--num-probes sets the Hutchinson probes of "
-         "--covariance diagonal, not isotropic"),
+         "--covariance diagonal or the Jacobian products of calibrated_jacobian, not isotropic"),
         (["--transition", "gibbs", "--eta", "0.5"], "--transition gibbs --eta 0.5", "--eta sets the ancestral "
          "transition's noise"),
         (["--guidance-scale", "3"], "--guidance-scale 3 (no --prompt)", "--guidance-scale needs --prompt"),
@@ -1288,6 +1323,38 @@ def _command_line_cases() -> list[Case]:
         Case(c, "`calibrate.py`", f"`calibrate.py {shown}`", m, calibrate_job(argv), CommandLineError)
         for argv, shown, m in calibrate
     ]
+    nan = digits_like()
+    nan[0, 0, 0, 0] = float("nan")
+    files: list[tuple[str, str, Any, str]] = [
+        ("flat.pt", "an (8, 64) tensor", torch.randn(8, 64), "flat.pt: `--samples` must have shape (N, 1, "
+         "8, 8): N samples of the model's sample shape (1, 8, 8); got (8, 64)"),
+        ("nan.pt", "samples with a NaN", nan, "`--samples` contains NaN or infinite values (1 of 512 entries)"),
+        ("dict.pt", "a dict of tensors", {"x": digits_like()}, "dict.pt: the file holds a dict, not a "
+         "tensor of samples"),
+        ("labels.npy", "an int64 array", np.zeros((8, 1, 8, 8), np.int64), "`--samples` must be a floating-point "
+         "tensor; got torch.int64"),
+        ("one.pt", "1 sample, `--clusters 2`", digits_like(1), "`--samples` holds 1 samples for `num_clusters`=2"),
+    ]  # fmt: skip
+    cases += [
+        Case(c, "`calibrate.py` (before the model is loaded)", f"`calibrate.py --samples {name}` ({what})", m,
+             samples_file(name, value), CommandLineError)
+        for name, what, value, m in files
+    ]  # fmt: skip
+    cases += [
+        Case(c, "`calibrate.py`", "`calibrate.py --out /proc/calibrated` (a folder no file can be created in)",
+             "--out /proc/calibrated: cannot write to /proc", calibrate_job(["--out", "/proc/calibrated"]),
+             CommandLineError),
+        Case(c, "`calibrate.py`", "`calibrate.py --rank 100` (digits: 64 dimensions)", "`rank` must be an integer "
+             "in [1, 64]", calibrate_job(["--digits", "--rank", "100"]), CommandLineError),
+        Case(c, "`distributed_sample.py`", "`distributed_sample.py --save-array missing/images.npy`",
+             "missing does not exist",
+             distributed_job(["--save-array", "{tmp}/missing/images.npy", "--out", "{tmp}/a.png"]), CommandLineError),
+        Case(c, "`distributed_sample.py`", "`distributed_sample.py --save-array <a folder>`", "is a folder",
+             distributed_job(["--save-array", "{tmp}", "--out", "{tmp}/a.png"]), CommandLineError),
+        Case(c, "`sample.py`", "`sample.py --covariance calibrated_jacobian --num-probes 2` (a calibrated folder)",
+             "accepted: 2 Jacobian products per level (it was refused as a Hutchinson-only flag)",
+             calibrated_jacobian_probes, None),
+    ]  # fmt: skip
     return cases
 
 
