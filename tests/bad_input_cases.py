@@ -644,6 +644,9 @@ def _pipeline_cases() -> list[Case]:
         Case(p, "`__init__`, `from_pipe`", "`from_pipe(sd, unet=None, transformer=sd.unet)` (the wrong component)",
              "Stable Diffusion 1.x/2.x (UNet2DConditionModel) takes its denoiser as `unet`", lambda _: from_pipe_sd(
              unet=None, transformer=stable_diffusion().unet)),
+        *(Case(p, "`DiffusionPipeline.from_pretrained`", f"`DiffusionPipeline.from_pretrained('examples/checkpoints/"
+               f"{name}', trust_remote_code=True)`", "loads (as `MomentMatchingGibbsPipeline.from_pretrained` does, "
+               "the same samples)", lambda _, name=name: shipped_folder_loads(name), None) for name in SHIPPED),
         Case(p, "`from_pipe`", "`from_pipe(pipe, covarience='full')`", "from_pipe got unknown arguments "
              "['covarience']: pass components", lambda _: _from_pipe_ddpm(covarience="full")),
     ]  # fmt: skip
@@ -871,6 +874,28 @@ def flow_levels(name: str, **kwargs: Any) -> Any:
 
 def sigmas_alone(name: str) -> None:
     assert len(flow_levels(name, sigmas=[1.0, 0.6, 0.3])) == 3
+
+
+def shipped_folder_loads(name: str) -> None:
+    """A shipped pipeline folder loads with diffusers' own loader, as saved pipelines do, and samples as it does
+    through its own class."""
+    from diffusers import DiffusionPipeline
+
+    from mmgibbs import MomentMatchingGibbsPipeline
+
+    folder = CHECKPOINTS / name
+    loaded = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    own = MomentMatchingGibbsPipeline.from_pretrained(folder)
+    for pipe in (loaded, own):
+        pipe.set_progress_bar_config(disable=True)
+    if isinstance(loaded, MomentMatchingGibbsPipeline):
+        assert type(loaded.scheduler).__name__ == "MMGibbsScheduler"
+        kwargs = {"batch_size": 2, "num_inference_steps": 3, "output_type": "latent"}
+        a, b = loaded(**kwargs, generator=_generator(11)).images, own(**kwargs, generator=_generator(11)).images
+        assert torch.equal(a, b)
+
+
+SHIPPED = sorted(path.parent.name for path in CHECKPOINTS.glob("*/model_index.json"))
 
 
 def _from_pipe_ddpm(**kwargs: Any) -> Any:
