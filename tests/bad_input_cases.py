@@ -61,7 +61,7 @@ class Case:
     @property
     def id(self) -> str:
         slug = re.sub(r"[^a-zA-Z0-9]+", "-", self.input).strip("-").lower()
-        return f"{SECTIONS.index(self.section)}-{slug[:70]}"
+        return f"{SECTIONS.index(self.section)}-{slug[:100]}"
 
     def happens(self) -> str:
         """The "what happens" cell of the page."""
