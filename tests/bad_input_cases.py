@@ -1043,15 +1043,16 @@ def _family_cases() -> list[Case]:
         for i, kw in nine
     ]  # fmt: skip
     cases += [
-        Case(f, "Stable Diffusion, SDXL (image-to-image)", "two images for one prompt", "`image` holds 2 images for "
-             "1 prompts x 1 images per prompt: pass one image, one per prompt (1) or one per generated image (1)",
+        Case(f, "Stable Diffusion, SDXL (image-to-image)", "two images for one prompt", "`image` holds 2 images for 1 "
+             "generated image (1 prompt x num_images_per_prompt=1): pass one, one per prompt or one per generated "
+             "image",
              lambda _: latent(stable_diffusion(), prompt="a cat", image=images(2), num_inference_steps=2)),
         Case(f, "Stable Diffusion, SDXL (inpainting)", "two images for one prompt, inpainting", "`image` holds 2 "
-             "images for 1 prompts", lambda _: latent(stable_diffusion(), prompt="a cat", image=images(2),
+             "images for 1 generated image", lambda _: latent(stable_diffusion(), prompt="a cat", image=images(2),
              mask_image=mask)),
         Case(f, "Stable Diffusion, SDXL (inpainting)", "three masks for two prompts", "`mask_image` holds 3 images "
-             "for 2 prompts", lambda _: latent(stable_diffusion(), prompt=["a", "b"], image=images(2),
-             mask_image=torch.ones(3, 1, 16, 16))),
+             "for 2 generated images (2 prompts x num_images_per_prompt=1)", lambda _: latent(stable_diffusion(),
+             prompt=["a", "b"], image=images(2), mask_image=torch.ones(3, 1, 16, 16))),
         Case(f, "Stable Diffusion, SDXL (image-to-image)", "two images for two prompts, `num_images_per_prompt=2`",
              "image i goes with prompt i (the host paired them [i0, i1, i0, i1] with [p0, p0, p1, p1])",
              lambda _: one_image_per_prompt(mask=False), None),
@@ -1075,10 +1076,10 @@ def _family_cases() -> list[Case]:
          "transformer's joint_attention_dim); got 5", ValueError),
         ("sd3", "SD3", "pooled_prompt_embeds", narrow, lambda e: e[..., :5], "`pooled_prompt_embeds` must have "
          "width 64 (the transformer's pooled_projection_dim); got 5", ValueError),
-        ("flux", "Flux", "prompt_embeds", narrow, lambda e: e[..., :5], "`prompt_embeds` must have width",
-         ValueError),
-        ("pixart", "PixArt", "prompt_embeds", narrow, lambda e: e[..., :5], "`prompt_embeds` must have width",
-         ValueError),
+        ("flux", "Flux", "prompt_embeds", narrow, lambda e: e[..., :5], "`prompt_embeds` must have width 32 (the "
+         "transformer's joint_attention_dim); got 5", ValueError),
+        ("pixart", "PixArt", "prompt_embeds", narrow, lambda e: e[..., :5], "`prompt_embeds` must have width 32 (the "
+         "transformer's caption_channels); got 5", ValueError),
     ]  # fmt: skip
     cases += [
         Case(f, f"{host} (before the host's `check_inputs`)", f"{host}: `{argument}` {what}", m,
@@ -1113,7 +1114,8 @@ def _family_cases() -> list[Case]:
         Case(f, "DiT", "`class_labels=np.int64(3)` (and a numpy array of ids)", "class 3, as `class_labels=3`",
              lambda _: numpy_label(), None),
         Case(f, "`__call__`", "`device='cpu'` as a call argument", "`device` is not a call argument: the pipeline "
-             "runs where its components are (move them with `pipe.to(device)`",
+             "runs where its components are (move them with `pipe.to(device)`, or offload with "
+             "`pipe.enable_model_cpu_offload()`)",
              lambda _: latent(stable_diffusion(), prompt="a cat", device="cpu")),
         Case(f, "`__call__`", "`scheduler=...` as a call argument", "`scheduler` is not a call argument: set it "
              "with `from_pipe(pipe, scheduler=...)`", lambda _: latent(unconditional(), scheduler=ddpm_scheduler())),
@@ -1210,7 +1212,7 @@ def _calibration_cases() -> list[Case]:
         ("`samples` as a list", {"samples": x.tolist()}, "`samples` must be a torch.Tensor; got list", TypeError),
         ("integer `samples`", {"samples": x.long()}, "`samples` must be a floating-point tensor; got torch.int64",
          TypeError),
-        ("1 sample for `num_clusters=2`", {"samples": x[:1]}, "`samples` holds 1 samples for `num_clusters`=2: "
+        ("1 sample for `num_clusters=2`", {"samples": x[:1]}, "`samples` holds 1 sample for `num_clusters`=2: "
          "k-means needs at least one sample per cluster", ValueError),
         ("`num_inference_steps=[]`", {"num_inference_steps": []}, "`num_inference_steps` must be a positive integer "
          "or a non-empty sequence of them; got []", ValueError),
@@ -1218,7 +1220,8 @@ def _calibration_cases() -> list[Case]:
          "integer or a non-empty sequence of them; got 2.5", ValueError),
         ("`num_inference_steps=None`", {"num_inference_steps": None}, "`num_inference_steps` must be a positive "
          "integer or a non-empty sequence of them; got None", ValueError),
-        ("`num_inference_steps=[2, 0]`", {"num_inference_steps": [2, 0]}, "; got [2, 0]", ValueError),
+        ("`num_inference_steps=[2, 0]`", {"num_inference_steps": [2, 0]}, "`num_inference_steps` must be a "
+         "positive integer or a non-empty sequence of them; got [2, 0]", ValueError),
         ("`num_clusters=0`", {"num_clusters": 0}, "`num_clusters` must be an integer >= 1; got 0", ValueError),
         ("`num_clusters=-2`", {"num_clusters": -2}, "`num_clusters` must be an integer >= 1; got -2", ValueError),
         ("`rank=-1`", {"rank": -1}, "`rank` must be an integer in [1, 64] (the sample dimension is 64); got -1",
@@ -1238,9 +1241,9 @@ def _calibration_cases() -> list[Case]:
          "every sample and the clustering come from one stream); got int", TypeError),
         ("`generator=[torch.Generator()]`", {"generator": [torch.Generator()]}, "`generator` must be a "
          "torch.Generator or None", TypeError),
-        ("`sampler_steps=2` beside `samples`", {"sampler_steps": 2}, "`sampler_steps` set how the model's own "
+        ("`sampler_steps=2` beside `samples`", {"sampler_steps": 2}, "`sampler_steps` sets how the model's own "
          "samples are drawn; with `samples` none are drawn", ValueError),
-        ("`num_samples=100` beside 8 `samples`", {"num_samples": 100}, "`num_samples` set how the model's own "
+        ("`num_samples=100` beside 8 `samples`", {"num_samples": 100}, "`num_samples` sets how the model's own "
          "samples are drawn", ValueError),
     ]  # fmt: skip
     cases = [Case(c, where, i, m, lambda _, kw=kw: calibrate(**kw), e) for i, kw, m, e in call]
@@ -1249,7 +1252,7 @@ def _calibration_cases() -> list[Case]:
          "training step); got 0"),
         ("`num_samples=0`", {"num_samples": 0}, "`num_samples` must be an integer >= 1; got 0"),
         ("`num_samples=1.5`", {"num_samples": 1.5}, "`num_samples` must be an integer >= 1; got 1.5"),
-        ("`num_samples=1` for `num_clusters=2`", {"num_samples": 1}, "`num_samples` holds 1 samples for "
+        ("`num_samples=1` for `num_clusters=2`", {"num_samples": 1}, "`num_samples` holds 1 sample for "
          "`num_clusters`=2"),
         ("`sampler_covariance='bad'`", {"sampler_covariance": "bad"}, "`sampler_covariance` must be one of 'none'"),
     ]  # fmt: skip
@@ -1358,7 +1361,7 @@ def _command_line_cases() -> list[Case]:
          "tensor of samples"),
         ("labels.npy", "an int64 array", np.zeros((8, 1, 8, 8), np.int64), "`--samples` must be a floating-point "
          "tensor; got torch.int64"),
-        ("one.pt", "1 sample, `--clusters 2`", digits_like(1), "`--samples` holds 1 samples for `num_clusters`=2"),
+        ("one.pt", "1 sample, `--clusters 2`", digits_like(1), "`--samples` holds 1 sample for `num_clusters`=2"),
     ]  # fmt: skip
     cases += [
         Case(c, "`calibrate.py` (before the model is loaded)", f"`calibrate.py --samples {name}` ({what})", m,
@@ -1406,6 +1409,10 @@ value or shape and `TypeError` for a wrong type, as diffusers raises them; a few
 """
 
 SECTION_NOTES = {
+    FAMILIES: "What the model families (`mmgibbs.families`) check before the host pipeline's own methods run, and the "
+    "inputs the hosts read wrong or drop that they read right.",
+    CALIBRATION: "Every argument of `calibrate_covariance` is checked before its first model call (each case below "
+    "also asserts that no model call happened).",
     COMMAND_LINES: "Checked while parsing the command line, before any model is loaded, as argparse errors (exit code "
     "2). `distributed_sample.py` takes the flags of `sample.py`; with fewer samples than processes, the processes "
     "without samples sample nothing and take part in the gather.",
@@ -1418,8 +1425,8 @@ In a standard pipeline's own loop (`--mode drop-in`, `pipe.scheduler = MMGibbsSc
 its own arguments before the scheduler sees anything: `DDPMPipeline` fails inside `randn_tensor` on `generator=0`
 or a short generator list, `StableDiffusionPipeline` runs `latents` of any shape and fails inside its loop on a
 callback that returns no dict. These behave as with diffusers' own schedulers. So do an `image` of an unsupported
-type (diffusers' image processor says which types it takes), `prompt_embeds` of another width than the text
-encoder's (they fail inside the host's concatenation) and an unknown device string (torch's message).
+type (diffusers' image processor says which types it takes), a float numpy `image` outside [0, 1] (read as given)
+and an unknown device string in `pipe.to(...)` (torch's message).
 """
 
 

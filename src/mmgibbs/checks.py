@@ -204,8 +204,9 @@ def check_calibration(
     check_generator(generator, one="the calibration noise of every sample and the clustering come from one stream")
     if count < num_clusters:
         raise ValueError(
-            f"{source} holds {count} samples for `num_clusters`={num_clusters}: k-means needs at least one sample "
-            "per cluster (and each cluster's covariance many more); pass more samples or fewer clusters."
+            f"{source} holds {count} sample{'s' * (count != 1)} for `num_clusters`={num_clusters}: k-means needs at "
+            "least one sample per cluster (and each cluster's covariance many more); pass more samples or fewer "
+            "clusters."
         )
 
 
@@ -248,8 +249,9 @@ def per_image(value: torch.Tensor, argument: str, prompts: int, images_per_promp
     if count == prompts:
         return value.repeat_interleave(images_per_prompt, dim=0)
     raise ValueError(
-        f"`{argument}` holds {count} images for {prompts} prompts x {images_per_prompt} images per prompt: pass one "
-        f"image, one per prompt ({prompts}) or one per generated image ({batch})."
+        f"`{argument}` holds {count} images for {batch} generated image{'s' * (batch != 1)} ({prompts} "
+        f"prompt{'s' * (prompts != 1)} x num_images_per_prompt={images_per_prompt}): pass one, one per prompt or "
+        "one per generated image."
     )
 
 

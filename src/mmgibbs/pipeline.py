@@ -507,7 +507,8 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             passed = [f"`{k}`" for k, v in unused.items() if v is not None]
             if passed:
                 raise ValueError(
-                    f"{', '.join(passed)} set how the model's own samples are drawn; with `samples` none are drawn: "
+                    f"{', '.join(passed)} set{'s' * (len(passed) == 1)} how the model's own samples are drawn; with "
+                    "`samples` none are drawn: "
                     "leave them out (or pass samples=None to calibrate on own samples)."
                 )
             count, source = len(samples), "`samples`"
