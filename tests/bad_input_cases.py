@@ -76,6 +76,19 @@ def _generator(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def quiet(pipe: Any) -> Any:
+    """``pipe`` with its progress bar off."""
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def over(host: Any, **kwargs: Any) -> Any:
+    """``MomentMatchingGibbsPipeline.from_pipe(host, **kwargs)``, progress bar off."""
+    from mmgibbs import MomentMatchingGibbsPipeline
+
+    return quiet(MomentMatchingGibbsPipeline.from_pipe(host, **kwargs))
+
+
 @cache
 def unconditional() -> Any:
     from diffusers import DDPMScheduler
@@ -83,8 +96,7 @@ def unconditional() -> Any:
 
     from mmgibbs import MomentMatchingGibbsPipeline
 
-    pipe = MomentMatchingGibbsPipeline(unet=tiny_unet2d(), scheduler=DDPMScheduler())
-    pipe.set_progress_bar_config(disable=True)
+    pipe = quiet(MomentMatchingGibbsPipeline(unet=tiny_unet2d(), scheduler=DDPMScheduler()))
     return pipe
 
 
@@ -92,18 +104,12 @@ def unconditional() -> Any:
 def stable_diffusion() -> Any:
     from tiny_pipelines import tiny_stable_diffusion_pipeline
 
-    from mmgibbs import MomentMatchingGibbsPipeline
-
-    pipe = MomentMatchingGibbsPipeline.from_pipe(tiny_stable_diffusion_pipeline())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return over(tiny_stable_diffusion_pipeline())
 
 
 @cache
 def family(name: str) -> tuple[Any, dict[str, Any]]:
     """A tiny pipeline of a text-to-image family and the call arguments it needs."""
-    from mmgibbs import MomentMatchingGibbsPipeline
-
     size: dict[str, Any] = {"height": 16, "width": 16}
     if name == "sdxl":
         from tiny_sdxl import tiny_sdxl_pipeline
@@ -121,9 +127,7 @@ def family(name: str) -> tuple[Any, dict[str, Any]]:
         from tiny_pixart import tiny_pixart_pipeline
 
         host, size = tiny_pixart_pipeline(), {"clean_caption": False, "use_resolution_binning": False}
-    pipe = MomentMatchingGibbsPipeline.from_pipe(host)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, size
+    return over(host), size
 
 
 def latent(pipe: Any, **kwargs: Any) -> Any:
@@ -222,8 +226,7 @@ def trained_betas_define_the_steps() -> None:
 def vector_model() -> Any:
     from mmgibbs import GaussianMixtureDenoiser
 
-    pipe = pipeline(unet=GaussianMixtureDenoiser(num_components=2, dim=3), scheduler=ddpm_scheduler())
-    pipe.set_progress_bar_config(disable=True)
+    pipe = quiet(pipeline(unet=GaussianMixtureDenoiser(num_components=2, dim=3), scheduler=ddpm_scheduler()))
     return pipe
 
 
@@ -244,16 +247,14 @@ def not_differentiable(jacobian: str) -> Any:
 
     unet = NoGradUNet.from_config(tiny_unet2d().config)
     unet.load_state_dict(tiny_unet2d().state_dict())
-    pipe = pipeline(unet=unet.eval(), scheduler=ddpm_scheduler())
-    pipe.set_progress_bar_config(disable=True)
+    pipe = quiet(pipeline(unet=unet.eval(), scheduler=ddpm_scheduler()))
     return latent(pipe, covariance="diagonal", jacobian=jacobian)
 
 
 def half_precision_differences() -> Any:
     from tiny_pipelines import tiny_unet2d
 
-    pipe = pipeline(unet=tiny_unet2d().to(torch.bfloat16), scheduler=ddpm_scheduler())
-    pipe.set_progress_bar_config(disable=True)
+    pipe = quiet(pipeline(unet=tiny_unet2d().to(torch.bfloat16), scheduler=ddpm_scheduler()))
     return latent(pipe, covariance="diagonal", jacobian="finite_difference")
 
 
@@ -322,8 +323,7 @@ def calibrated_jacobian_probes(tmp: Path) -> None:
     """A folder saved with a calibrated table samples with --covariance calibrated_jacobian --num-probes 2."""
     from sample import scheduler_settings
 
-    pipe = pipeline(unet=tiny_unet(), scheduler=ddpm_scheduler())
-    pipe.set_progress_bar_config(disable=True)
+    pipe = quiet(pipeline(unet=tiny_unet(), scheduler=ddpm_scheduler()))
     pipe.calibrate_covariance(2, samples=digits_like(), num_clusters=2, rank=2)
     pipe.save_pretrained(tmp / "calibrated")
     argv = ["--model", str(tmp / "calibrated"), "--covariance", "calibrated_jacobian", "--num-probes", "2"]
@@ -830,13 +830,9 @@ def custom_unconditional(kind: str) -> None:
     ...))`` does, with the same samples."""
     from diffusers import DDPMPipeline
 
-    from mmgibbs import MomentMatchingGibbsPipeline
-
     model = custom_model(kind)
-    direct = pipeline(unet=model, scheduler=ddpm_scheduler())
-    direct.set_progress_bar_config(disable=True)
-    hosted = MomentMatchingGibbsPipeline.from_pipe(DDPMPipeline(unet=model, scheduler=ddpm_scheduler()))
-    hosted.set_progress_bar_config(disable=True)
+    direct = quiet(pipeline(unet=model, scheduler=ddpm_scheduler()))
+    hosted = over(DDPMPipeline(unet=model, scheduler=ddpm_scheduler()))
     kwargs = {"batch_size": 2, "num_inference_steps": 3, "output_type": "latent"}
     a, b = direct(**kwargs, generator=_generator(4)).images, hosted(**kwargs, generator=_generator(4)).images
     assert a.shape == (2, 1, 8, 8) and torch.equal(a, b)
@@ -911,22 +907,14 @@ def _from_pipe_ddpm(**kwargs: Any) -> Any:
 def inpainting_unet_pipeline() -> Any:
     from tiny_sdxl import tiny_sd_inpaint_pipeline
 
-    from mmgibbs import MomentMatchingGibbsPipeline
-
-    pipe = MomentMatchingGibbsPipeline.from_pipe(tiny_sd_inpaint_pipeline())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return over(tiny_sd_inpaint_pipeline())
 
 
 @cache
 def dit() -> Any:
     from tiny_dit import tiny_dit_pipeline
 
-    from mmgibbs import MomentMatchingGibbsPipeline
-
-    pipe = MomentMatchingGibbsPipeline.from_pipe(tiny_dit_pipeline())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return over(tiny_dit_pipeline())
 
 
 def images(n: int, seed: int = 7) -> torch.Tensor:
@@ -1129,8 +1117,7 @@ def calibrate(**kwargs: Any) -> Any:
     levels, 2 clusters, rank 2 unless ``kwargs`` say otherwise. An error must come before any model call."""
     from tiny_pipelines import count_calls, tiny_unet2d
 
-    pipe = pipeline(unet=tiny_unet2d(), scheduler=ddpm_scheduler())
-    pipe.set_progress_bar_config(disable=True)
+    pipe = quiet(pipeline(unet=tiny_unet2d(), scheduler=ddpm_scheduler()))
     arguments = {"num_inference_steps": 2, "samples": torch.randn(8, 1, 8, 8), "num_clusters": 2, "rank": 2}
     arguments.update(kwargs)
     with count_calls(pipe.unet) as calls:
@@ -1185,8 +1172,7 @@ def table_of_another_model() -> Any:
     from mmgibbs import MMGibbsScheduler
     from mmgibbs.calibration import calibrate_covariance
 
-    pipe = pipeline(unet=tiny_unet(), scheduler=MMGibbsScheduler(covariance="calibrated"))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = quiet(pipeline(unet=tiny_unet(), scheduler=MMGibbsScheduler(covariance="calibrated")))
     pipe.scheduler.set_timesteps(2)
     sigmas = pipe.scheduler.ve_sigmas()
     pipe.scheduler.set_covariance_table(

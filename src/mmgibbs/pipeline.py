@@ -521,17 +521,15 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             sampler_covariance = sampler_covariance or "none"
             check_choice("sampler_covariance", sampler_covariance, COVARIANCES)
             count, source = num_samples, "`num_samples`"
-        check_calibration(
-            count,
-            math.prod(shape),
+        structure: dict[str, Any] = dict(
             num_clusters=num_clusters,
             rank=rank,
             shrinkage=shrinkage,
             batch_size=batch_size,
             generator=generator,
             factor_iterations=factor_iterations,
-            source=source,
         )
+        check_calibration(count, math.prod(shape), **structure, source=source)
         settings: dict[str, Any] = {"source": "given samples", "sampler_sample_forwards": 0}
         if samples is None:
             sampler_steps = sampler_steps or self.scheduler.noise_schedule.num_train_timesteps
@@ -563,13 +561,8 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
                 self.scheduler.denoiser(predict),
                 self.scheduler.ve_sigmas(),
                 samples,
-                num_clusters=num_clusters,
-                rank=rank,
-                shrinkage=shrinkage,
-                batch_size=batch_size,
-                generator=generator,
+                **structure,
                 skip=table,
-                factor_iterations=factor_iterations,
             )
             new.settings.update(settings)
             table = new if table is None else table.merge(new)
