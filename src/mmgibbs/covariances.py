@@ -314,15 +314,16 @@ class Diagonal(JacobianEstimator):
 
 @dataclass(frozen=True, kw_only=True)
 class _WholeJacobian(JacobianEstimator):
-    """The whole per-sample Jacobian (N, d, d) from d products with basis vectors; refused above ``max_full_dim``."""
+    """Sigma from the whole per-sample Jacobian J (N, d, d), d products with basis vectors
+    (:func:`mmgibbs.moments.jacobian_matrix`); refused above ``max_full_dim``."""
 
     max_full_dim: int = DEFAULT_MAX_FULL_DIM
     variance_bound: float | None = None
 
-    def whole_jacobian(
-        self, denoiser: Denoiser, y: torch.Tensor, sigma: torch.Tensor
-    ) -> tuple[_Linearisation, torch.Tensor]:
-        """``(lin, J)`` at y (:func:`prepare`d), J (N, d, d); a d above ``max_full_dim`` is refused first."""
+    def moments(
+        self, denoiser: Denoiser, y: torch.Tensor, sigma: torch.Tensor | float, generator: Generator = None
+    ) -> DenoisingMoments:
+        y, sigma = prepare(y, sigma)
         d = y[0].numel()
         if d > self.max_full_dim:
             raise ValueError(
@@ -332,7 +333,12 @@ class _WholeJacobian(JacobianEstimator):
             )
         lin = self.linearise(denoiser, y, sigma, batched=True)
         products = lin.products if lin.batched else None
-        return lin, jacobian_matrix(lin.product, y, lin.transpose, products, self.product_batch)
+        jac = jacobian_matrix(lin.product, y, lin.transpose, products, self.product_batch)
+        return self.result(lin, sigma, self.from_jacobian(jac, y, sigma))
+
+    @abstractmethod
+    def from_jacobian(self, jac: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Sigma, in the estimator's form, from J (N, d, d) at y and the per-sample sigma (N,)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -342,13 +348,9 @@ class ExactDiagonal(_WholeJacobian):
 
     name: ClassVar[str] = "exact_diagonal"
 
-    def moments(
-        self, denoiser: Denoiser, y: torch.Tensor, sigma: torch.Tensor | float, generator: Generator = None
-    ) -> DenoisingMoments:
-        y, sigma = prepare(y, sigma)
-        lin, jac = self.whole_jacobian(denoiser, y, sigma)
+    def from_jacobian(self, jac: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         diag = torch.diagonal(jac, dim1=-2, dim2=-1).reshape(y.shape)
-        return self.result(lin, sigma, _clamp_variance(_per_sample(sigma**2, y) * diag, self.variance_bound))
+        return _clamp_variance(_per_sample(sigma**2, y) * diag, self.variance_bound)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -358,12 +360,8 @@ class Full(_WholeJacobian):
 
     name: ClassVar[str] = "full"
 
-    def moments(
-        self, denoiser: Denoiser, y: torch.Tensor, sigma: torch.Tensor | float, generator: Generator = None
-    ) -> DenoisingMoments:
-        y, sigma = prepare(y, sigma)
-        lin, jac = self.whole_jacobian(denoiser, y, sigma)
-        return self.result(lin, sigma, full_covariance(jac, sigma, self.variance_bound))
+    def from_jacobian(self, jac: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return full_covariance(jac, sigma, self.variance_bound)
 
 
 @dataclass(frozen=True, kw_only=True)
