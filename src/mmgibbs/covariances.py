@@ -59,6 +59,7 @@ from .moments import (
     jacobian_correction,
     jacobian_matrix,
 )
+from .noise import _check_choice
 
 Variance = torch.Tensor | LowRankCovariance | None
 
@@ -97,8 +98,7 @@ def _positive_integer(value: Any, argument: str, covariance: str) -> None:
 
 
 def _jacobian_mode(value: Any, argument: str, covariance: str) -> None:
-    if value not in JACOBIAN_MODES:
-        raise ValueError(f"`{argument}` must be one of {', '.join(map(repr, JACOBIAN_MODES))}; got {value!r}.")
+    _check_choice(argument, value, JACOBIAN_MODES)
 
 
 def _variance_bound(value: Any, argument: str, covariance: str) -> None:
@@ -430,8 +430,7 @@ CALIBRATED_COVARIANCES = tuple(name for name, cls in ESTIMATORS.items() if issub
 
 def estimator_class(covariance: str) -> type[CovarianceEstimator]:
     """The estimator class ``covariance`` names (:data:`ESTIMATORS`); a ValueError lists the names."""
-    if covariance not in ESTIMATORS:
-        raise ValueError(f"`covariance` must be one of {', '.join(map(repr, COVARIANCES))}; got {covariance!r}.")
+    _check_choice("covariance", covariance, COVARIANCES)
     return ESTIMATORS[covariance]
 
 
