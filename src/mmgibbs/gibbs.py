@@ -2,11 +2,11 @@
 
 Everything here lives in the variance-exploding frame of Zhang et al. (2023), y = x + sigma * eps; the model's
 own frame x_t = alpha_t * y is the business of the caller (:meth:`MMGibbsScheduler.denoiser` builds the closure).
-Given steps i = 0 .. n-1 with noise levels sigma_0 >= ... >= sigma_{n-1} (a level repeated once per Gibbs sweep)
-and a denoiser ``(y, i) -> mu(y) = E[x | y]`` at level i:
+Given steps i = 0 .. n-1 with noise levels sigma_0 >= ... >= sigma_{n-1} (a level repeated once per Gibbs sweep),
+a denoiser ``(y, i) -> mu(y) = E[x | y]`` at level i and a covariance estimator (``mmgibbs.covariances``):
 
     for i in 0 .. n-1:
-        1. mu, Sigma = moments of the denoiser at (y, i)              Tweedie: Sigma = sigma_i^2 d mu / d y
+        1. mu, Sigma = estimator.moments(denoiser at i, y, sigma_i)   Tweedie: Sigma = sigma_i^2 d mu / d y
         2. x ~ N(mu, Sigma)                                           the moment-matched posterior draw
            (with ``known`` = (x_k, keep): x <- keep * x_k + (1 - keep) * x, a Gibbs step on the unknown part)
         3. if i = n-1: return x (or mu)
@@ -26,18 +26,17 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .moments import CALIBRATED_COVARIANCES, DEFAULT_MAX_FULL_DIM, DenoisingMoments, Generator, denoising_moments
-
-if TYPE_CHECKING:
-    from .calibration import CovarianceTable
+from .covariances import CovarianceEstimator
+from .moments import DenoisingMoments, Generator
 
 TRANSITIONS = ("ancestral", "gibbs")
 FINAL_OUTPUTS = ("sample", "mean")
+#: the cost counts every step's moments carry, summed into :class:`GibbsOutput`
+COUNTS = ("num_forward", "num_backward", "num_jvp", "num_product_passes")
 
 #: ``(y, step index) -> mu(y)`` in the variance-exploding frame
 LevelDenoiser = Callable[[torch.Tensor, int], torch.Tensor]
@@ -143,14 +142,8 @@ def sample(
     denoiser: LevelDenoiser,
     sigmas: Sequence[float],
     y: torch.Tensor,
+    estimator: CovarianceEstimator,
     *,
-    covariance: str = "isotropic",
-    num_probes: int = 1,
-    jacobian: str = "auto",
-    variance_bound: float | None = None,
-    max_full_dim: int = DEFAULT_MAX_FULL_DIM,
-    covariance_table: CovarianceTable | None = None,
-    product_batch: int = 1,
     transition: str = "ancestral",
     eta: float = 1.0,
     final_output: str = "sample",
@@ -166,45 +159,28 @@ def sample(
         denoiser: ``(y, i) -> mu`` at step i (``MMGibbsScheduler.denoiser`` builds it from a model).
         sigmas: the noise level of every step, a Python sequence of floats (levels x sweeps entries).
         y: the starting point in the frame of ``sigmas[0]``; the chain runs in its dtype (float32 or float64).
-        covariance, num_probes, jacobian, variance_bound, max_full_dim, product_batch: how Sigma is estimated
-            (:func:`mmgibbs.moments.denoising_moments`).
-        covariance_table: the calibrated covariances (``mmgibbs.calibration.CovarianceTable``) that
-            ``covariance="calibrated"`` / ``"calibrated_jacobian"`` read, one level per distinct sigma.
+        estimator: how mu and Sigma are estimated at each step (``mmgibbs.covariances``, e.g.
+            ``make_estimator("diagonal", num_probes=4)``, or ``MMGibbsScheduler.estimator()``); it checks the
+            levels (a calibrated table must hold every one) before the first model call.
         transition, eta, final_output, clip_range, known: see :func:`gibbs_step`.
         generator: torch generator(s) for probes and draws; a list gives each sample its own stream.
         callback: called as ``callback(i, y_next, mu)`` after every step (``y_next`` is the final sample after the
             last); a returned tensor replaces ``y_next``.
         progress: wraps the steps, e.g. a pipeline's ``progress_bar``.
     """
-    counts = {"num_forward": 0, "num_backward": 0, "num_jvp": 0, "num_product_passes": 0}
-    mu = y
-    n = len(sigmas)
-    calibrated = covariance in CALIBRATED_COVARIANCES
-    if calibrated:  # every level is looked up before the first model call: a missing one fails at once
-        if covariance_table is None:
-            raise ValueError(
-                f"covariance={covariance!r} needs a calibrated `covariance_table` "
-                "(`MomentMatchingGibbsPipeline.calibrate_covariance`)."
-            )
-        levels = [covariance_table.level(float(s)) for s in sigmas]
-    for i in progress(range(n)):
-        sigma = float(sigmas[i])
-        moments = denoising_moments(
-            lambda v, i=i: denoiser(v, i),
-            y,
-            sigma,
-            covariance=covariance,
-            num_probes=num_probes,
-            generator=generator,
-            jacobian=jacobian,
-            variance_bound=variance_bound,
-            max_full_dim=max_full_dim,
-            calibration=levels[i] if calibrated else None,
-            product_batch=product_batch,
+    if not isinstance(estimator, CovarianceEstimator):
+        raise TypeError(
+            f"`estimator` must be a covariance estimator (`mmgibbs.covariances.make_estimator(name, ...)`); got "
+            f"{type(estimator).__name__}."
         )
-        for key in counts:
+    estimator.check_levels(sigmas)
+    counts = dict.fromkeys(COUNTS, 0)
+    mu, n = y, len(sigmas)
+    for i in progress(range(n)):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1]) if i + 1 < n else None
+        moments = estimator.moments(lambda v, i=i: denoiser(v, i), y, sigma, generator)
+        for key in COUNTS:
             counts[key] += getattr(moments, key)
-        sigma_next = float(sigmas[i + 1]) if i + 1 < n else None
         y, mu = gibbs_step(
             moments,
             y,

@@ -3,13 +3,13 @@
 For each of the scheduler's levels x sweeps steps at timestep t (sigma = s_t / alpha_t):
 
     y = x_t / alpha_t                                  (the variance-exploding frame)
-    mu, Sigma = moments of the model's denoiser at y   (``mmgibbs.moments``, Jacobian covariances included)
+    mu, Sigma = moments of the model's denoiser at y   (``mmgibbs.covariances``, Jacobian covariances included)
     x ~ N(mu, Sigma), re-noised to the next level      (``mmgibbs.gibbs``, the one kernel)
 
 The pipeline only adapts. A model family (``mmgibbs.families``) turns the host pipeline's usual arguments (prompt,
 guidance, size, latents, ...) into a denoiser closure, calling the host's own methods for prompt encoding, latent
 preparation and decoding; :meth:`MMGibbsScheduler.denoiser` makes the frame change; :func:`mmgibbs.gibbs.sample`
-runs the chain with the scheduler's settings.
+runs the chain with the scheduler's covariance estimator (``mmgibbs.covariances``) and settings.
 
     pipe = MomentMatchingGibbsPipeline.from_pipe(StableDiffusionPipeline.from_pretrained(...))
     pipe("a photo of a cat", covariance="diagonal", num_inference_steps=30).images
@@ -358,6 +358,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         if overrides:
             scheduler = MMGibbsScheduler.from_config(self.scheduler.config, **overrides)
             scheduler.set_covariance_table(self.scheduler.covariance_table)  # state, not config: carried over
+        estimator = scheduler.estimator()  # its settings (and a missing table) refused before any model call
         device = self._execution_device
         family = self.family(scheduler)
         arguments = dict(
@@ -409,7 +410,8 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             scheduler.denoiser(job.predict, first_step=start),
             scheduler.ve_sigmas()[start:],
             scheduler.to_ve(job.latents, start),
-            **scheduler.gibbs_settings(),
+            estimator,
+            **scheduler.kernel_settings(),
             known=job.known,
             generator=generator,
             callback=callback if callback_on_step_end is not None else None,
