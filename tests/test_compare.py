@@ -275,3 +275,18 @@ def test_recommendation_refuses_what_it_cannot_recommend() -> None:
     settings = recommended_settings(Unconditional, 10)
     settings["eta"] = 0.5  # a copy: the table is not changed through it
     assert recommended_settings(Unconditional, 10)["eta"] == 0.0
+
+
+def test_a_calibrated_gibbs_pipeline_is_compared_against_its_host_with_the_calibrated_recommendation() -> None:
+    """A MomentMatchingGibbsPipeline holding a table (as examples/calibrate.py saves it): the host is rebuilt from
+    its components and source scheduler, and the default settings are the calibrated recommendation."""
+    from mmgibbs import MomentMatchingGibbsPipeline
+
+    pipe = MomentMatchingGibbsPipeline.from_pipe(tiny_ddpm_pipeline())
+    pipe.set_progress_bar_config(disable=True)
+    samples = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    pipe.calibrate_covariance([4], samples=samples, num_clusters=2, rank=4, generator=torch.Generator().manual_seed(1))
+    host, gibbs = compare(pipe, steps=[4], seeds=[0], num_samples=2, progress=False)
+    assert host["label"] == "DDPMPipeline + DDPMScheduler" and host["model_calls"]["forward"] == 4
+    assert gibbs["settings"] == recommended_settings(Unconditional, 4, calibrated=True)
+    assert gibbs["settings"]["covariance"] == "calibrated" and gibbs["model_calls"]["forward"] == 4
