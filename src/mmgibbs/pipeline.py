@@ -61,6 +61,7 @@ GIBBS_SETTINGS = (
     "gibbs_sweeps",
     "transition",
     "eta",
+    "mean_order",
     "final_output",
     "jacobian",
     "product_batch",
@@ -284,6 +285,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         gibbs_sweeps: int | None = None,
         transition: str | None = None,
         eta: float | None = None,
+        mean_order: int | None = None,
         final_output: str | None = None,
         jacobian: str | None = None,
         product_batch: int | None = None,
@@ -308,8 +310,9 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             x_init: (unconditional) a clean starting point, re-noised to the first level; not with ``latents``.
                 Without ``batch_size`` an unconditional model draws as many samples as ``latents`` or ``x_init``
                 hold.
-            covariance, num_probes, gibbs_sweeps, transition, eta, final_output, jacobian, product_batch,
-                variance_bound: override the scheduler's settings for this call (see :class:`MMGibbsScheduler`).
+            covariance, num_probes, gibbs_sweeps, transition, eta, mean_order, final_output, jacobian,
+                product_batch, variance_bound: override the scheduler's settings for this call (see
+                :class:`MMGibbsScheduler`).
             output_type: ``"pil"``, ``"np"`` (NHWC in [0, 1]), ``"pt"`` (NCHW in [0, 1]) or ``"latent"`` (raw
                 samples or latents); non-image samples accept ``"pt"``/``"np"``/``"latent"``, raw.
             return_dict: return a :class:`MomentMatchingGibbsPipelineOutput` rather than a tuple.
@@ -348,6 +351,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             gibbs_sweeps=gibbs_sweeps,
             transition=transition,
             eta=eta,
+            mean_order=mean_order,
             final_output=final_output,
             jacobian=jacobian,
             product_batch=product_batch,

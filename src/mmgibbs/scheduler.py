@@ -46,7 +46,7 @@ from . import sources
 from .calibration import TABLE_FILE, CovarianceTable
 from .checks import check_generator, check_number, check_tensor, is_real
 from .covariances import CovarianceEstimator, check_settings, estimator_class, make_estimator
-from .gibbs import FINAL_OUTPUTS, TRANSITIONS, LevelDenoiser, gibbs_step
+from .gibbs import FINAL_OUTPUTS, TRANSITIONS, LevelDenoiser, MultistepMean, check_mean_order, gibbs_step
 from .moments import Generator
 from .noise import (
     _DEFAULT_PREDICTION,
@@ -110,6 +110,9 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         sigma: the noise level of the single-level chain (VE frame; VP models use the nearest timestep).
         transition: how to move between levels, ``"ancestral"`` or ``"gibbs"`` (see the module docstring).
         eta: share of fresh noise in the ancestral transition: 1 is the DDPM posterior, 0 a DDIM step.
+        mean_order: 1 centres each draw on the posterior mean mu_i; 2 on DPM-Solver++(2M)'s multistep extrapolation
+            mu_i + (mu_i - mu_{i-1}) h_i / (2 h_{i-1}), h = log(sigma_i / sigma_{i+1}) (ancestral transition
+            only; with ``covariance="none"`` it is DPM-Solver++(2M), at eta 1 its SDE form; see ``mmgibbs.gibbs``).
         final_output: return the last drawn ``"sample"`` x or the last posterior ``"mean"`` mu.
         num_probes: Rademacher probes of the Hutchinson diagonal, or Jacobian products of the
             ``calibrated_jacobian`` correction (pipeline only).
@@ -147,6 +150,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         sigma: float | None = None,
         transition: str = "ancestral",
         eta: float = 1.0,
+        mean_order: int = 1,
         final_output: str = "sample",
         num_probes: int = 1,
         jacobian: str = "auto",
@@ -187,6 +191,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         if schedule == "single_level" and not (is_real(sigma) and sigma > 0 and math.isfinite(sigma)):
             raise ValueError(f"schedule='single_level' needs a positive noise level `sigma` (finite); got {sigma!r}.")
         check_number(eta, "eta", low=0.0, high=1.0)
+        check_mean_order(mean_order, transition)
         if num_train_timesteps is not None:
             check_number(num_train_timesteps, "num_train_timesteps", integer=True, low=1)
         sources.refuse_source(source_scheduler)
@@ -482,6 +487,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         self.sigmas = torch.cat([(s / alpha).float(), torch.zeros(1)]).cpu()  # VE sigma per step, then 0
         self._step_index: int | None = None
         self._begin_index: int | None = None
+        self._multistep = MultistepMean(self.config.mean_order)  # the previous transition's mean, for step()
 
     @property
     def init_noise_sigma(self) -> float:
@@ -647,6 +653,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         return {
             "transition": cfg.transition,
             "eta": cfg.eta,
+            "mean_order": cfg.mean_order,
             "final_output": cfg.final_output,
             "clip_range": self._clip_range(),
         }
@@ -782,6 +789,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
             final_output=cfg.final_output,
             clip_range=self._clip_range(),
             generator=generator,
+            multistep=self._multistep,
         )
         prev = out if last else self.from_ve(out, i + 1)
         self._step_index = i + 1
