@@ -3,13 +3,13 @@
 For each of the scheduler's levels x sweeps steps at timestep t (sigma = s_t / alpha_t):
 
     y = x_t / alpha_t                                  (the variance-exploding frame)
-    mu, Sigma = moments of the model's denoiser at y   (``mmgibbs.moments``, Jacobian covariances included)
+    mu, Sigma = moments of the model's denoiser at y   (``mmgibbs.covariances``, Jacobian covariances included)
     x ~ N(mu, Sigma), re-noised to the next level      (``mmgibbs.gibbs``, the one kernel)
 
 The pipeline only adapts. A model family (``mmgibbs.families``) turns the host pipeline's usual arguments (prompt,
 guidance, size, latents, ...) into a denoiser closure, calling the host's own methods for prompt encoding, latent
 preparation and decoding; :meth:`MMGibbsScheduler.denoiser` makes the frame change; :func:`mmgibbs.gibbs.sample`
-runs the chain with the scheduler's settings.
+runs the chain with the scheduler's covariance estimator (``mmgibbs.covariances``) and settings.
 
     pipe = MomentMatchingGibbsPipeline.from_pipe(StableDiffusionPipeline.from_pretrained(...))
     pipe("a photo of a cat", covariance="diagonal", num_inference_steps=30).images
@@ -47,8 +47,8 @@ from .checks import (
     check_steps,
     check_tensor,
 )
+from .covariances import COVARIANCES
 from .families import FAMILIES, Family, Unconditional, check_denoiser, family_of, sample_shape
-from .moments import COVARIANCES
 from .scheduler import MMGibbsScheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -75,6 +75,7 @@ GIBBS_SETTINGS = (
     "gibbs_sweeps",
     "transition",
     "eta",
+    "mean_order",
     "final_output",
     "jacobian",
     "product_batch",
@@ -302,6 +303,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         gibbs_sweeps: int | None = None,
         transition: str | None = None,
         eta: float | None = None,
+        mean_order: int | None = None,
         final_output: str | None = None,
         jacobian: str | None = None,
         product_batch: int | None = None,
@@ -327,10 +329,11 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             x_init: (unconditional) a clean starting point, re-noised to the first level; not with ``latents``.
                 Without ``batch_size`` an unconditional model draws as many samples as ``latents`` or ``x_init``
                 hold.
-            covariance, num_probes, gibbs_sweeps, transition, eta, final_output, jacobian, product_batch,
-                variance_bound: override the scheduler's settings for this call (see :class:`MMGibbsScheduler`);
-                left out (or None, except ``variance_bound``), the scheduler's own. ``variance_bound=None`` lifts the
-                bound for this call, as ``from_pipe(pipe, variance_bound=None)`` does for the pipeline.
+            covariance, num_probes, gibbs_sweeps, transition, eta, mean_order, final_output, jacobian,
+                product_batch, variance_bound: override the scheduler's settings for this call (see
+                :class:`MMGibbsScheduler`); left out (or None, except ``variance_bound``), the scheduler's own.
+                ``variance_bound=None`` lifts the bound for this call, as ``from_pipe(pipe, variance_bound=None)``
+                does for the pipeline.
             output_type: ``"pil"``, ``"np"`` (NHWC in [0, 1]), ``"pt"`` (NCHW in [0, 1]) or ``"latent"`` (raw
                 samples or latents); non-image samples accept ``"pt"``/``"np"``/``"latent"``, raw.
             return_dict: return a :class:`MomentMatchingGibbsPipelineOutput` rather than a tuple.
@@ -371,6 +374,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             gibbs_sweeps=gibbs_sweeps,
             transition=transition,
             eta=eta,
+            mean_order=mean_order,
             final_output=final_output,
             jacobian=jacobian,
             product_batch=product_batch,
@@ -382,6 +386,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         if overrides:
             scheduler = MMGibbsScheduler.from_config(self.scheduler.config, **overrides)
             scheduler.set_covariance_table(self.scheduler.covariance_table)  # state, not config: carried over
+        estimator = scheduler.estimator()  # its settings (and a missing table) refused before any model call
         device = self._execution_device
         family = self.family(scheduler)
         arguments = dict(
@@ -434,7 +439,8 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             scheduler.denoiser(job.predict, first_step=start),
             scheduler.ve_sigmas()[start:],
             scheduler.to_ve(job.latents, start),
-            **scheduler.gibbs_settings(),
+            estimator,
+            **scheduler.kernel_settings(),
             known=job.known,
             generator=generator,
             callback=callback if callback_on_step_end is not None else None,
