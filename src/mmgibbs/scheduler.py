@@ -324,6 +324,11 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
     def set_covariance_table(self, table: CovarianceTable | None) -> None:
         """Use ``table`` (``mmgibbs.calibration.CovarianceTable``) for ``covariance="calibrated"``; it is state, not
         config: :meth:`save_pretrained` writes it next to the config and :meth:`from_pretrained` reads it back."""
+        if table is not None and not isinstance(table, CovarianceTable):
+            raise TypeError(
+                "`table` must be a CovarianceTable (from `calibrate_covariance` or CovarianceTable.load) or None; "
+                f"got {type(table).__name__}."
+            )
         self.covariance_table = table
 
     @classmethod
@@ -390,7 +395,8 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
                 either way every level is repeated ``gibbs_sweeps`` times.
             device: where ``timesteps`` live.
             timesteps: custom levels, descending, as the model's timesteps (VP: training steps; flow: u * T with
-                u < 1; EDM: c_noise(sigma)), instead of ``num_inference_steps`` (annealed only).
+                u < 1; EDM: c_noise(sigma)), instead of ``num_inference_steps`` (annealed only; passing both is an
+                error, as in diffusers' schedulers).
             sigmas: custom noise levels, descending, in the source scheduler's units (flow: u in (0, 1], as
                 FluxPipeline passes them, shifted like FlowMatchEuler shifts them; u = 1 is clamped to
                 1 - 1/T, the largest level with a finite sigma; VE/EDM: sigma), instead of ``num_inference_steps``.
@@ -424,9 +430,10 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         else:
             if cfg.schedule == "single_level":
                 raise ValueError(f"`{custom_name}` cannot be set for schedule='single_level'; use `sigma`.")
-            if num_inference_steps is not None and num_inference_steps != len(custom):
+            if num_inference_steps is not None:  # as diffusers' schedulers refuse it
                 raise ValueError(
-                    f"`num_inference_steps`={num_inference_steps} does not match the {len(custom)} `{custom_name}`."
+                    f"Pass `num_inference_steps` or `{custom_name}`, not both: custom `{custom_name}` set the number "
+                    f"of levels ({len(custom)} here)."
                 )
         if timesteps is not None:
             levels = schedule.check_timesteps(timesteps, "timesteps")
