@@ -343,12 +343,11 @@ def text_to_image_folder_without_prompt(tmp: Path) -> Any:
 
 
 def offline_hub_id(tmp: Path) -> None:
-    import os
-    import subprocess
+    """``HF_HUB_OFFLINE=1 python examples/sample.py --model google/ddpm-cifar10-32 --steps 2``, a subprocess run
+    beside the other tests (tests/background.py)."""
+    from background import result as background_run
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "examples/sample.py", "--model", "google/ddpm-cifar10-32", "--steps", "2"]
-    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300, check=False)
+    result, _ = background_run("offline-hub-id")
     assert result.returncode != 0
     assert "pass a local folder" in result.stderr and "--model" in result.stderr
 

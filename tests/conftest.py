@@ -12,7 +12,8 @@ from pathlib import Path
 # Before diffusers is imported (it reads the variable once): custom-code loads (`trust_remote_code=True`) copy
 # mmgibbs_pipeline.py / mmgibbs_scheduler.py into HF_MODULES_CACHE/diffusers_modules/local/ and run them from
 # there; in the shared default cache a concurrent run rewriting those files made loads here fail (a SyntaxError on a
-# half-written file). Subprocesses of the tests inherit this session's cache.
+# half-written file). Subprocesses of the tests inherit this session's cache; the runs of tests/background.py, which
+# go on beside the tests, get one each.
 _MODULES_CACHE = tempfile.mkdtemp(prefix="mmgibbs-tests-hf-modules-")
 os.environ["HF_MODULES_CACHE"] = _MODULES_CACHE
 # Before torch is imported: one thread per test process (and its subprocesses) unless asked otherwise. The tiny
@@ -29,6 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 for path in (ROOT / "examples", ROOT / "tests"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
+
+import background  # noqa: E402
+
 # the shared SD3/Flux checks assert inside this helper module: pytest explains their failures as in a test
 pytest.register_assert_rewrite("exact_flow_gaussians")
 
@@ -53,5 +57,24 @@ def public(config) -> dict:
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "background(name): the test checks the subprocess run `name` of tests/background.py (started once "
+        "the tests are collected, run beside them)",
+    )
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the slow subprocess runs the collected tests check, in the order the tests come (tests/background.py):
+    they run one at a time beside the in-process tests instead of each holding up the suite while it waits."""
+    if session.config.option.collectonly:
+        return
+    names = [mark.args[0] for item in session.items for mark in item.iter_markers("background")]
+    if names:
+        background.start(names)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
+    background.stop()
     shutil.rmtree(_MODULES_CACHE, ignore_errors=True)

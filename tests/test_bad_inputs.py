@@ -10,12 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from bad_input_cases import CASES, ROOT, Case, check, render
+from bad_input_cases import CASES, ROOT, Case, check, offline_hub_id, render
 
 PAGE = ROOT / "docs" / "bad-inputs.md"
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def _param(case: Case) -> object:
+    """A case; the one that runs a command line offline is marked for its subprocess run (tests/background.py)."""
+    marks = [pytest.mark.background("offline-hub-id")] if case.run is offline_hub_id else []
+    return pytest.param(case, id=case.id, marks=marks)
+
+
+@pytest.mark.parametrize("case", [_param(case) for case in CASES])
 def test_bad_input(case: Case, tmp_path: Path) -> None:
     check(case, tmp_path)
 

@@ -657,46 +657,29 @@ def test_latent_consistency_pipeline_is_refused_before_any_model_call() -> None:
     assert calls == []
 
 
-def test_saved_pipeline_reloads_in_a_fresh_interpreter(tmp_path) -> None:
+@pytest.mark.background("drop-in-fresh-interpreter")
+def test_saved_pipeline_reloads_in_a_fresh_interpreter() -> None:
     """A standard pipeline saved with MMGibbsScheduler reloads with ``DiffusionPipeline.from_pretrained`` in a fresh
     interpreter, by diffusers' convention for custom components: the scheduler folder ships ``mmgibbs_scheduler.py``
     (it imports the installed package), model_index.json names it, and loading takes ``trust_remote_code=True``.
     Defect: model_index.json named the module ``mmgibbs.scheduler``, which diffusers 0.42 only finds if the caller
-    imported it first."""
+    imported it first. The fresh interpreter (``background.RUNS["drop-in-fresh-interpreter"]``: it asserts that
+    mmgibbs is not imported before the load) runs beside the other tests on the folder saved from
+    ``background.drop_in_pipeline()``; ``pipe`` here is built the same way (seeded: bitwise the same weights)."""
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
+    from background import drop_in_pipeline
+    from background import result as background_run
     from diffusers import DiffusionPipeline
-    from tiny_pipelines import tiny_ddpm_pipeline
 
-    pipe = tiny_ddpm_pipeline()
-    pipe.scheduler = MMGibbsScheduler.from_config(pipe.scheduler.config, covariance="none", gibbs_sweeps=2)
-    folder = tmp_path / "pipe"
-    pipe.save_pretrained(folder)
+    pipe = drop_in_pipeline()
+    done, run_folder = background_run("drop-in-fresh-interpreter")
+    folder = run_folder / "pipe"
     assert json.loads((folder / "model_index.json").read_text())["scheduler"] == [
         "mmgibbs_scheduler",
         "MMGibbsScheduler",
     ]
     assert (folder / "scheduler" / "mmgibbs_scheduler.py").is_file()
-    code = (
-        "import json, sys, torch\n"
-        "from diffusers import DiffusionPipeline\n"
-        "assert 'mmgibbs' not in sys.modules\n"
-        "pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
-        "pipe.set_progress_bar_config(disable=True)\n"
-        "g = torch.Generator().manual_seed(0)\n"
-        "out = pipe(batch_size=1, num_inference_steps=2, generator=g, output_type='np').images\n"
-        "cls, sweeps = type(pipe.scheduler), pipe.scheduler.config.gibbs_sweeps\n"
-        "print(json.dumps([cls.__module__, cls.__name__, sweeps, float(out.sum())]))\n"
-    )
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env = {**os.environ, "PYTHONPATH": src, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(folder)], capture_output=True, text=True, env=env, timeout=600, check=False
-    )
     assert done.returncode == 0, done.stderr[-3000:]
     module, name, sweeps, total = json.loads(done.stdout.strip().splitlines()[-1])
     assert (module, name, sweeps) == ("mmgibbs.scheduler", "MMGibbsScheduler", 2)

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from background import result as background_run
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 CHECKPOINTS = EXAMPLES / "checkpoints"
-
-
-def _run(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env}
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=environment, timeout=300, check=False)
 
 
 def test_main_job_pipeline_and_drop_in(tmp_path, capsys) -> None:
@@ -90,28 +82,15 @@ def test_calibrate_then_sample_from_the_command_line(tmp_path, capsys) -> None:
     assert "covariance=calibrated" in printed and "4 UNet forward passes, 0 backward passes" in printed
 
 
-def _free_port() -> int:
-    """A port nothing listens on now (a fixed one collides with a lingering or parallel run)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow  # a subprocess run of an example script end to end
-def test_distributed_job_gathers_each_process_slice(tmp_path) -> None:
+@pytest.mark.background("distributed-job")
+def test_distributed_job_gathers_each_process_slice() -> None:
     """Three processes, two samples: process k samples its slice with seed 5 + k, the main process gathers them in
     order; the third process gets none (fewer samples than processes) and the gather still works (it used to call
-    the sampler with batch_size=0 and fail)."""
-    out, array = tmp_path / "grid.png", tmp_path / "images.npy"
-    result = _run(
-        [
-            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "3",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port()),
-            "examples/distributed_sample.py", "--batch-size", "2", "--steps", "3", "--seed", "5",
-            "--out", str(out), "--save-array", str(array),
-        ]
-    )  # fmt: skip
+    the sampler with batch_size=0 and fail). The launch (``background.RUNS["distributed-job"]``: accelerate launch,
+    3 processes, ``--batch-size 2 --steps 3 --seed 5``) runs beside the other tests."""
+    result, folder = background_run("distributed-job")
+    out, array = folder / "grid.png", folder / "images.npy"
     assert result.returncode == 0, result.stderr[-2000:]
     assert "(2 samples from 3 processes" in result.stdout and out.exists()
     assert "process 2: 0 samples" in result.stdout
@@ -127,23 +106,14 @@ def test_distributed_job_gathers_each_process_slice(tmp_path) -> None:
 
 
 @pytest.mark.slow  # a subprocess run of an example script end to end
-def test_toy_demo_writes_its_table_and_figure(tmp_path) -> None:
-    result = _run(
-        [
-            sys.executable,
-            "examples/toy_mog.py",
-            "--num-samples",
-            "300",
-            "--sweeps",
-            "3",
-            "--out",
-            str(tmp_path / "t.png"),
-        ]
-    )
+@pytest.mark.background("toy-demo")
+def test_toy_demo_writes_its_table_and_figure() -> None:
+    """``examples/toy_mog.py --num-samples 300 --sweeps 3`` (``background.RUNS["toy-demo"]``)."""
+    result, folder = background_run("toy-demo")
     assert result.returncode == 0, result.stderr[-2000:]
     for row in ("clean (floor)", "Langevin on p~", "exact-posterior Gibbs", "MMGibbs full", "MMGibbs isotropic"):
         assert row in result.stdout
-    assert (tmp_path / "t.png").exists()
+    assert (folder / "t.png").exists()
 
 
 def test_shipped_checkpoints_load() -> None:
@@ -156,11 +126,12 @@ def test_shipped_checkpoints_load() -> None:
 
 
 @pytest.mark.slow  # a subprocess run of an example script end to end
-def test_benchmark_quick_run_prints_measured_tables(tmp_path) -> None:
-    """The benchmark's smoke mode end to end: cached results, the report and the sample grids."""
-    out = tmp_path / "bench"
-    args = [sys.executable, "examples/benchmark.py", "--quick", "--threads", "1", "--out-dir", str(out)]
-    result = _run([*args, "--section", "toy"])
+@pytest.mark.background("benchmark-toy")
+def test_benchmark_quick_run_prints_measured_tables() -> None:
+    """The benchmark's smoke mode end to end: cached results, the report and the sample grids
+    (``examples/benchmark.py --quick --threads 1 --section toy``, ``background.RUNS["benchmark-toy"]``)."""
+    result, folder = background_run("benchmark-toy")
+    out = folder / "bench"
     assert result.returncode == 0, result.stderr[-2000:]
     report = (out / "report_toy.md").read_text()
     for row in ("| DPM-Solver++ (2M) | 20 | 20 |", "| MMGibbs ancestral, isotropic | 20 | 20 |", "| 0.3 | 10 |"):

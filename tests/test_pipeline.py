@@ -9,13 +9,12 @@ tight; at sigma = 0.5 even full covariance leaves 13-16% of samples in bridges b
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from background import result as background_run
 from conftest import public
 from diffusers import DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
 from PIL import Image
@@ -313,18 +312,12 @@ def test_save_load_and_community_pipeline(tmp_path) -> None:
     assert np.array_equal(a, c)
 
 
-def test_saved_pipeline_loads_with_diffusers_alone_in_a_fresh_interpreter(tmp_path) -> None:
-    """`DiffusionPipeline.from_pretrained` on a saved folder, with no `import mmgibbs` in the script."""
-    pipe = MomentMatchingGibbsPipeline(unet=tiny_ddpm_pipeline().unet, scheduler=DDPMScheduler())
-    pipe.save_pretrained(tmp_path)
-    script = (
-        "import sys, torch; from diffusers import DiffusionPipeline\n"
-        f"p = DiffusionPipeline.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)\n"
-        "p.set_progress_bar_config(disable=True)\n"
-        "out = p(batch_size=1, num_inference_steps=2, output_type='latent')\n"
-        "print(type(p).__name__, type(p.scheduler).__name__, tuple(out.images.shape))\n"
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=300)
+@pytest.mark.background("gibbs-fresh-interpreter")
+def test_saved_pipeline_loads_with_diffusers_alone_in_a_fresh_interpreter() -> None:
+    """`DiffusionPipeline.from_pretrained` on a saved folder, with no `import mmgibbs` in the script: a
+    MomentMatchingGibbsPipeline over the tiny DDPM UNet with a DDPMScheduler, saved and loaded in a fresh interpreter
+    beside the other tests (``background.RUNS["gibbs-fresh-interpreter"]``)."""
+    result, _ = background_run("gibbs-fresh-interpreter")
     assert result.returncode == 0, result.stderr
     assert "MomentMatchingGibbsPipeline MMGibbsScheduler (1, 1, 8, 8)" in result.stdout
 

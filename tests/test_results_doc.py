@@ -11,6 +11,7 @@ import image_mixture
 import pytest
 import results_doc
 import speed
+from background import result as background_run
 
 
 def _digits_record(fd: float, kl: float = 0.01, forwards: int = 10, backward: int = 0) -> dict:
@@ -201,16 +202,18 @@ def test_benchmark_refuses_to_write_the_docs_from_a_partial_run() -> None:
 
 
 @pytest.mark.slow  # every tiny family pipeline timed once (about 15 s)
-def test_benchmark_writes_a_section_into_the_docs_and_it_checks_clean(tmp_path) -> None:
-    """``--write-docs`` end to end on the quickest section: the results file and the block it renders to."""
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    (docs / results_doc.RESULTS_PAGE).write_text("# R\n\n<!-- benchmark:families -->\n<!-- /benchmark:families -->\n")
-    argv = ["--section", "families", "--quick", "--threads", "1", "--out-dir", str(tmp_path / "out")]
-    benchmark.main([*argv, "--write-docs", "--docs-dir", str(docs)])
+@pytest.mark.background("families-section")
+def test_benchmark_writes_a_section_into_the_docs_and_it_checks_clean() -> None:
+    """``--write-docs`` end to end on the quickest section: the results file and the block it renders to. The run
+    (``examples/benchmark.py --section families --quick --threads 1 --out-dir <folder>/bench --write-docs
+    --docs-dir <folder>/docs`` on a results page holding an empty families block, ``background.RUNS``) is the one
+    test_speed_benchmark checks the report of."""
+    result, folder = background_run("families-section")
+    assert result.returncode == 0, result.stderr[-3000:]
+    docs = folder / "docs"
     data = json.loads((docs / "results" / "families.json").read_text())
     assert [f["name"] for f in data["families"]][:2] == ["unconditional (DDPM)", "Stable Diffusion 1.x/2.x"]
     body = results_doc.blocks((docs / results_doc.RESULTS_PAGE).read_text())["families"]
     assert "| SDXL | UNet2DConditionModel" in body and "| diagonal | 1 / 1 / 0 |" in body
     assert results_doc.stale_blocks(benchmark.renderers(), docs) == {}
-    assert (tmp_path / "out" / "results_families.json").read_text() == (docs / "results" / "families.json").read_text()
+    assert (folder / "bench" / "results_families.json").read_text() == (docs / "results" / "families.json").read_text()

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import speed
 import torch
+from background import result as background_run
 
-ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
 
 
@@ -54,15 +49,15 @@ def test_paired_ratios_and_the_targets_read_the_same_repetition() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("section", ["families", "speed"])
-def test_speed_sections_run_and_print_their_tables(tmp_path, section: str) -> None:
-    """``--quick``: every row once, 2 levels (about 15 s for families, 40 s for speed on one core)."""
-    out = tmp_path / "bench"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    args = [sys.executable, "examples/benchmark.py", "--section", section, "--quick", "--threads", "1"]
-    result = subprocess.run(
-        [*args, "--out-dir", str(out)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600, check=False
-    )
+@pytest.mark.parametrize(
+    "section", [pytest.param(s, marks=pytest.mark.background(f"{s}-section")) for s in ("families", "speed")]
+)
+def test_speed_sections_run_and_print_their_tables(section: str) -> None:
+    """``--quick``: every row once, 2 levels (about 15 s for families, 40 s for speed on one core). The command
+    (``examples/benchmark.py --section <section> --quick --threads 1``, ``background.RUNS``) runs beside the other
+    tests; the families run also writes its docs block for test_results_doc, one run for both."""
+    result, folder = background_run(f"{section}-section")
+    out = folder / "bench"
     assert result.returncode == 0, result.stderr[-3000:]
     report = (out / f"report_{section}.md").read_text()
     if section == "families":
