@@ -6,7 +6,8 @@ mapped to ``[-1, 1]`` by ``x / 127.5 - 1`` (the background is -1, as in ``digits
 
 * the UNet2DModel of the digits DDPM halves the resolution twice, so the side must be divisible by 4 (14 is not);
 * on one CPU thread that UNet trains at ~1.3 steps/s (batch 128) at 12x12 against ~0.6 at 16x16 (14x14 padded
-  with background): ~2300 steps fit the ~30 minute budget at 12x12, ~1000 at 16x16;
+  with background): ~2300 steps fit the ~30 minute budget at 12x12, ~1000 at 16x16 (the shipped DDPM narrows the
+  UNet to (16, 32, 64) channels, which doubles the steps again; ``train_digits.DATASETS``);
 * MNIST centres each digit's 20x20 box in 28x28, so the 1-pixel border the crop removes from the 14x14 images holds
   0.24% of the ink (measured over the 5000 images; 12% of them have some ink there, faint).
 
