@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import inspect
 import json
 import math
@@ -74,6 +75,8 @@ DIFFUSERS_SCHEDULERS = {
     "UniPC (bh2)": UniPCMultistepScheduler,
 }
 TOY_SCHEDULERS = ("DDPM", "DDIM", "DPM-Solver++ (2M)", "UniPC (bh2)")
+#: sections on the learned models of learned_bench.py: name -> module with ``section(args) -> markdown``
+LEARNED_SECTIONS = {"learned-mixture": "learned_mixture"}
 #: step counts of the calibrated digits rows (one table covers them all)
 CALIBRATED_STEPS = (10, 20, 50)
 
@@ -612,7 +615,9 @@ def save_grids(summaries: list[dict[str, Any]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--section", choices=["all", "digits", "single-level", "toy", "image-mixture", *speed.SECTIONS], default="all"
+        "--section",
+        choices=["all", "digits", "single-level", "toy", "image-mixture", *LEARNED_SECTIONS, *speed.SECTIONS],
+        default="all",
     )
     parser.add_argument("--num-samples", type=int, default=2000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -636,6 +641,12 @@ def main() -> None:
         report = image_mixture.section(n, args.seeds, args.out_dir, args.force, args.quick)
         print(report)
         (args.out_dir / "report_image-mixture.md").write_text(report)
+        print(f"({time.perf_counter() - start:.0f} s; report in {args.out_dir})")
+        return
+    if args.section in LEARNED_SECTIONS:  # learned models with their own checkpoints; not part of "all"
+        report = importlib.import_module(LEARNED_SECTIONS[args.section]).section(args)
+        print(report)
+        (args.out_dir / f"report_{args.section}.md").write_text(report)
         print(f"({time.perf_counter() - start:.0f} s; report in {args.out_dir})")
         return
     if args.section in speed.SECTIONS:  # timing sections, with their own models (speed.py); not part of "all"
