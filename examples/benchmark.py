@@ -76,7 +76,7 @@ DIFFUSERS_SCHEDULERS = {
 }
 TOY_SCHEDULERS = ("DDPM", "DDIM", "DPM-Solver++ (2M)", "UniPC (bh2)")
 #: sections on the learned models of learned_bench.py: name -> module with ``section(args) -> markdown``
-LEARNED_SECTIONS = {"learned-mixture": "learned_mixture"}
+LEARNED_SECTIONS = {"learned-mixture": "learned_mixture", "mnist": "mnist_bench"}
 #: step counts of the calibrated digits rows (one table covers them all)
 CALIBRATED_STEPS = (10, 20, 50)
 

@@ -10,6 +10,7 @@ import image_mixture as im
 import learned_bench as lb
 import learned_mixture
 import mnist
+import mnist_bench
 import numpy as np
 import pytest
 import torch
@@ -67,7 +68,7 @@ def test_training_modes_pick_their_data_defaults() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
-@pytest.mark.parametrize(("folder", "side", "clip"), [("mixture-ddpm", 8, False)])
+@pytest.mark.parametrize(("folder", "side", "clip"), [("mixture-ddpm", 8, False), ("mnist-ddpm", 12, True)])
 def test_shipped_learned_ddpms_load_and_sample(folder: str, side: int, clip: bool) -> None:
     path = train_digits.CHECKPOINTS / folder
     pipe = DDPMPipeline.from_pretrained(path)
@@ -147,3 +148,16 @@ def test_learned_mixture_section_at_a_tiny_size(tmp_path) -> None:
         _args(tmp_path), TINY_ROWS, budgets=(3,), limit_steps=4, num_calibration=200, level_steps=()
     )
     assert json.loads((tmp_path / "learned_mixture.json").read_text()) == cache and "| DDIM | 3 |" in again
+
+
+def test_mnist_section_at_a_tiny_size(tmp_path) -> None:
+    report = mnist_bench.section(
+        _args(tmp_path, seeds=(0, 1)), TINY_ROWS, budgets=(3,), limit_steps=4, limit_samples=20, num_calibration=100
+    )
+    for name in (*lb.BASELINE_NAMES, "MMGibbs isotropic, eta 0", "MMGibbs calibrated, eta 0", "train images (floor"):
+        assert f"| {name}" in report
+    assert "(20 samples, seed [0])" in report  # the limit row says its size
+    cache = json.loads((tmp_path / "mnist.json").read_text())
+    assert len(cache) == 2 + 6 * 2 + 1  # floor and six rows per seed, the limit on one seed
+    assert all(np.isfinite(r["fd"]) and r["fd"] >= 0 and r["class_kl"] >= 0 for r in cache.values())
+    assert "**3 calls**" in report
