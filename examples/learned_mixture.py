@@ -163,7 +163,13 @@ def section(
         f"the exact image-like mixture; {n} samples per seed, seeds {seeds}, paired)\n",
         f"Floor (exact samples, {n} per seed): per-mode KL {mean_std_seeds([f['kl'] for f in floor], 2)} nats, weight "
         f"TV {np.mean([f['tv'] for f in floor]):.3f}, FD {np.mean([f['fd'] for f in floor]):.3f}. Excess KL = KL − "
-        "mean floor; FD in pixels against 20000 exact samples; model calls per sample (a backward pass or JVP = 2).\n",
+        "mean floor; FD in pixels against 20000 exact samples; model calls per sample (a backward pass or JVP = 2)."
+        + (
+            ""
+            if math.isfinite(floor_kl)
+            else " The per-mode KL needs more than d + 1 = 65 samples in every mode (inf here): use 1500 or more."
+        )
+        + "\n",
         *table_lines(columns, summaries, seeds, first=[("exact samples (floor)", floor)]),
     ]
     if bench.calibration_notes:
