@@ -24,7 +24,13 @@ Sections:
   MMGibbs covariance, the exact-posterior Gibbs chain and Langevin, at sigma 0.3 and 0.5.
 
 Results are cached per (row, seed, samples) in ``--out-dir/results.json``, so a run can be resumed or extended;
-``--force`` recomputes. Sample grids go to ``--out-dir/*.png``.
+``--force`` recomputes. Sample grids go to ``--out-dir/*.png``; every section's results file (what its tables are
+rendered from: the rows, the cache entries they use and the run's setup) to ``--out-dir/results_<section>.json``.
+
+The docs' tables are written by this script, never by hand (``results_doc.py``):
+
+    python examples/benchmark.py --section digits --write-docs   # also docs/results/digits.json + its block
+    python examples/benchmark.py --render-docs                   # re-render every block from docs/results/*.json
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import results_doc
 import speed
 import torch
 from diffusers import (
@@ -75,7 +82,8 @@ DIFFUSERS_SCHEDULERS = {
     "UniPC (bh2)": UniPCMultistepScheduler,
 }
 TOY_SCHEDULERS = ("DDPM", "DDIM", "DPM-Solver++ (2M)", "UniPC (bh2)")
-#: sections on the learned models of learned_bench.py: name -> module with ``section(args) -> markdown``
+#: sections on the learned models (learned_bench.py): name -> module with ``section_data(args)`` (the results file)
+#: and ``render(data)`` (its markdown)
 LEARNED_SECTIONS = {"learned-mixture": "learned_mixture", "mnist": "mnist_bench"}
 #: step counts of the calibrated digits rows (one table covers them all)
 CALIBRATED_STEPS = (10, 20, 50)
@@ -266,8 +274,12 @@ class Bench:
         labels = classifier_predict(self.classifier, images)
         return {"fd": frechet_distance(features, self.heldout_features), "kl": kl_from_uniform(labels, 10)}
 
+    def key(self, row: Row, seed: int) -> str:
+        """The result cache's key of ``row`` at ``seed`` (and this run's sample count)."""
+        return f"{row.key}|seed={seed}|n={self.n}"
+
     def result(self, row: Row, seed: int, run: Callable[[int], tuple[torch.Tensor, dict[str, float]]]) -> dict:
-        key = f"{row.key}|seed={seed}|n={self.n}"
+        key = self.key(row, seed)
         if key in self.cache and not self.args.force:
             return self.cache[key]
         start = time.perf_counter()
@@ -374,7 +386,7 @@ class Bench:
 
 
 # ------------------------------------------------------------------------------------------------ sections
-def summarise(bench: Bench, row: Row, results: list[dict]) -> dict[str, Any]:
+def summarise(row: Row, results: list[dict]) -> dict[str, Any]:
     fd = np.array([r["fd"] for r in results])
     kl = np.array([r["kl"] for r in results])
     per_sample = {k: results[0][k] for k in ("forwards", "backward", "jvps")}
@@ -384,11 +396,35 @@ def summarise(bench: Bench, row: Row, results: list[dict]) -> dict[str, Any]:
         "fd_std": _spread(fd),
         "fd_seeds": fd,
         "kl": kl.mean(),
-        "equiv": bench.equivalents(per_sample),
+        "equiv": Bench.equivalents(per_sample),
         **per_sample,
         "seconds": np.mean([r["seconds"] for r in results]),
-        "grid": results[0]["grid"],
+        "grid": results[0].get("grid"),
     }
+
+
+def _row_record(bench: Bench, row: Row) -> dict[str, Any]:
+    """A table row for the section's results file: the row and the cache keys of its seeds."""
+    return {
+        "name": row.name,
+        "kind": row.kind,
+        "steps": row.steps,
+        "settings": row.settings,
+        "keys": [bench.key(row, s) for s in bench.args.seeds],
+    }
+
+
+def _results_subset(bench: Bench, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The cache entries the rows use (without the local paths of their sample grids)."""
+    return {k: {f: v for f, v in bench.cache[k].items() if f != "grid"} for row in rows for k in row["keys"]}
+
+
+def summaries_of(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per table row of a section's results file: its summary over seeds (:func:`summarise`)."""
+    return [
+        summarise(Row(r["name"], r["kind"], r["steps"], r["settings"]), [data["results"][k] for k in r["keys"]])
+        for r in data["rows"]
+    ]
 
 
 def tuned(bench: Bench, row: Row, grid: list[dict[str, Any]], run) -> tuple[Row, list[dict]]:
@@ -424,19 +460,47 @@ def _only(bench: Bench, rows: list[Row]) -> list[Row]:
     return rows if not keep else [r for r in rows if any(k in r.name for k in keep)]
 
 
-def digits_section(bench: Bench) -> str:
-    summaries = []
+def digits_section(bench: Bench) -> dict[str, Any]:
+    """Run (or read from the cache) every digits row; returns the section's results file (:func:`render_digits`)."""
+    rows, summaries = [], []
     for row in _only(bench, digits_rows(bench.args.quick)):
         if row.kind == "pc":
-            best, results = tuned(bench, row, [{"snr": v} for v in (0.04, 0.08, 0.16)], bench.run_pc)
-            summaries.append(summarise(bench, best, results))
-            continue
-        run = bench.run_diffusers if row.kind == "diffusers" else bench.run_mmgibbs
-        results = [bench.result(row, s, lambda s, r=row, f=run: f(r, s)) for s in bench.args.seeds]
-        summaries.append(summarise(bench, row, results))
+            row, results = tuned(bench, row, [{"snr": v} for v in (0.04, 0.08, 0.16)], bench.run_pc)
+        else:
+            run = bench.run_diffusers if row.kind == "diffusers" else bench.run_mmgibbs
+            results = [bench.result(row, s, lambda s, r=row, f=run: f(r, s)) for s in bench.args.seeds]
+        rows.append(_row_record(bench, row))
+        summaries.append(summarise(row, results))
         print(f"  {row.name} {row.steps}: FD {summaries[-1]['fd']:.3f}", flush=True)
-    floor = frechet_distance(classifier_features(bench.classifier, bench.x_train), bench.heldout_features)
     save_grids(summaries, bench.out_dir / "digits_samples.png")
+    floor = frechet_distance(classifier_features(bench.classifier, bench.x_train), bench.heldout_features)
+    calibration = [
+        {
+            "name": source,
+            "num_samples": cal.num_samples,
+            "source": cal.settings.get("source"),
+            "levels": len(cal.levels),
+            "sample_forwards": cal.sample_forwards,
+            "sampler_sample_forwards": cal.settings.get("sampler_sample_forwards", 0),
+            "seconds": cal.settings.get("seconds", float("nan")),
+        }
+        for source, cal in bench.tables.items()
+    ]
+    return {
+        "section": "digits",
+        "num_samples": bench.n,
+        "seeds": bench.args.seeds,
+        "floor_fd": floor,
+        "costs": bench.costs,
+        "calibration": calibration,
+        "rows": rows,
+        "results": _results_subset(bench, rows),
+    }
+
+
+def render_digits(data: dict[str, Any]) -> str:
+    """The digits section's markdown, from its results file alone."""
+    summaries = summaries_of(data)
     best_baseline = _best_under(summaries, lambda r: r.kind in ("diffusers", "pc"), 50)
     best_mmgibbs = _best_under(summaries, lambda r: r.kind == "mmgibbs", 50)
     verdict = ""
@@ -451,21 +515,20 @@ def digits_section(bench: Bench) -> str:
             f"{' / '.join(f'{d:+.3f}' for d in diff)} (MMGibbs lower on {int((diff < 0).sum())} of {len(diff)} "
             "seeds)."
         )
-    for source, cal in bench.tables.items():
+    for cal in data["calibration"]:
         verdict += (
-            f"\n\nCalibrated covariance `{source}` (once per model, not in the equivalents): {cal.num_samples} "
-            f"samples ({cal.settings.get('source')}), {len(cal.levels)} levels, {cal.sample_forwards} "
-            f"single-sample forwards, plus {cal.settings.get('sampler_sample_forwards', 0)} to draw own samples; "
-            f"{cal.settings.get('seconds', float('nan')):.0f} s."
+            f"\n\nCalibrated covariance `{cal['name']}` (once per model, not in the equivalents): "
+            f"{cal['num_samples']} samples ({cal['source']}), {cal['levels']} levels, {cal['sample_forwards']} "
+            f"single-sample forwards, plus {cal['sampler_sample_forwards']} to draw own samples; "
+            f"{cal['seconds']:.0f} s."
         )
+    costs, n = data["costs"], data["num_samples"]
     return (
-        f"### Digits DDPM ({bench.n} samples per seed, seeds {bench.args.seeds})\n\n"
-        f"Floor (1400 train digits vs the 397 held-out): FD {floor:.3f}. Equivalents count a backward pass or a "
-        f"JVP as 2 forwards; measured here: a backward pass {bench.costs['backward']:.2f}, a forward-mode JVP "
-        f"{bench.costs['jvp']:.2f} forwards "
-        f"(a forward of {bench.n} samples: {bench.costs['forward_s']:.2f} s).\n\n"
-        + table(summaries)
-        + f"\n\n{verdict}\n"
+        f"### Digits DDPM ({n} samples per seed, seeds {data['seeds']})\n\n"
+        f"Floor (1400 train digits vs the 397 held-out): FD {data['floor_fd']:.3f}. Equivalents count a backward "
+        f"pass or a JVP as 2 forwards; measured here: a backward pass {costs['backward']:.2f}, a forward-mode JVP "
+        f"{costs['jvp']:.2f} forwards "
+        f"(a forward of {n} samples: {costs['forward_s']:.2f} s).\n\n" + table(summaries) + f"\n\n{verdict}\n"
     )
 
 
@@ -474,37 +537,46 @@ def _best_under(summaries: list[dict], select: Callable[[Row], bool], budget: fl
     return min(eligible, key=lambda s: s["fd"]) if eligible else None
 
 
-def single_level_section(bench: Bench) -> str:
-    summaries = []
+def single_level_section(bench: Bench) -> dict[str, Any]:
+    """Run (or read from the cache) every single-level row; returns the section's results file."""
+    rows, summaries = [], []
     for row in _only(bench, single_level_rows(bench.args.quick)):
         if row.kind in ("langevin", "langevin+jump"):
             grid = [{"step": v} for v in (0.05, 0.1, 0.2, 0.5, 1.0, 1.5)]
-            best, results = tuned(bench, row, grid, bench.run_single)
-            summaries.append(summarise(bench, best, results))
+            row, results = tuned(bench, row, grid, bench.run_single)
         else:
             results = [bench.result(row, s, lambda s, r=row: bench.run_single(r, s)) for s in bench.args.seeds]
-            summaries.append(summarise(bench, row, results))
+        rows.append(_row_record(bench, row))
+        summaries.append(summarise(row, results))
         print(f"  {row.name} {row.steps}: FD {summaries[-1]['fd']:.3f}", flush=True)
     save_grids(summaries, bench.out_dir / "single_level_samples.png")
+    return {
+        "section": "single-level",
+        "num_samples": bench.n,
+        "seeds": bench.args.seeds,
+        "rows": rows,
+        "results": _results_subset(bench, rows),
+    }
+
+
+def render_single_level(data: dict[str, Any]) -> str:
     return (
-        f"### One noise level: the DSM model at sigma 0.5 ({bench.n} samples per seed, seeds {bench.args.seeds})\n\n"
+        f"### One noise level: the DSM model at sigma 0.5 ({data['num_samples']} samples per seed, seeds "
+        f"{data['seeds']})\n\n"
         "Chains start from N(0, I) (MMGibbs x, Langevin y ~ N(0, (1 + sigma^2) I)); Langevin's step is "
         "step * sigma^2 with step tuned over {0.05, 0.1, 0.2, 0.5, 1, 1.5} on the first seed's FD at each budget.\n\n"
-        + table(summaries)
+        + table(summaries_of(data))
         + "\n"
     )
 
 
-def toy_section(bench: Bench) -> str:
+def toy_section(bench: Bench) -> dict[str, Any]:
+    """The exact toy at one noise level and as a VP diffusion model; returns the section's results file."""
     import toy_mog
 
     n = 500 if bench.args.quick else 4000
-    lines = [
-        f"### Exact toy (4 modes at (+-1, +-1), std 0.2; N = {n}; chains from N(0, I); seeds {bench.args.seeds})\n",
-        "| sigma | sweeps | sampler | MMD^2 x1e3 mean ± std | per-mode variance (truth 0.0400) |",
-        "|---|---|---|---|---|",
-    ]
     model = GaussianMixtureDenoiser.paper_toy()
+    single = []
     for sigma, sweeps in ((0.3, 10), (0.5, 50)):
         mmd: dict[str, list[float]] = {}
         variance: dict[str, list[float]] = {}
@@ -515,14 +587,48 @@ def toy_section(bench: Bench) -> str:
             for name, res in results.items():
                 mmd.setdefault(name, []).append(1e3 * mmd2(res["x"], ref, h0))
                 variance.setdefault(name, []).append(model.component_variance(res["x"]))
-        for name in mmd:
-            lines.append(
-                f"| {sigma} | {sweeps} | {name} | {_mean_std(mmd[name], 2)} | {_mean_std(variance[name], 4)} |"
-            )
-    return "\n".join(lines) + "\n\n" + toy_annealed_table(bench, n)
+        single += [
+            {"sigma": sigma, "sweeps": sweeps, "name": name, "mmd": mmd[name], "variance": variance[name]}
+            for name in mmd
+        ]
+    return {
+        "section": "toy",
+        "num_samples": n,
+        "seeds": bench.args.seeds,
+        "single": single,
+        "annealed": toy_annealed_rows(bench, n),
+    }
 
 
-def toy_annealed_table(bench: Bench, n: int) -> str:
+def render_toy(data: dict[str, Any]) -> str:
+    n, seeds = data["num_samples"], data["seeds"]
+    lines = [
+        f"### Exact toy (4 modes at (+-1, +-1), std 0.2; N = {n}; chains from N(0, I); seeds {seeds})\n",
+        "| sigma | sweeps | sampler | MMD^2 x1e3 mean ± std | per-mode variance (truth 0.0400) |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['sigma']} | {r['sweeps']} | {r['name']} | {_mean_std(r['mmd'], 2)} | {_mean_std(r['variance'], 4)} |"
+        for r in data["single"]
+    ]
+    lines += [
+        "",
+        f"#### Exact toy as a VP diffusion model (1000 linear-beta DDPM steps, no clipping; N = {n}; "
+        f"seeds {seeds}; each seed against fresh clean samples)\n",
+        "Per-mode variance: the spread of samples around their own mode (truth 0.0400). Equivalents count a "
+        "backward pass as 2 forwards (full covariance in 2-D: 2 backward passes per level).\n",
+        "| sampler | steps | equiv. | MMD^2 x1e3 | energy x1e3 | per-mode variance |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['name']} | {r['steps'] or '-'} | {r['equiv']:.0f} | {_mean_std(r['mmd'], 2)} | "
+        f"{_mean_std(r['energy'], 2)} | {_mean_std(r['variance'], 4)} |"
+        for r in data["annealed"]
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def toy_annealed_rows(bench: Bench, n: int) -> list[dict[str, Any]]:
     """The toy as a VP diffusion model against diffusers' samplers at equal model calls (exact moments)."""
     config = DDPMScheduler(clip_sample=False).config  # modes sit at +-1: clipping to [-1, 1] would cut them
     model = GaussianMixtureDenoiser.paper_toy(scheduler_config=dict(config))
@@ -553,14 +659,7 @@ def toy_annealed_table(bench: Bench, n: int) -> str:
         runs.append(
             ("MMGibbs ancestral eta=0, isotropic", steps, lambda seed, k=steps: mmgibbs_run("isotropic", k, seed, 0.0))
         )
-    lines = [
-        f"#### Exact toy as a VP diffusion model (1000 linear-beta DDPM steps, no clipping; N = {n}; "
-        f"seeds {bench.args.seeds}; each seed against fresh clean samples)\n",
-        "Per-mode variance: the spread of samples around their own mode (truth 0.0400). Equivalents count a "
-        "backward pass as 2 forwards (full covariance in 2-D: 2 backward passes per level).\n",
-        "| sampler | steps | equiv. | MMD^2 x1e3 | energy x1e3 | per-mode variance |",
-        "|---|---|---|---|---|---|",
-    ]
+    rows = []
     for name, steps, run in runs:
         mmd, energy, variance = [], [], []
         for seed in bench.args.seeds:
@@ -569,12 +668,9 @@ def toy_annealed_table(bench: Bench, n: int) -> str:
             mmd.append(1e3 * mmd2(x, reference, reference_bandwidth(reference)))
             energy.append(1e3 * energy_distance(x, reference))
             variance.append(model.component_variance(x))
-        lines.append(
-            f"| {name} | {steps or '-'} | {equiv:.0f} | {_mean_std(mmd, 2)} | {_mean_std(energy, 2)} "
-            f"| {_mean_std(variance, 4)} |"
-        )
+        rows.append({"name": name, "steps": steps, "equiv": equiv, "mmd": mmd, "energy": energy, "variance": variance})
         print(f"  toy {name} {steps}: energy {np.mean(energy):.2f}", flush=True)
-    return "\n".join(lines) + "\n"
+    return rows
 
 
 def _spread(values: np.ndarray | list[float]) -> float:
@@ -612,13 +708,46 @@ def save_grids(summaries: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+#: section -> its renderer (results file -> markdown); the measuring side is in :func:`measure_section`
+RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "digits": render_digits,
+    "single-level": render_single_level,
+    "toy": render_toy,
+}
+#: the sections ``--section all`` runs (the speed sections are run on their own)
+ALL = ("digits", "single-level", "toy", "image-mixture")
+
+
+def renderers() -> dict[str, Callable[[dict[str, Any]], str]]:
+    """Every section's renderer, the image-mixture and speed sections' included."""
+    import image_mixture
+
+    return {
+        **RENDERERS,
+        "image-mixture": image_mixture.render,
+        **{name: importlib.import_module(module).render for name, module in LEARNED_SECTIONS.items()},
+        **{name: render for name, (_, render) in speed.SECTIONS.items()},
+    }
+
+
+def measure_section(name: str, args: argparse.Namespace, bench: Bench | None) -> dict[str, Any]:
+    """Run one section (cached rows are read, not rerun); returns its results file."""
+    if name == "image-mixture":  # needs none of the digits models
+        import image_mixture
+
+        n = 1500 if args.quick else max(args.num_samples, 4000)
+        return image_mixture.section_data(n, args.seeds, args.out_dir, args.force, args.quick)
+    if name in LEARNED_SECTIONS:  # learned models with their own checkpoints (learned_bench.py); not in ALL
+        return importlib.import_module(LEARNED_SECTIONS[name]).section_data(args)
+    if name in speed.SECTIONS:  # timing sections, with their own models (speed.py)
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        return speed.SECTIONS[name][0](args)
+    return {"digits": digits_section, "single-level": single_level_section, "toy": toy_section}[name](bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--section",
-        choices=["all", "digits", "single-level", "toy", "image-mixture", *LEARNED_SECTIONS, *speed.SECTIONS],
-        default="all",
-    )
+    parser.add_argument("--section", choices=["all", *ALL, *LEARNED_SECTIONS, *speed.SECTIONS], default="all")
     parser.add_argument("--num-samples", type=int, default=2000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out-dir", type=Path, default=Path("benchmark_out"))
@@ -628,51 +757,51 @@ def main() -> None:
     parser.add_argument(
         "--only", nargs="+", default=None, help="digits/single-level: only the rows whose name contains one of these"
     )
+    parser.add_argument(
+        "--write-docs",
+        action="store_true",
+        help="save each section's results as DOCS/results/<section>.json and write its tables into DOCS/results.md",
+    )
+    parser.add_argument(
+        "--render-docs", action="store_true", help="only re-render the docs' blocks from the committed results files"
+    )
+    parser.add_argument("--docs-dir", type=Path, default=results_doc.DOCS, help="the docs folder (default: docs/)")
     speed.add_arguments(parser)
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.write_docs and (args.quick or args.only) and args.docs_dir.resolve() == results_doc.DOCS.resolve():
+        parser.error("--write-docs writes the docs' tables: not from a --quick or --only run")
+    if args.render_docs:
+        for name, render in renderers().items():
+            path = args.docs_dir / "results" / f"{name}.json"
+            if path.is_file():
+                results_doc.write_section(name, json.loads(path.read_text()), render, args.docs_dir)
+                print(f"rendered {name} from {path}")
+        return
     if args.quick:
         args.num_samples, args.seeds = 200, args.seeds[:1]
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    if args.section == "image-mixture":  # needs none of the digits models
-        import image_mixture
-
-        n = 1500 if args.quick else max(args.num_samples, 4000)
-        report = image_mixture.section(n, args.seeds, args.out_dir, args.force, args.quick)
-        print(report)
-        (args.out_dir / "report_image-mixture.md").write_text(report)
-        print(f"({time.perf_counter() - start:.0f} s; report in {args.out_dir})")
-        return
-    if args.section in LEARNED_SECTIONS:  # learned models with their own checkpoints; not part of "all"
-        report = importlib.import_module(LEARNED_SECTIONS[args.section]).section(args)
-        print(report)
-        (args.out_dir / f"report_{args.section}.md").write_text(report)
-        print(f"({time.perf_counter() - start:.0f} s; report in {args.out_dir})")
-        return
-    if args.section in speed.SECTIONS:  # timing sections, with their own models (speed.py); not part of "all"
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        report = speed.SECTIONS[args.section](args)
-        print(report)
-        (args.out_dir / f"report_{args.section}.md").write_text(report)
-        print(f"({time.perf_counter() - start:.0f} s; report in {args.out_dir})")
-        return
-    bench = Bench(args)
-    print(
-        f"# MMGibbs benchmark\n\ntorch {torch.__version__}, {args.threads} threads, {args.num_samples} samples, "
-        f"seeds {args.seeds}\n"
-    )
-    sections = {"digits": digits_section, "single-level": single_level_section, "toy": toy_section}
-    report = []
-    for name, fn in sections.items():
-        if args.section in ("all", name):
-            report.append(fn(bench))
-            print(report[-1], flush=True)
-    if args.section == "all":
-        import image_mixture
-
-        n = max(args.num_samples, 4000)
-        report.append(image_mixture.section(n, args.seeds, args.out_dir, args.force, args.quick))
+    names = ALL if args.section == "all" else (args.section,)
+    bench = Bench(args) if set(names) & set(RENDERERS) else None
+    if bench is not None:
+        print(
+            f"# MMGibbs benchmark\n\ntorch {torch.__version__}, {args.threads} threads, {args.num_samples} samples, "
+            f"seeds {args.seeds}\n"
+        )
+    render, report = renderers(), []
+    for name in names:
+        data = json.loads(results_doc.as_json(measure_section(name, args, bench)))  # as the results file holds it
+        (args.out_dir / f"results_{name}.json").write_text(results_doc.as_json(data))
+        report.append(render[name](data))
         print(report[-1], flush=True)
+        if args.write_docs:
+            results_doc.write_section(name, data, render[name], args.docs_dir)
+            print(f"wrote {args.docs_dir / 'results' / f'{name}.json'} and its block in {results_doc.RESULTS_PAGE}")
     (args.out_dir / f"report_{args.section}.md").write_text("\n".join(report))
     print(f"({time.perf_counter() - start:.0f} s; report in {args.out_dir})")
 

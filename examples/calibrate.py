@@ -17,14 +17,19 @@ ancestral sampler, counted apart), ``--samples`` a tensor file of data, ``--digi
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from sample import DEFAULT_MODEL, _model_index, _number, load_pipeline
+from digits import NUM_TRAIN
+from sample import DEFAULT_MODEL, _model_index, _number, check_writable, load_pipeline
 
 from mmgibbs import MomentMatchingGibbsPipeline
+from mmgibbs.checks import check_calibration, check_samples
+from mmgibbs.families import sample_shape
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,25 +41,64 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--samples", type=Path, default=None, help="clean samples: a .pt or .npy tensor (N, C, H, W)")
     source.add_argument("--digits", action="store_true", help="the shipped digits' 1400 train images")
-    parser.add_argument("--num-samples", type=positive_int, default=2048, help="own samples to draw (no --samples)")
+    parser.add_argument("--num-samples", type=positive_int, default=None, help="own samples to draw (2048)")
     parser.add_argument("--sampler-steps", type=positive_int, default=None, help="levels of the own-sample run")
     parser.add_argument("--clusters", type=positive_int, default=16)
-    parser.add_argument("--rank", type=positive_int, default=16)
+    parser.add_argument("--rank", type=positive_int, default=None, help="of the table's factors (default 16)")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="model batch (default: all at once)")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
 
+def folder_sample_shape(model: str) -> tuple[int, ...] | None:
+    """One sample's shape from a local folder's ``unet/config.json``: its ``sample_shape`` (or ``dim``), or
+    (in_channels, sample_size, sample_size) as UNet2DModel has it; None for a Hub id or a config that says none."""
+    path = Path(model).expanduser() / "unet" / "config.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    if config.get("sample_shape") or config.get("dim"):
+        return tuple(config.get("sample_shape") or [config["dim"]])
+    size = config.get("sample_size")
+    if config.get("in_channels") is None or size is None:
+        return None
+    return (config["in_channels"], *((size, size) if isinstance(size, int) else size))
+
+
+def load_samples(parser: argparse.ArgumentParser, path: Path) -> torch.Tensor:
+    """The tensor in a --samples file (.pt or .npy); anything else is an argparse error."""
+    if not path.is_file() or path.suffix not in (".pt", ".npy"):
+        parser.error(f"--samples {path}: pass an existing .pt or .npy file")
+    try:
+        value = torch.from_numpy(np.load(path)) if path.suffix == ".npy" else torch.load(path, weights_only=True)
+    except Exception as err:  # any unreadable file: pickle, zip and numpy errors alike
+        parser.error(f"--samples {path}: cannot read it ({type(err).__name__}: {err})")
+    if not isinstance(value, torch.Tensor):
+        parser.error(f"--samples {path}: the file holds a {type(value).__name__}, not a tensor of samples (N, ...)")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line, checked before any model is loaded (argparse errors, exit code 2)."""
+    """The command line, checked before any model is loaded (argparse errors, exit code 2): --out can be written,
+    a --samples file holds finite floating-point samples of the model's sample shape (for a local folder), at least
+    --clusters of them, and --rank fits their dimension."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         parser.error(f"--out {args.out} exists and is not an empty folder")
-    if not args.out.parent.is_dir():
-        parser.error(f"--out {args.out}: the folder {args.out.parent} does not exist")
-    if args.samples is not None and (not args.samples.is_file() or args.samples.suffix not in (".pt", ".npy")):
-        parser.error(f"--samples {args.samples}: pass an existing .pt or .npy file")
+    check_writable(parser, "--out", args.out)
+    args.clean = None
+    if args.samples is not None:
+        args.clean = load_samples(parser, args.samples)
+        check_clean_samples(parser, args, folder_sample_shape(args.model))
+    elif args.digits:
+        check_clean_samples(parser, args, (1, 8, 8), count=NUM_TRAIN)
+    else:
+        check_clean_samples(parser, args, folder_sample_shape(args.model), count=args.num_samples or 2048)
+    given = "--samples" if args.samples is not None else "--digits" if args.digits else None
+    for flag, value in (("--num-samples", args.num_samples), ("--sampler-steps", args.sampler_steps)):
+        if given and value is not None:
+            parser.error(f"{flag} sets how the model's own samples are drawn; with {given} none are drawn")
     if args.digits and Path(args.model).resolve() != DEFAULT_MODEL.resolve():
         parser.error("--digits calibrates the shipped digits DDPM; with another --model pass --samples")
     index = _model_index(parser, args.model)
@@ -63,22 +107,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def check_clean_samples(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, shape: tuple[int, ...] | None, count: int = 0
+) -> None:
+    """The clean samples (``args.clean``, or ``count`` of them of ``shape``) against the model's sample shape and
+    the table's settings, with the library's own checks (``mmgibbs.checks``), as an argparse error; a shape that
+    is not known yet (a Hub id) is checked after loading, still before any model call."""
+    try:
+        if args.clean is not None:
+            check_samples(args.clean, "--samples", shape)
+            count, shape = len(args.clean), tuple(args.clean.shape[1:])
+        if shape is not None:
+            settings = {"batch_size": args.batch_size, "generator": None, "shrinkage": 64.0, "factor_iterations": 1}
+            source = "`--samples`" if args.clean is not None else "`--num-samples`"
+            check_calibration(
+                count, math.prod(shape), num_clusters=args.clusters, rank=args.rank, **settings, source=source
+            )
+    except (TypeError, ValueError) as err:
+        parser.error(f"--samples {args.samples}: {err}" if args.samples is not None else str(err))
+
+
 def clean_samples(args: argparse.Namespace) -> torch.Tensor | None:
     if args.digits:
         from digits import load_digits_split
 
         return load_digits_split()[0]
-    if args.samples is None:
-        return None
-    if args.samples.suffix == ".npy":
-        return torch.from_numpy(np.load(args.samples))
-    return torch.load(args.samples)
+    return args.clean
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     pipe = MomentMatchingGibbsPipeline.from_pipe(load_pipeline(args.model))
     pipe.set_progress_bar_config(disable=True)
+    if folder_sample_shape(args.model) is None:  # a Hub model's sample shape is known only now (no model call yet)
+        count = 0 if args.clean is not None else args.num_samples or 2048
+        check_clean_samples(build_parser(), args, sample_shape(pipe.denoiser_model), count=count)
     start = time.perf_counter()
     table = pipe.calibrate_covariance(
         args.steps,
@@ -93,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     seconds = time.perf_counter() - start
     pipe.save_pretrained(args.out)
     print(f"model:    {args.model}")
-    print(f"table:    {len(table.sigmas)} levels (steps {args.steps}), {args.clusters} clusters, rank {args.rank}")
+    rank = table.settings["rank"]
+    print(f"table:    {len(table.sigmas)} levels (steps {args.steps}), {args.clusters} clusters, rank {rank}")
     drawn, source = table.settings["sampler_sample_forwards"], table.settings["source"]
     print(f"cost:     {table.sample_forwards} single-sample forwards to calibrate, {drawn} to draw own samples")
     print(f"          ({source}); {seconds:.1f} s")

@@ -14,22 +14,33 @@ the same sampler options as ``examples/sample.py``, checked before any model is 
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
+import sample as main_job
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
-from sample import build_sampler, check_loaded, load_pipeline, parse_args, sample, save_grid, scheduler_settings
+from sample import build_sampler, check_loaded, load_pipeline, sample, save_grid, scheduler_settings
 
 
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The main job's command line and --save-array, all checked before any model is loaded (argparse errors)."""
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--save-array", type=Path, default=None, help="also save the gathered uint8 images (.npy)")
     known, rest = extra.parse_known_args(argv)
-    args = parse_args(rest)
+    args = main_job.parse_args(rest)
+    args.save_array = known.save_array
+    if args.save_array is not None:
+        if args.save_array.is_dir():
+            extra.error(f"--save-array {args.save_array} is a folder; pass a file name, e.g. images.npy")
+        main_job.check_writable(extra, "--save-array", args.save_array)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     state = PartialState(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()))
     dtype = getattr(torch, args.dtype)
     pipe = load_pipeline(args.model, dtype)
@@ -45,8 +56,8 @@ def main(argv: list[str] | None = None) -> None:
         parts = sorted(gathered, key=lambda item: item[0])
         all_images = np.concatenate([images for _, images, _ in parts if images is not None])
         save_grid(all_images, args.out)
-        if known.save_array is not None:
-            np.save(known.save_array, all_images)
+        if args.save_array is not None:
+            np.save(args.save_array, all_images)
         for rank, images, cost in parts:
             if images is None:
                 print(f"process {rank}: 0 samples ({args.batch_size} samples for {state.num_processes} processes)")

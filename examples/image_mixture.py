@@ -248,8 +248,12 @@ class ImageMixtureBench:
         self.tables: dict[str, Any] = {}
         self.calibration_notes: list[str] = []
 
+    def key(self, key: str, seed: int) -> str:
+        """The result cache's key of row ``key`` at ``seed`` (and this run's sample count)."""
+        return f"{key}|seed={seed}|n={self.n}"
+
     def result(self, key: str, seed: int, run: Callable[[int], tuple[torch.Tensor, float]]) -> dict:
-        full_key = f"{key}|seed={seed}|n={self.n}"
+        full_key = self.key(key, seed)
         if full_key in self.cache and not self.force:
             return self.cache[full_key]
         start = time.perf_counter()
@@ -423,17 +427,42 @@ def _spread(values: list[float]) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
 
 
-def section(n: int, seeds: list[int], out_dir: Path, force: bool = False, quick: bool = False) -> str:
+def section_data(n: int, seeds: list[int], out_dir: Path, force: bool = False, quick: bool = False) -> dict:
+    """Run (or read from the cache) every row; returns the section's results file (:func:`render`): the rows, the
+    cache entries they use, the calibration notes and the run's wall time."""
     start = time.perf_counter()
     bench = ImageMixtureBench(n, seeds, out_dir, force, quick)
     model = bench.model
+    floor_keys = [bench.key("floor|exact", s) for s in seeds]
     floor = [bench.result("floor|exact", s, lambda s: (model.sample(n, _gen(777 + s)), 0.0)) for s in seeds]
     floor_kl = _mean([f["kl"] for f in floor])
-    summaries = []
+    table_rows = []
     for name, budget, key, run in rows(bench):
         results = [bench.result(key, s, run) for s in seeds]
-        summaries.append({"name": name, "budget": budget, "results": results})
+        table_rows.append({"name": name, "budget": budget, "keys": [bench.key(key, s) for s in seeds]})
         print(f"  {name} {budget}: excess KL {_mean([r['kl'] for r in results]) - floor_kl:.2f}", flush=True)
+    used = floor_keys + [k for r in table_rows for k in r["keys"]]
+    return {
+        "section": "image-mixture",
+        "num_samples": n,
+        "seeds": seeds,
+        "floor_keys": floor_keys,
+        "rows": table_rows,
+        "results": {k: bench.cache[k] for k in used},
+        "calibration_notes": bench.calibration_notes,
+        "seconds": time.perf_counter() - start,
+        "torch": torch.__version__,
+    }
+
+
+def render(data: dict) -> str:
+    """The section's markdown, from its results file alone."""
+    n, seeds, results = data["num_samples"], data["seeds"], data["results"]
+    floor = [results[k] for k in data["floor_keys"]]
+    floor_kl = _mean([f["kl"] for f in floor])
+    summaries = [
+        {"name": r["name"], "budget": r["budget"], "results": [results[k] for k in r["keys"]]} for r in data["rows"]
+    ]
 
     def line(name: str, budget: Any, results: list[dict]) -> str:
         kl = [r["kl"] - floor_kl for r in results]
@@ -458,10 +487,14 @@ def section(n: int, seeds: list[int], out_dir: Path, force: bool = False, quick:
         line("exact samples (floor)", "-", floor),
     ]
     lines += [line(s["name"], s["budget"], s["results"]) for s in summaries]
-    lines += ["", "Calibration (once per model and schedule, not in the budgets):", *bench.calibration_notes, ""]
+    lines += ["", "Calibration (once per model and schedule, not in the budgets):", *data["calibration_notes"], ""]
     lines += verdicts(summaries, floor_kl, seeds)
-    lines.append(f"\n({time.perf_counter() - start:.0f} s with cached rows; torch {torch.__version__})")
+    lines.append(f"\n({data['seconds']:.0f} s with cached rows; torch {data['torch']})")
     return "\n".join(lines) + "\n"
+
+
+def section(n: int, seeds: list[int], out_dir: Path, force: bool = False, quick: bool = False) -> str:
+    return render(section_data(n, seeds, out_dir, force, quick))
 
 
 def verdicts(summaries: list[dict], floor_kl: float, seeds: list[int]) -> list[str]:

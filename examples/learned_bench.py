@@ -114,8 +114,18 @@ class Summary:
         return np.array([r[metric] for r in self.results], dtype=float)
 
     def as_dict(self) -> dict[str, Any]:
-        """The shape ``image_mixture.verdicts`` reads."""
-        return {"name": self.name, "budget": self.budget, "results": self.results}
+        """For the results file (:meth:`from_dict`); also the shape ``image_mixture.verdicts`` reads."""
+        return {
+            "name": self.name,
+            "budget": self.budget,
+            "num_samples": self.num_samples,
+            "results": self.results,
+            "baseline": self.baseline,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Summary:
+        return cls(data["name"], data["budget"], data["num_samples"], list(data["results"]), data["baseline"])
 
 
 class LearnedBench:

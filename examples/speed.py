@@ -334,7 +334,9 @@ def speed_rows(case: Case, levels: int, full_levels: int, probes: tuple[int, ...
     return rows
 
 
-def step_microbenchmark(config: Any, shape: tuple[int, ...], steps: int = 50, reps: int = 20) -> str:
+def step_microbenchmark(
+    config: Any, shape: tuple[int, ...], steps: int = 50, reps: int = 20
+) -> dict[str, list[float]]:
     """The scheduler step alone (no model): DDPMScheduler vs MMGibbsScheduler on one fixed model output."""
     out = torch.randn(shape, generator=_generator())
     source = "DDPMScheduler"
@@ -358,6 +360,11 @@ def step_microbenchmark(config: Any, shape: tuple[int, ...], steps: int = 50, re
             t0 = time.perf_counter()
             loop(scheduler)
             times[name].append((time.perf_counter() - t0) / steps)
+    return times
+
+
+def step_text(times: dict[str, list[float]]) -> str:
+    """The step microbenchmark's median and spread per scheduler, in µs."""
     return "; ".join(f"{name} {statistics.median(v) * 1e6:.0f} µs ({_spread(v, 1e6, 0)})" for name, v in times.items())
 
 
@@ -387,14 +394,37 @@ def targets(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def speed_section(args: Any, log: Callable[[str], None] = print) -> str:
-    """``--section speed`` (module docstring)."""
+def row_record(row: Row) -> dict[str, Any]:
+    """What a measured row keeps in the section's results file."""
+    return {
+        "name": row.name,
+        "levels": row.levels,
+        "passes": row.passes,
+        "reference": row.reference,
+        "seconds": row.seconds,
+        "peak_mb": row.peak_mb,
+    }
+
+
+def rows_of(records: list[dict[str, Any]]) -> list[Row]:
+    """Measured rows back from the results file (nothing to run)."""
+    return [Row(r["name"], lambda: None, r["levels"], passes=r["passes"], reference=r["reference"],
+                seconds=r["seconds"], peak_mb=r["peak_mb"]) for r in records]  # fmt: skip
+
+
+def end_load() -> str:
+    load = os.getloadavg()
+    return f"Load average at the end: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}."
+
+
+def speed_section(args: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """``--section speed`` (module docstring); returns the section's results file (:func:`render_speed`)."""
     quick = getattr(args, "quick", False)
     levels = 2 if quick else args.speed_levels
     reps = 1 if quick else args.speed_reps
     full_levels = 1 if quick else max(1, levels // 2)
     batch = 8 if quick else args.speed_batch
-    parts = [f"### Speed and memory (`--section speed`)\n\n{environment(args.threads)}.\n"]
+    data: dict[str, Any] = {"section": "speed", "environment": environment(args.threads), "cases": []}
     for case in (digits_case(batch), sd_case()):
         log(f"{case.name}: {case.description}")
         rows = speed_rows(case, levels, full_levels, (1, 2) if quick else (1, 2, 4))
@@ -402,24 +432,45 @@ def speed_section(args: Any, log: Callable[[str], None] = print) -> str:
             warnings.simplefilter("ignore")  # functorch's "no batching rule" performance warnings, once per call
             measure(rows, reps, log=log)
         shape = (batch, 1, 8, 8) if case.full else (len(PROMPTS), 4, 16, 16)
-        steps = step_microbenchmark(case.native.scheduler.config, shape)
+        data["cases"].append(
+            {
+                "name": case.name,
+                "description": case.description,
+                "levels": levels,
+                "full_levels": full_levels,
+                "reps": reps,
+                "full": case.full,
+                "dim": case.dim,
+                "shape": list(shape),
+                "rows": [row_record(row) for row in rows],
+                "steps": step_microbenchmark(case.native.scheduler.config, shape),
+            }
+        )
+    data["end"] = end_load()
+    return data
+
+
+def render_speed(data: dict[str, Any]) -> str:
+    """The speed section's markdown, from its results file alone."""
+    parts = [f"### Speed and memory (`--section speed`)\n\n{data['environment']}.\n"]
+    for case in data["cases"]:
+        rows = rows_of(case["rows"])
         parts.append(
-            f"#### {case.name}\n\n{case.description}; {levels} levels per call ({full_levels} for `full`), "
-            f"{reps} interleaved repetitions.\n\n"
+            f"#### {case['name']}\n\n{case['description']}; {case['levels']} levels per call ({case['full_levels']} "
+            f"for `full`), {case['reps']} interleaved repetitions.\n\n"
             + table(rows, "ratio (drop-in: to DDPMScheduler; Gibbs: fwd-eq, to `none`)")
             + "\n\n"
             + targets(rows)
-            + f"\n\nThe scheduler step alone on a {tuple(shape)} sample: {steps}.\n"
+            + f"\n\nThe scheduler step alone on a {tuple(case['shape'])} sample: {step_text(case['steps'])}.\n"
             + (
                 ""
-                if case.full
-                else f"\n`full` is not timed here: d = {case.dim} Jacobian products per level (about "
-                f"{2 * case.dim} forward equivalents).\n"
+                if case["full"]
+                else f"\n`full` is not timed here: d = {case['dim']} Jacobian products per level (about "
+                f"{2 * case['dim']} forward equivalents).\n"
             )
         )
-    load = os.getloadavg()
-    parts.append(f"Load average at the end: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}.")
-    return "\n".join(parts)
+    parts.append(data["end"])
+    return "\n".join(parts) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------ families
@@ -467,20 +518,18 @@ def family_specs() -> list[Family]:
 FAMILY_COVARIANCES = ("none", "isotropic", "diagonal", "projection")
 
 
-def families_section(args: Any, log: Callable[[str], None] = print) -> str:
-    """``--section families`` (module docstring): issue 8's cost table."""
+def families_section(args: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """``--section families`` (module docstring): issue 8's cost table; returns the section's results file."""
     quick = getattr(args, "quick", False)
     levels = 2 if quick else args.speed_levels
     reps = 1 if quick else args.speed_reps
-    lines = [
-        f"### Cost per level of every family (`--section families`)\n\n{environment(args.threads)}. Tiny random-"
-        f"weight pipelines of `tests/`, 2 images, guidance on (both branches in one batched call), {levels} levels "
-        f"per call, {reps} interleaved repetitions; diagonal: reverse mode, one probe. `host` is the host pipeline's "
-        "own loop with its own scheduler (`output_type='latent'`).\n",
-        "| family | denoiser (parameters) | covariance | passes per level (fwd / bwd / jvp) | ms per level, median "
-        "| spread | x `none` (paired) | peak MiB |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    data: dict[str, Any] = {
+        "section": "families",
+        "environment": environment(args.threads),
+        "levels": levels,
+        "reps": reps,
+        "families": [],
+    }
     for spec in family_specs():
         host = spec.build()
         host.set_progress_bar_config(disable=True)
@@ -512,19 +561,46 @@ def families_section(args: Any, log: Callable[[str], None] = print) -> str:
             row.model = model
         log(f"{spec.name}: {type(model).__name__}")
         measure(rows, reps, log=log)
+        data["families"].append(
+            {
+                "name": spec.name,
+                "denoiser": f"{type(model).__name__} ({_params(model)})",
+                "rows": [row_record(row) for row in rows],
+            }
+        )
+    data["end"] = end_load()
+    return data
+
+
+def render_families(data: dict[str, Any]) -> str:
+    """The families section's markdown, from its results file alone."""
+    lines = [
+        f"### Cost per level of every family (`--section families`)\n\n{data['environment']}. Tiny random-"
+        f"weight pipelines of `tests/`, 2 images, guidance on (both branches in one batched call), {data['levels']} "
+        f"levels per call, {data['reps']} interleaved repetitions; diagonal: reverse mode, one probe. `host` is the "
+        "host pipeline's own loop with its own scheduler (`output_type='latent'`).\n",
+        "| family | denoiser (parameters) | covariance | passes per level (fwd / bwd / jvp) | ms per level, median "
+        "| spread | x `none` (paired) | peak MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for family in data["families"]:
+        rows = rows_of(family["rows"])
         for row in rows:
             ratio = statistics.median(paired_ratios(row, rows[1]))
             lines.append(
-                f"| {spec.name} | {type(model).__name__} ({_params(model)}) | {row.name} | {row.passes} | "
+                f"| {family['name']} | {family['denoiser']} | {row.name} | {row.passes} | "
                 f"{statistics.median(row.seconds) * 1e3:.1f} | {_spread(row.seconds, 1e3, 1)} | {ratio:.2f} | "
                 f"{row.peak_mb:.2f} |"
             )
-    load = os.getloadavg()
-    lines.append(f"\nLoad average at the end: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}.")
-    return "\n".join(lines)
+    lines.append(f"\n{data['end']}")
+    return "\n".join(lines) + "\n"
 
 
-SECTIONS: dict[str, Callable[..., str]] = {"speed": speed_section, "families": families_section}
+#: section -> (measure: args -> results file, render: results file -> markdown)
+SECTIONS: dict[str, tuple[Callable[..., dict[str, Any]], Callable[[dict[str, Any]], str]]] = {
+    "speed": (speed_section, render_speed),
+    "families": (families_section, render_families),
+}
 
 
 def add_arguments(parser: Any) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
+import benchmark
 import image_mixture as im
 import learned_bench as lb
 import learned_mixture
@@ -13,6 +14,7 @@ import mnist
 import mnist_bench
 import numpy as np
 import pytest
+import results_doc
 import torch
 import train_digits
 from diffusers import DDPMPipeline
@@ -128,10 +130,18 @@ def test_level_errors_vanish_for_the_exact_model_and_split_the_residual() -> Non
         assert r["resid"] == pytest.approx(r["var"], rel=0.1)  # E||x - mu||^2 = E tr Cov[x|y] (+ err)
 
 
+def _through_results_file(module, data: dict) -> str:
+    """What benchmark.py renders: the section's data as its results file holds it (JSON), then the renderer."""
+    assert benchmark.renderers()[data["section"]] is module.render
+    return module.render(json.loads(results_doc.as_json(data)))
+
+
 def test_learned_mixture_section_at_a_tiny_size(tmp_path) -> None:
-    report = learned_mixture.section(
+    data = learned_mixture.section_data(
         _args(tmp_path), TINY_ROWS, budgets=(3,), limit_steps=4, num_calibration=200, level_steps=(3,)
     )
+    report = _through_results_file(learned_mixture, data)
+    assert report == learned_mixture.render(data)
     for name in (
         *lb.BASELINE_NAMES,
         "MMGibbs isotropic, eta 0",
@@ -151,9 +161,10 @@ def test_learned_mixture_section_at_a_tiny_size(tmp_path) -> None:
 
 
 def test_mnist_section_at_a_tiny_size(tmp_path) -> None:
-    report = mnist_bench.section(
+    data = mnist_bench.section_data(
         _args(tmp_path, seeds=(0, 1)), TINY_ROWS, budgets=(3,), limit_steps=4, limit_samples=20, num_calibration=100
     )
+    report = _through_results_file(mnist_bench, data)
     for name in (*lb.BASELINE_NAMES, "MMGibbs isotropic, eta 0", "MMGibbs calibrated, eta 0", "train images (floor"):
         assert f"| {name}" in report
     assert "(20 samples, seed [0])" in report  # the limit row says its size
@@ -161,3 +172,9 @@ def test_mnist_section_at_a_tiny_size(tmp_path) -> None:
     assert len(cache) == 2 + 6 * 2 + 1  # floor and six rows per seed, the limit on one seed
     assert all(np.isfinite(r["fd"]) and r["fd"] >= 0 and r["class_kl"] >= 0 for r in cache.values())
     assert "**3 calls**" in report
+
+
+def test_benchmark_registers_the_learned_sections() -> None:
+    parser = benchmark.build_parser()
+    for name in ("learned-mixture", "mnist"):
+        assert parser.parse_args(["--section", name]).section == name and name not in benchmark.ALL

@@ -6,10 +6,13 @@ Public API:
 * :class:`MomentMatchingGibbsPipeline`: the sampler with Jacobian-based covariances around any denoiser.
 * :class:`NoiseSchedule`: every diffusers noise family in the frame y = x + sigma * eps.
 * :func:`denoising_moments`, :class:`DenoisingMoments`: the Gaussian N(mu, Sigma) of a denoiser.
+* :func:`make_estimator`, :class:`CovarianceEstimator`: the covariance estimators (``mmgibbs.covariances``), one
+  class per ``covariance`` name, for the Gibbs kernel :func:`mmgibbs.gibbs.sample`.
 * :class:`GaussianMixtureDenoiser`: an exact reference model (a mixture of Gaussians as a diffusers model).
 """
 
-from .moments import COVARIANCES, DenoisingMoments, denoising_moments
+from .covariances import COVARIANCES, CovarianceEstimator, make_estimator
+from .moments import DenoisingMoments, denoising_moments
 from .noise import NOISE_FAMILIES, PREDICTION_TYPES, NoiseSchedule
 from .pipeline import MomentMatchingGibbsPipeline, MomentMatchingGibbsPipelineOutput
 from .reference import GaussianMixtureDenoiser
@@ -21,6 +24,7 @@ __all__ = [
     "COVARIANCES",
     "NOISE_FAMILIES",
     "PREDICTION_TYPES",
+    "CovarianceEstimator",
     "DenoisingMoments",
     "GaussianMixtureDenoiser",
     "MMGibbsScheduler",
@@ -29,4 +33,5 @@ __all__ = [
     "MomentMatchingGibbsPipelineOutput",
     "NoiseSchedule",
     "denoising_moments",
+    "make_estimator",
 ]

@@ -34,11 +34,14 @@ from pathlib import Path
 
 import torch
 
+from .checks import check_calibration, check_number, check_samples
 from .moments import LowRankCovariance, compress_low_rank, low_rank_plus_diagonal
 
 #: ``(y, step index) -> mu(y)`` in the variance-exploding frame (as ``mmgibbs.gibbs.LevelDenoiser``)
 LevelDenoiser = Callable[[torch.Tensor, int], torch.Tensor]
 TABLE_FILE = "covariance_table.safetensors"
+#: the rank of a table's factors when none is given (fewer where the dimension or the samples allow fewer)
+DEFAULT_RANK = 16
 #: two levels are the same when their sigmas agree to this relative tolerance
 SIGMA_RTOL = 1e-6
 
@@ -93,6 +96,13 @@ class LevelCovariance:
 
     def covariance(self, mu: torch.Tensor) -> LowRankCovariance:
         """The per-sample :class:`LowRankCovariance` of a batch with predictions mu, in mu's dtype and device."""
+        dim = self.centroids.shape[-1]
+        if mu[0].numel() != dim:
+            raise ValueError(
+                f"The calibrated covariance at sigma={self.sigma:.6g} has dimension {dim}, the samples have "
+                f"{mu[0].numel()} ({tuple(mu.shape[1:])}): the table was calibrated for another model; calibrate "
+                "this one (`calibrate_covariance`) or pass its own table to `set_covariance_table`."
+            )
         cluster = self.assign(mu)
         factor = self.factor.to(mu.device, mu.dtype)[cluster]
         return LowRankCovariance(factor, self.diagonal.to(mu.device, mu.dtype)[cluster])
@@ -141,7 +151,8 @@ def calibrate_level(
         f, d = compress_low_rank(mixed, weight * dc + (1.0 - weight) * pooled_diag, rank)
         factors.append(f)
         diagonals.append(d)
-    factor = torch.stack(factors)
+    width = max(f.shape[-1] for f in factors)  # clusters with fewer samples than `rank` have fewer columns
+    factor = torch.stack([torch.nn.functional.pad(f, (0, width - f.shape[-1])) for f in factors])  # zeros: no variance
     order = factor.pow(2).sum(-2).argsort(-1, descending=True)  # columns by decreasing variance
     factor = torch.gather(factor, -1, order.unsqueeze(-2).expand_as(factor))
     return LevelCovariance(sigma, centroids, factor, torch.stack(diagonals))
@@ -244,7 +255,7 @@ def calibrate_covariance(
     samples: torch.Tensor,
     *,
     num_clusters: int = 16,
-    rank: int = 16,
+    rank: int | None = None,
     shrinkage: float = 64.0,
     batch_size: int | None = None,
     generator: torch.Generator | None = None,
@@ -260,7 +271,8 @@ def calibrate_covariance(
         sigmas: the schedule's VE noise levels, one per step (``MMGibbsScheduler.ve_sigmas()``); repeated levels
             (Gibbs sweeps) are calibrated once.
         samples: clean samples x: the model's own (e.g. from a long sampler run) or data.
-        num_clusters, rank, shrinkage: the table's structure (:func:`calibrate_level`).
+        num_clusters, rank, shrinkage: the table's structure (:func:`calibrate_level`); ``rank`` in [1, d] for
+            samples of dimension d, default 16 (fewer where d or the samples allow fewer).
         batch_size: model batch (default: all samples at once).
         generator: the generator of the calibration noise eps and of the k-means seeding.
         dtype: the table's storage dtype (default: float64 for float64 samples, else float32).
@@ -268,8 +280,29 @@ def calibrate_covariance(
         factor_iterations: of the low rank + diagonal fit (:func:`mmgibbs.moments.low_rank_plus_diagonal`).
 
     Per level: y = x + sigma * eps, mu = denoiser(y, i), then :func:`calibrate_level`. Costs ``len(samples)`` model
-    evaluations per distinct level, recorded in the returned table.
+    evaluations per distinct level, recorded in the returned table. Every argument is checked before the first
+    model call (:func:`mmgibbs.checks.check_calibration`): ``samples`` a finite floating-point tensor (n, ...) with
+    n >= ``num_clusters``, ``rank`` in [1, d], ... A rank above a cluster's sample count gives that cluster fewer
+    nonzero columns (zero columns pad the table's factors to one width).
     """
+    if not callable(denoiser):
+        raise TypeError(f"`denoiser` must be callable as denoiser(y, step); got {type(denoiser).__name__}.")
+    check_samples(samples, "samples")
+    if isinstance(sigmas, (str, bytes)) or not isinstance(sigmas, Sequence) or len(sigmas) == 0:
+        raise ValueError(f"`sigmas` must be a non-empty sequence of noise levels; got {sigmas!r}.")
+    for i, sigma in enumerate(sigmas):
+        check_number(sigma, f"sigmas[{i}]", low=0.0, low_open=True)
+    check_calibration(
+        len(samples),
+        samples[0].numel(),
+        num_clusters=num_clusters,
+        rank=rank,
+        shrinkage=shrinkage,
+        batch_size=batch_size,
+        generator=generator,
+        factor_iterations=factor_iterations,
+    )
+    rank = DEFAULT_RANK if rank is None else rank  # calibrate_level keeps at most what d and the samples allow
     x = samples.detach()
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     x = x.to(work)

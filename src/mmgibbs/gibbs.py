@@ -2,11 +2,11 @@
 
 Everything here lives in the variance-exploding frame of Zhang et al. (2023), y = x + sigma * eps; the model's
 own frame x_t = alpha_t * y is the business of the caller (:meth:`MMGibbsScheduler.denoiser` builds the closure).
-Given steps i = 0 .. n-1 with noise levels sigma_0 >= ... >= sigma_{n-1} (a level repeated once per Gibbs sweep)
-and a denoiser ``(y, i) -> mu(y) = E[x | y]`` at level i:
+Given steps i = 0 .. n-1 with noise levels sigma_0 >= ... >= sigma_{n-1} (a level repeated once per Gibbs sweep),
+a denoiser ``(y, i) -> mu(y) = E[x | y]`` at level i and a covariance estimator (``mmgibbs.covariances``):
 
     for i in 0 .. n-1:
-        1. mu, Sigma = moments of the denoiser at (y, i)              Tweedie: Sigma = sigma_i^2 d mu / d y
+        1. mu, Sigma = estimator.moments(denoiser at i, y, sigma_i)   Tweedie: Sigma = sigma_i^2 d mu / d y
         2. x ~ N(mu, Sigma)                                           the moment-matched posterior draw
            (with ``known`` = (x_k, keep): x <- keep * x_k + (1 - keep) * x, a Gibbs step on the unknown part)
         3. if i = n-1: return x (or mu)
@@ -18,6 +18,10 @@ sweep within a level) and c^2 = 1 - eta^2 (1 - sigma_{i+1}^2 / sigma_i^2) for ``
 eta = 1 that is the DDPM posterior q(y_{i+1} | y_i, x) with x ~ N(mu, Sigma) integrated out; eta = 0 is a DDIM step
 around the drawn x. For every eta an exact posterior draw x would leave y_{i+1} with the exact marginal at level
 i+1; the moment-matched Gaussian makes that exact for Gaussian data.
+
+Second-order mean (``mean_order=2``, ancestral transition only): the draw is centred on DPM-Solver++(2M)'s
+extrapolated data prediction instead of mu_i, and its covariance keeps only the variance that step still lacks
+(``mmgibbs.multistep``); with Sigma = 0 it is DPM-Solver++(2M) step for step (eta 0) and its SDE form (eta 1).
 """
 
 from __future__ import annotations
@@ -26,18 +30,20 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .moments import CALIBRATED_COVARIANCES, DEFAULT_MAX_FULL_DIM, DenoisingMoments, Generator, denoising_moments
-
-if TYPE_CHECKING:
-    from .calibration import CovarianceTable
+from .covariances import CovarianceEstimator
+from .moments import DenoisingMoments, Generator
+from .multistep import MultistepMean, VarianceMatch
 
 TRANSITIONS = ("ancestral", "gibbs")
 FINAL_OUTPUTS = ("sample", "mean")
+#: orders of the data prediction the draw is centred on (module docstring)
+MEAN_ORDERS = (1, 2)
+#: the cost counts every step's moments carry, summed into :class:`GibbsOutput`
+COUNTS = ("num_forward", "num_backward", "num_jvp", "num_product_passes")
 
 #: ``(y, step index) -> mu(y)`` in the variance-exploding frame
 LevelDenoiser = Callable[[torch.Tensor, int], torch.Tensor]
@@ -75,6 +81,18 @@ def kept_noise_share(sigma: float, sigma_next: float, transition: str = "ancestr
     if transition == "gibbs" or ratio >= 1.0:
         return 0.0
     return math.sqrt(1.0 - eta**2 * (1.0 - ratio**2))
+
+
+def check_mean_order(mean_order: object, transition: str) -> None:
+    """``mean_order`` is 1 or 2; 2 needs the ancestral transition (fresh re-noising keeps nothing of y to
+    integrate)."""
+    if isinstance(mean_order, bool) or mean_order not in MEAN_ORDERS:
+        raise ValueError(f"`mean_order` must be one of {', '.join(map(repr, MEAN_ORDERS))}; got {mean_order!r}.")
+    if mean_order == 2 and transition != "ancestral":
+        raise ValueError(
+            "`mean_order=2` (DPM-Solver++(2M)'s extrapolated mean) needs transition='ancestral': the paper's fresh "
+            "re-noising (transition='gibbs') keeps nothing of y_i, so there is no step to integrate."
+        )
 
 
 def condition_on_known(
@@ -115,19 +133,28 @@ def gibbs_step(
     clip_range: float | None = None,
     known: tuple[torch.Tensor, torch.Tensor] | None = None,
     generator: Generator = None,
+    multistep: MultistepMean | None = None,
+    rescale: Callable[[DenoisingMoments], DenoisingMoments] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 2-4 of the kernel: draw x ~ N(mu, Sigma) at level ``sigma``, then re-noise it to ``sigma_next``.
 
     Returns ``(y_next, mu)``; after the last step (``sigma_next=None``) ``(x, mu)`` (or ``(mu, mu)``).
     ``clip_range`` clamps mu to [-r, r] (diffusers' ``clip_sample``); ``known = (x_known, keep)`` conditions the
-    draw (and a final mean) on x = x_known where ``keep`` is 1 (:func:`condition_on_known`). Random numbers are
-    drawn in this order: the draw x (unless ``covariance="none"``), then the re-noising z.
+    draw (and a final mean) on x = x_known where ``keep`` is 1 (:func:`condition_on_known`); ``multistep`` (a
+    :class:`~mmgibbs.multistep.MultistepMean` carried across the steps) centres the draw on the extrapolated mean
+    and ``rescale`` gives the covariance the second-order step still needs (``mmgibbs.multistep``). Random numbers
+    are drawn in this order: the draw x (unless ``covariance="none"``), then the re-noising z.
     """
     mu = moments.mu.to(y.dtype)
     if clip_range is not None:
         mu = mu.clamp(-clip_range, clip_range)
         moments = dataclasses.replace(moments, mu=mu)
-    x = moments.sample(generator).to(y.dtype) if moments.covariance != "none" else mu
+    centre = multistep(mu, sigma, sigma_next) if multistep is not None else mu
+    if centre is not mu:
+        moments = dataclasses.replace(moments, mu=centre)
+    if rescale is not None:
+        moments = rescale(moments)
+    x = moments.sample(generator).to(y.dtype) if moments.covariance != "none" else centre
     if known is not None:
         x = condition_on_known(moments, x, known)
     if sigma_next is None:
@@ -143,16 +170,11 @@ def sample(
     denoiser: LevelDenoiser,
     sigmas: Sequence[float],
     y: torch.Tensor,
+    estimator: CovarianceEstimator,
     *,
-    covariance: str = "isotropic",
-    num_probes: int = 1,
-    jacobian: str = "auto",
-    variance_bound: float | None = None,
-    max_full_dim: int = DEFAULT_MAX_FULL_DIM,
-    covariance_table: CovarianceTable | None = None,
-    product_batch: int = 1,
     transition: str = "ancestral",
     eta: float = 1.0,
+    mean_order: int = 1,
     final_output: str = "sample",
     clip_range: float | None = None,
     known: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -166,45 +188,34 @@ def sample(
         denoiser: ``(y, i) -> mu`` at step i (``MMGibbsScheduler.denoiser`` builds it from a model).
         sigmas: the noise level of every step, a Python sequence of floats (levels x sweeps entries).
         y: the starting point in the frame of ``sigmas[0]``; the chain runs in its dtype (float32 or float64).
-        covariance, num_probes, jacobian, variance_bound, max_full_dim, product_batch: how Sigma is estimated
-            (:func:`mmgibbs.moments.denoising_moments`).
-        covariance_table: the calibrated covariances (``mmgibbs.calibration.CovarianceTable``) that
-            ``covariance="calibrated"`` / ``"calibrated_jacobian"`` read, one level per distinct sigma.
+        estimator: how mu and Sigma are estimated at each step (``mmgibbs.covariances``, e.g.
+            ``make_estimator("diagonal", num_probes=4)``, or ``MMGibbsScheduler.estimator()``); it checks the
+            levels (a calibrated table must hold every one) before the first model call.
         transition, eta, final_output, clip_range, known: see :func:`gibbs_step`.
+        mean_order: 1 centres each draw on mu_i; 2 on DPM-Solver++(2M)'s extrapolation (module docstring).
         generator: torch generator(s) for probes and draws; a list gives each sample its own stream.
         callback: called as ``callback(i, y_next, mu)`` after every step (``y_next`` is the final sample after the
             last); a returned tensor replaces ``y_next``.
         progress: wraps the steps, e.g. a pipeline's ``progress_bar``.
     """
-    counts = {"num_forward": 0, "num_backward": 0, "num_jvp": 0, "num_product_passes": 0}
-    mu = y
-    n = len(sigmas)
-    calibrated = covariance in CALIBRATED_COVARIANCES
-    if calibrated:  # every level is looked up before the first model call: a missing one fails at once
-        if covariance_table is None:
-            raise ValueError(
-                f"covariance={covariance!r} needs a calibrated `covariance_table` "
-                "(`MomentMatchingGibbsPipeline.calibrate_covariance`)."
-            )
-        levels = [covariance_table.level(float(s)) for s in sigmas]
-    for i in progress(range(n)):
-        sigma = float(sigmas[i])
-        moments = denoising_moments(
-            lambda v, i=i: denoiser(v, i),
-            y,
-            sigma,
-            covariance=covariance,
-            num_probes=num_probes,
-            generator=generator,
-            jacobian=jacobian,
-            variance_bound=variance_bound,
-            max_full_dim=max_full_dim,
-            calibration=levels[i] if calibrated else None,
-            product_batch=product_batch,
+    if not isinstance(estimator, CovarianceEstimator):
+        raise TypeError(
+            f"`estimator` must be a covariance estimator (`mmgibbs.covariances.make_estimator(name, ...)`); got "
+            f"{type(estimator).__name__}."
         )
-        for key in counts:
+    check_mean_order(mean_order, transition)
+    estimator.check_levels(sigmas)
+    multistep = MultistepMean(mean_order)
+    match = None
+    if mean_order == 2:
+        match = VarianceMatch(sigmas, order=2, transition=transition, eta=eta, final_output=final_output)
+    counts = dict.fromkeys(COUNTS, 0)
+    mu, n = y, len(sigmas)
+    for i in progress(range(n)):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1]) if i + 1 < n else None
+        moments = estimator.moments(lambda v, i=i: denoiser(v, i), y, sigma, generator)
+        for key in COUNTS:
             counts[key] += getattr(moments, key)
-        sigma_next = float(sigmas[i + 1]) if i + 1 < n else None
         y, mu = gibbs_step(
             moments,
             y,
@@ -216,6 +227,8 @@ def sample(
             clip_range=clip_range,
             known=known,
             generator=generator,
+            multistep=multistep,
+            rescale=(lambda m, i=i: match.scale(i, m)) if match is not None else None,
         )
         if callback is not None:
             replaced = callback(i, y, mu)

@@ -6,34 +6,13 @@ For y = x + sigma * eps, Tweedie's formula and its second-order form give
     Sigma(y) = Cov[x | y] = sigma^2 d mu / d y = sigma^4 Hess log p~(y) + sigma^2 I,
 
 so a denoiser y -> mu(y) determines both moments; the Jacobian J = d mu / d y is symmetric for an exact
-denoiser. Covariance structures (each estimator is one small function below):
-
-* ``none``:           Sigma = 0 (x = mu, the mean-only chain).
-* ``isotropic``:      Sigma = v I with one scalar per sample, v = sigma^2 (1 - ||eps_hat||^2 / d),
-                      eps_hat = (y - mu) / sigma (Analytic-DPM's estimate, Bao et al. 2022, from the sample
-                      itself, so samples stay independent of each other); no extra model calls.
-* ``isotropic_batch``: the same with ||eps_hat||^2 averaged over the batch (Analytic-DPM's own form): better in
-                      very low dimension, but every sample then depends on the others in its batch.
-* ``diagonal``:       Sigma = sigma^2 diag(J), Hutchinson: diag J ~ mean_k v_k * (J v_k) (forward mode) or
-                      v_k * (J^T v_k) (reverse mode) over ``num_probes`` Rademacher probes v_k.
-* ``exact_diagonal``: the diagonal of the whole Jacobian (d products).
-* ``full``:           Sigma = sigma^2 (J + J^T) / 2 with its spectrum clamped to [0, bound] (d products).
-* ``projection``:     one structured draw x = mu + sigma J z, z ~ N(0, I) (one product). Its covariance is
-                      Sigma J: exact where J is a projection (a data manifold at small noise: J ~ 1 along it,
-                      ~ 0 across), smaller than Sigma in between. Unlike isotropic or diagonal noise it stays on
-                      the data manifold, at the cost of one Jacobian product per draw (one forward by finite
-                      differences).
-* ``calibrated``:     the expected posterior covariance, estimated once per model and level and cached
-                      (``mmgibbs.calibration``): by the law of total covariance, with eps_hat = (y - mu(y)) / sigma,
-
-                          E_y[Cov[x | y]] = sigma^2 (I - E[eps_hat eps_hat^T]) = E[(x - mu(y)) (x - mu(y))^T],
-
-                      the second form from clean samples x and y = x + sigma * eps (PSD by construction and far less
-                      noisy in the small directions). It is stored low rank + diagonal per cluster of mu(y), i.e.
-                      E[Cov[x | y] | cluster of mu(y)]: per-sample structure at zero extra calls, no coupling of
-                      the samples of a batch (:func:`low_rank_plus_diagonal`, :class:`LowRankCovariance`).
-* ``calibrated_jacobian``: ``calibrated`` corrected per sample with ``num_probes`` Jacobian products on the span of
-                      the table's leading directions (:func:`jacobian_correction`).
+denoiser. The covariance structures are the estimators of ``mmgibbs.covariances``, one class each (``none``,
+``isotropic``, ``isotropic_batch``, ``diagonal``, ``exact_diagonal``, ``full``, ``projection``, ``calibrated``,
+``calibrated_jacobian``, each with its equations); this module holds what they are made of: the moments
+(:class:`DenoisingMoments`, :class:`LowRankCovariance`), the estimates (:func:`isotropic_variance`,
+:func:`hutchinson_diagonal`, :func:`jacobian_matrix`, :func:`full_covariance`, :func:`jacobian_correction`, the
+calibration's :func:`low_rank_plus_diagonal`), the Jacobian products, and the string-keyed entry points
+:func:`denoising_moments` and :func:`moments_from_mean`.
 
 Variance bounds (why, and how): a posterior variance is never negative, so every estimate is clamped at 0.
 Data in [-r, r] has per-dimension variance at most r^2 (Popoviciu; Analytic-DPM's Thm. 2 bounds its reverse
@@ -49,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
+import dataclasses
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -60,21 +39,7 @@ import torch.autograd.forward_ad as fwAD
 from diffusers.utils.torch_utils import randn_tensor
 from torch.overrides import TorchFunctionMode
 
-COVARIANCES = (
-    "none",
-    "isotropic",
-    "isotropic_batch",
-    "diagonal",
-    "exact_diagonal",
-    "full",
-    "projection",
-    "calibrated",
-    "calibrated_jacobian",
-)
 JACOBIAN_MODES = ("auto", "reverse", "forward", "finite_difference")
-JACOBIAN_COVARIANCES = ("diagonal", "exact_diagonal", "full", "projection", "calibrated_jacobian")
-#: covariances read from a calibrated table (``mmgibbs.calibration.CovarianceTable``)
-CALIBRATED_COVARIANCES = ("calibrated", "calibrated_jacobian")
 #: relative step of finite-difference Jacobian products: h = FINITE_DIFFERENCE_STEP * sigma
 FINITE_DIFFERENCE_STEP = 1e-2
 DEFAULT_MAX_FULL_DIM = 1024
@@ -135,6 +100,35 @@ class DenoisingMoments:
             root = evecs * evals.clamp(min=0).sqrt().unsqueeze(-2)  # Q diag(sqrt(lambda))
             return torch.einsum("nij,nj->ni", root, z.flatten(1)).reshape(z.shape)
         return _per_sample(self.variance, z).sqrt() * z
+
+    def scaled(self, factor: Callable[[torch.Tensor], torch.Tensor]) -> DenoisingMoments:
+        """These moments with the variance v of every direction of Sigma multiplied by ``factor(v)`` (elementwise,
+        on a tensor of variances), the directions taken in Sigma's own form: the per-sample scalar (isotropic), every
+        entry (diagonal), the eigenvectors (full), the factor's orthogonal columns and the diagonal's entries (low rank
+        + diagonal; on a corrected span the core's eigenvectors), and for ``projection`` its draw as one direction of
+        the draw's mean square. ``none`` is returned as it is. Used by the second-order chain
+        (:class:`mmgibbs.multistep.VarianceMatch`)."""
+        if self.covariance == "none":
+            return self
+        if self.draw is not None:
+            v = self.draw.flatten(1).pow(2).mean(-1)
+            return dataclasses.replace(self, draw=self.draw * _per_sample(factor(v).sqrt(), self.draw))
+        var = self.variance
+        if isinstance(var, LowRankCovariance):
+            columns = var.factor.pow(2).sum(-2)  # (N, r): the columns are orthogonal
+            scaled = LowRankCovariance(
+                var.factor * factor(columns).sqrt().unsqueeze(-2), var.diagonal * factor(var.diagonal)
+            )
+            if var.basis is not None:
+                evals, evecs = torch.linalg.eigh(var.core_root @ var.core_root.transpose(-1, -2))
+                evals = evals.clamp(min=0.0)
+                scaled.basis, scaled.core_root = var.basis, evecs * (evals * factor(evals)).sqrt().unsqueeze(-2)
+            return dataclasses.replace(self, variance=scaled)
+        if self.covariance == "full":
+            evals, evecs = torch.linalg.eigh(var)
+            evals = evals.clamp(min=0.0)
+            return dataclasses.replace(self, variance=(evecs * (evals * factor(evals)).unsqueeze(-2)) @ evecs.mT)
+        return dataclasses.replace(self, variance=var * factor(var))
 
     def mean_variance(self) -> torch.Tensor:
         """trace(Sigma) / d per sample, shape (N,)."""
@@ -644,26 +638,16 @@ def moments_from_mean(
     variance_bound: float | None = None,
     calibration: CalibratedLevel | None = None,
 ) -> DenoisingMoments:
-    """The moments that need no derivatives (``none``, ``isotropic``, ``calibrated``) from one denoiser output
-    mu(y); ``calibrated`` reads the level's covariance from ``calibration`` (``LevelCovariance.covariance(mu)``)."""
-    if covariance in JACOBIAN_COVARIANCES:
+    """The moments that need no derivatives (``none``, ``isotropic``, ``isotropic_batch``, ``calibrated``) from one
+    denoiser output mu(y); ``calibrated`` reads the level's covariance from ``calibration``
+    (``LevelCovariance.covariance(mu)``). The estimator's own :meth:`~mmgibbs.covariances.DerivativeFree.from_mean`.
+    """
+    from .covariances import FixedLevel, estimator_class, make_estimator  # it builds on this module
+
+    if estimator_class(covariance).needs_jacobian:
         raise ValueError(f"covariance={covariance!r} needs the denoiser's Jacobian, not only mu(y).")
-    variance = None
-    if covariance == "calibrated":
-        variance = _calibrated(calibration, covariance).covariance(mu)
-    elif covariance.startswith("isotropic"):
-        variance = isotropic_variance(y, mu, sigma, variance_bound, pooled=covariance == "isotropic_batch")
-    return DenoisingMoments(mu=mu, sigma=sigma, covariance=covariance, variance=variance)
-
-
-def _calibrated(calibration: CalibratedLevel | None, covariance: str) -> CalibratedLevel:
-    if calibration is None:
-        raise ValueError(
-            f"covariance={covariance!r} reads a calibrated covariance table: calibrate one first "
-            "(`MomentMatchingGibbsPipeline.calibrate_covariance`, or `mmgibbs.calibration.calibrate_covariance` "
-            "and `MMGibbsScheduler.set_covariance_table`)."
-        )
-    return calibration
+    table = None if calibration is None else FixedLevel(calibration)
+    return make_estimator(covariance, variance_bound=variance_bound, covariance_table=table).from_mean(y, mu, sigma)
 
 
 def denoising_moments(
@@ -679,7 +663,8 @@ def denoising_moments(
     calibration: CalibratedLevel | None = None,
     product_batch: int = 1,
 ) -> DenoisingMoments:
-    """The Gaussian q(x | y) = N(mu(y), Sigma(y)) of a denoiser ``y -> mu(y)`` at noise level ``sigma``.
+    """The Gaussian q(x | y) = N(mu(y), Sigma(y)) of a denoiser ``y -> mu(y)`` at noise level ``sigma``: the
+    moments of the estimator ``covariance`` names (``mmgibbs.covariances``), built with these settings.
 
     Args:
         denoiser: maps a batch y (N, ...) to mu(y) = E[x | y] (e.g. :meth:`NoiseSchedule.denoiser`).
@@ -700,87 +685,30 @@ def denoising_moments(
             ``calibrated`` covariances.
         product_batch: Jacobian products per model pass. 1 (default): one backward pass / JVP / forward per product.
             k > 1: ``diagonal``'s probes and the basis vectors of ``full`` / ``exact_diagonal`` go k at a time
-            through one pass vectorised with ``torch.func.vmap`` (reverse and forward mode; ``auto`` falling back
-            to finite differences goes one at a time). The probes are the same draws from ``generator``, so
-            results match ``product_batch=1`` to float rounding. Measured on CPU (README, "Speed"): in forward
-            mode the k JVPs share one primal forward (K = 4: 1.9x / 1.4x faster on the digits / an SD-shaped UNet);
-            in reverse mode it is slower and holds far more memory (``torch.func.vjp`` keeps ~2.4x what autograd
-            keeps, and every product in the batch adds the backward's working memory): leave it at 1 there.
+            through one pass vectorised with ``torch.func.vmap`` (see :class:`mmgibbs.covariances.JacobianEstimator`
+            for when that pays).
 
-    Gradients are enabled locally, so this works inside a pipeline's ``torch.no_grad()``.
+    Equivalent to ``make_estimator(covariance, ...).moments(denoiser, y, sigma, generator)``; the settings are
+    checked before the model is called. Gradients are enabled locally, so this works inside ``torch.no_grad()``.
     """
-    if covariance not in COVARIANCES:
-        raise ValueError(f"`covariance` must be one of {', '.join(map(repr, COVARIANCES))}; got {covariance!r}.")
-    if jacobian not in JACOBIAN_MODES:
-        raise ValueError(f"`jacobian` must be one of {', '.join(map(repr, JACOBIAN_MODES))}; got {jacobian!r}.")
-    if covariance in ("diagonal", "calibrated_jacobian") and (not isinstance(num_probes, int) or num_probes < 1):
-        raise ValueError(f"`num_probes` must be a positive integer; got {num_probes!r}.")
-    if isinstance(product_batch, bool) or not isinstance(product_batch, int) or product_batch < 1:
-        raise ValueError(f"`product_batch` must be a positive integer; got {product_batch!r}.")
-    if product_batch > 1 and jacobian == "finite_difference":
-        raise ValueError(
-            "`product_batch` > 1 batches reverse- or forward-mode products; finite differences take one forward per "
-            "product (jacobian='finite_difference' needs product_batch=1)."
-        )
-    dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
-    y = y.detach().to(dtype).contiguous()  # forward-mode AD refuses expanded (stride-0) inputs
-    if isinstance(sigma, torch.Tensor):  # checked where it lives: a CPU tensor or float needs no device sync
-        valid = sigma.device.type != "cpu" or bool(torch.all(torch.isfinite(sigma) & (sigma > 0)))
-    else:
-        valid = math.isfinite(sigma) and sigma > 0
-    if not valid:
-        raise ValueError(f"`sigma` must be positive and finite; got {sigma}.")
-    if isinstance(sigma, torch.Tensor):
-        sigma = sigma.to(y.device, dtype).expand(y.shape[0]).clone()
-    else:  # a fill, not a host-to-device copy
-        sigma = torch.full((y.shape[0],), float(sigma), dtype=dtype, device=y.device)
-    d = y[0].numel()
-    if covariance in ("full", "exact_diagonal") and d > max_full_dim:
-        raise ValueError(
-            f"covariance={covariance!r} needs d = {d} Jacobian products per level and an (N, d, d) matrix; d exceeds "
-            f"max_full_dim={max_full_dim}. Use covariance='diagonal' (Hutchinson, `num_probes` products) or "
-            "'isotropic', or raise `max_full_dim`."
-        )
+    from .covariances import FixedLevel, make_estimator  # it builds on this module
 
-    if covariance in CALIBRATED_COVARIANCES:
-        _calibrated(calibration, covariance)
-    if covariance not in JACOBIAN_COVARIANCES:
-        with torch.no_grad():
-            return moments_from_mean(y, denoiser(y).to(dtype), sigma, covariance, variance_bound, calibration)
-
-    # batching pays only where there are several products (projection and one probe take one)
-    batched = product_batch > 1 and covariance != "projection" and not (covariance == "diagonal" and num_probes == 1)
-    lin = _linearise(denoiser, y, jacobian, sigma, batched=batched)
-    products = lin.products if batched else None
-    scale = _per_sample(sigma**2, y)
-    draw = None
-    if covariance == "projection":
-        variance = None
-        z = randn_tensor(y.shape, generator=generator, device=y.device, dtype=dtype)
-        draw = _per_sample(sigma, y) * lin.product(z)
-    elif covariance == "calibrated_jacobian":
-        prior = calibration.covariance(lin.mean().to(dtype))
-        directions = prior.factor[..., :num_probes]
-        variance = jacobian_correction(prior, _flat_product(lin.product, y), directions, sigma, variance_bound)
-    elif covariance == "diagonal":
-        diag = hutchinson_diagonal(lin.product, y, num_probes, generator, products, product_batch)
-        variance = _clamp_variance(scale * diag, variance_bound)
-    else:
-        jac = jacobian_matrix(lin.product, y, lin.transpose, products, product_batch)
-        if covariance == "full":
-            variance = full_covariance(jac, sigma, variance_bound)
-        else:
-            diag = torch.diagonal(jac, dim1=-2, dim2=-1).reshape(y.shape)
-            variance = _clamp_variance(scale * diag, variance_bound)
-    mu = lin.mean().to(dtype)
-    return DenoisingMoments(
-        mu=mu,
-        sigma=sigma,
-        covariance=covariance,
-        variance=variance,
-        draw=draw,
-        num_forward=lin.num_forward,
-        num_backward=lin.num_backward,
-        num_jvp=lin.num_jvp,
-        num_product_passes=lin.num_product_passes,
+    estimator = make_estimator(
+        covariance,
+        num_probes=num_probes,
+        jacobian=jacobian,
+        product_batch=product_batch,
+        variance_bound=variance_bound,
+        max_full_dim=max_full_dim,
+        covariance_table=None if calibration is None else FixedLevel(calibration),
     )
+    return estimator.moments(denoiser, y, sigma, generator)
+
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    """The covariance names, which live with their estimators (``mmgibbs.covariances``), also under this module."""
+    if name in ("COVARIANCES", "JACOBIAN_COVARIANCES", "CALIBRATED_COVARIANCES"):
+        from . import covariances
+
+        return getattr(covariances, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

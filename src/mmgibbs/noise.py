@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from .checks import check_choice as _check_choice
 from .moments import check_network_output
 
 NOISE_FAMILIES = ("vp", "ve", "edm", "flow")
@@ -71,11 +72,6 @@ EDM_NOISE_CONDITIONINGS = ("log", "atan")
 _NOISE_CONDITIONING_OF_SCHEDULER = {"CosineDPMSolverMultistepScheduler": "atan"}
 # abar_T of zero-terminal-SNR schedules, which is 0, is replaced by this (as diffusers' Euler scheduler does)
 _MIN_ALPHA_CUMPROD = 2.0**-24
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}; got {value!r}.")
 
 
 def infer_noise_family(config: Mapping[str, Any]) -> str:

@@ -3,13 +3,13 @@
 For each of the scheduler's levels x sweeps steps at timestep t (sigma = s_t / alpha_t):
 
     y = x_t / alpha_t                                  (the variance-exploding frame)
-    mu, Sigma = moments of the model's denoiser at y   (``mmgibbs.moments``, Jacobian covariances included)
+    mu, Sigma = moments of the model's denoiser at y   (``mmgibbs.covariances``, Jacobian covariances included)
     x ~ N(mu, Sigma), re-noised to the next level      (``mmgibbs.gibbs``, the one kernel)
 
 The pipeline only adapts. A model family (``mmgibbs.families``) turns the host pipeline's usual arguments (prompt,
 guidance, size, latents, ...) into a denoiser closure, calling the host's own methods for prompt encoding, latent
 preparation and decoding; :meth:`MMGibbsScheduler.denoiser` makes the frame change; :func:`mmgibbs.gibbs.sample`
-runs the chain with the scheduler's settings.
+runs the chain with the scheduler's covariance estimator (``mmgibbs.covariances``) and settings.
 
     pipe = MomentMatchingGibbsPipeline.from_pipe(StableDiffusionPipeline.from_pretrained(...))
     pipe("a photo of a cat", covariance="diagonal", num_inference_steps=30).images
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,8 +34,21 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from . import gibbs
 from .calibration import TABLE_FILE, CovarianceTable, calibrate_covariance
-from .checks import check_generator, check_host_arguments, check_tensor
-from .families import FAMILIES, Family, Unconditional, family_of
+from .checks import (
+    UNSET,
+    Unset,
+    check_calibration,
+    check_choice,
+    check_generator,
+    check_host_arguments,
+    check_number,
+    check_samples,
+    check_scheduler,
+    check_steps,
+    check_tensor,
+)
+from .covariances import COVARIANCES
+from .families import FAMILIES, Family, Unconditional, check_denoiser, family_of, sample_shape
 from .scheduler import MMGibbsScheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -61,11 +75,18 @@ GIBBS_SETTINGS = (
     "gibbs_sweeps",
     "transition",
     "eta",
+    "mean_order",
     "final_output",
     "jacobian",
     "product_batch",
     "variance_bound",
 )
+#: names a family's ``prepare`` takes from the pipeline itself, not from the caller (they collided with a TypeError)
+NOT_CALL_ARGUMENTS = {
+    "device": "the pipeline runs where its components are (move them with `pipe.to(device)`, or offload with "
+    "`pipe.enable_model_cpu_offload()`)",
+    "scheduler": "set it with `from_pipe(pipe, scheduler=...)` or `pipe.scheduler = ...`",
+}
 #: what a saved folder needs so that ``DiffusionPipeline.from_pretrained`` finds this class (diffusers' custom
 #: pipeline convention: ``"_class_name": [<file in the folder>, <class>]``)
 COMMUNITY_FILE = "mmgibbs_pipeline"
@@ -107,8 +128,9 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
     denoiser: ``MomentMatchingGibbsPipeline(unet=unet, scheduler=scheduler)``.
 
     Args:
-        unet: the denoiser of UNet families (``UNet2DModel``, ``UNet2DConditionModel``, or any diffusers model with
-            ``sample_shape``, e.g. :class:`GaussianMixtureDenoiser`).
+        unet: the denoiser of UNet families (``UNet2DModel``, ``UNet2DConditionModel``, or, unconditional, any
+            diffusers model called as ``model(sample, timestep)`` that declares ``sample_shape`` or has
+            ``in_channels`` and ``sample_size`` in its config, e.g. :class:`GaussianMixtureDenoiser`).
         scheduler: an :class:`MMGibbsScheduler`; any other diffusers scheduler is converted with
             ``MMGibbsScheduler.from_config`` (so a saved DDPM pipeline folder loads directly).
         transformer, vae, vqvae, text_encoder(_2, _3), tokenizer(_2, _3), safety_checker, feature_extractor,
@@ -142,25 +164,21 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         host_config: dict[str, Any] | None = None,
     ):
         super().__init__()
-        if scheduler is None:
-            raise ValueError("`scheduler` is required: an MMGibbsScheduler or any diffusers scheduler to convert.")
-        if not isinstance(scheduler, SchedulerMixin) or not hasattr(scheduler, "config"):
-            raise TypeError(
-                f"`scheduler` must be a diffusers scheduler (an MMGibbsScheduler or one to convert); got "
-                f"{type(scheduler).__name__}. From a config dict: MMGibbsScheduler.from_config(config)."
-            )
+        check_scheduler(scheduler)
         scheduler = MMGibbsScheduler.from_scheduler(scheduler)
         denoiser = unet if unet is not None else transformer
         if denoiser is None:
             raise ValueError("Pass the denoiser as `unet` (UNet families) or `transformer` (DiT, SD3, Flux, PixArt).")
-        if not isinstance(denoiser, ModelMixin) and getattr(denoiser, "sample_shape", None) is None:
+        argument = "unet" if unet is not None else "transformer"
+        if not isinstance(denoiser, ModelMixin):
             raise ValueError(
-                f"`{'unet' if unet is not None else 'transformer'}` must be a diffusers model (ModelMixin, e.g. "
-                f"UNet2DModel) or declare `sample_shape`; got a {type(denoiser).__name__}."
+                f"`{argument}` must be a diffusers model (ModelMixin, e.g. UNet2DModel); got a "
+                f"{type(denoiser).__name__}."
             )
         if host_pipeline is not None and not hasattr(diffusers, host_pipeline):
             raise ValueError(f"`host_pipeline` {host_pipeline!r} is not a diffusers pipeline class.")
-        family_of(host_pipeline, denoiser)  # a clear error for an unsupported pipeline or model, now
+        # clear errors now for an unsupported pipeline or model, or a denoiser the host's family cannot call
+        check_denoiser(family_of(host_pipeline, denoiser), denoiser, argument)
         self.register_modules(
             unet=unet,
             scheduler=scheduler,
@@ -198,6 +216,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         components = {k: v for k, v in pipeline.components.items() if k in COMPONENTS}
         components.update({k: kwargs.pop(k) for k in list(kwargs) if k in COMPONENTS})
         source = kwargs.pop("scheduler", pipeline.scheduler)
+        check_scheduler(source)
         unknown = sorted(set(kwargs) - set(inspect.signature(MMGibbsScheduler.__init__).parameters))
         if unknown:
             raise ValueError(
@@ -275,7 +294,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         negative_prompt: str | list[str] | None = None,
         *,
         batch_size: int | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         x_init: torch.Tensor | None = None,
@@ -284,10 +303,11 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         gibbs_sweeps: int | None = None,
         transition: str | None = None,
         eta: float | None = None,
+        mean_order: int | None = None,
         final_output: str | None = None,
         jacobian: str | None = None,
         product_batch: int | None = None,
-        variance_bound: float | None = None,
+        variance_bound: float | Unset | None = UNSET,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable[[Any, int, Any, dict[str, torch.Tensor]], dict[str, Any]] | None = None,
@@ -299,7 +319,8 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         Args:
             prompt, negative_prompt: text conditioning (text-to-image families).
             batch_size: number of samples of an unconditional model.
-            num_inference_steps: noise levels (annealed) or sweeps at ``sigma`` (single level).
+            num_inference_steps: noise levels (annealed) or sweeps at ``sigma`` (single level); default 50, or as
+                many as the custom ``sigmas`` a flow family takes (then it is not passed: both are an error).
             generator: torch generator(s) for the start, the draws and the Hutchinson probes; a list gives every
                 image its own stream (then image i does not depend on the rest of the batch) and must have one
                 generator per image.
@@ -308,8 +329,11 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             x_init: (unconditional) a clean starting point, re-noised to the first level; not with ``latents``.
                 Without ``batch_size`` an unconditional model draws as many samples as ``latents`` or ``x_init``
                 hold.
-            covariance, num_probes, gibbs_sweeps, transition, eta, final_output, jacobian, product_batch,
-                variance_bound: override the scheduler's settings for this call (see :class:`MMGibbsScheduler`).
+            covariance, num_probes, gibbs_sweeps, transition, eta, mean_order, final_output, jacobian,
+                product_batch, variance_bound: override the scheduler's settings for this call (see
+                :class:`MMGibbsScheduler`); left out (or None, except ``variance_bound``), the scheduler's own.
+                ``variance_bound=None`` lifts the bound for this call, as ``from_pipe(pipe, variance_bound=None)``
+                does for the pipeline.
             output_type: ``"pil"``, ``"np"`` (NHWC in [0, 1]), ``"pt"`` (NCHW in [0, 1]) or ``"latent"`` (raw
                 samples or latents); non-image samples accept ``"pt"``/``"np"``/``"latent"``, raw.
             return_dict: return a :class:`MomentMatchingGibbsPipelineOutput` rather than a tuple.
@@ -340,6 +364,8 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
                 check_tensor(value, name)
         if callback_on_step_end is not None and not callable(callback_on_step_end):
             raise TypeError(f"`callback_on_step_end` must be callable; got {type(callback_on_step_end).__name__}.")
+        for name in set(host_arguments) & set(NOT_CALL_ARGUMENTS):
+            raise ValueError(f"`{name}` is not a call argument: {NOT_CALL_ARGUMENTS[name]}.")
         check_host_arguments({"prompt": prompt, "negative_prompt": negative_prompt, **host_arguments})
 
         settings = dict(
@@ -348,16 +374,19 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             gibbs_sweeps=gibbs_sweeps,
             transition=transition,
             eta=eta,
+            mean_order=mean_order,
             final_output=final_output,
             jacobian=jacobian,
             product_batch=product_batch,
-            variance_bound=variance_bound,
         )
         overrides = {k: v for k, v in settings.items() if v is not None}
+        if variance_bound is not UNSET:  # None is a value here: no bound
+            overrides["variance_bound"] = variance_bound
         scheduler = self.scheduler
         if overrides:
             scheduler = MMGibbsScheduler.from_config(self.scheduler.config, **overrides)
             scheduler.set_covariance_table(self.scheduler.covariance_table)  # state, not config: carried over
+        estimator = scheduler.estimator()  # its settings (and a missing table) refused before any model call
         device = self._execution_device
         family = self.family(scheduler)
         arguments = dict(
@@ -370,6 +399,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             **host_arguments,
         )
         arguments = self._accepted(family, arguments)
+        family.check_embeddings(arguments)
         family.set_timesteps(scheduler, num_inference_steps, device, arguments)
         job = family.prepare(scheduler, device=device, **arguments)
         check_generator(generator, len(job.latents))  # one per image, whatever the family's batch
@@ -409,7 +439,8 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             scheduler.denoiser(job.predict, first_step=start),
             scheduler.ve_sigmas()[start:],
             scheduler.to_ve(job.latents, start),
-            **scheduler.gibbs_settings(),
+            estimator,
+            **scheduler.kernel_settings(),
             known=job.known,
             generator=generator,
             callback=callback if callback_on_step_end is not None else None,
@@ -427,14 +458,14 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         self,
         num_inference_steps: int | Sequence[int] = 50,
         samples: torch.Tensor | None = None,
-        num_samples: int = 2048,
+        num_samples: int | None = None,
         generator: torch.Generator | None = None,
         batch_size: int | None = None,
         num_clusters: int = 16,
-        rank: int = 16,
+        rank: int | None = None,
         shrinkage: float = 64.0,
         sampler_steps: int | None = None,
-        sampler_covariance: str = "none",
+        sampler_covariance: str | None = None,
         factor_iterations: int = 1,
     ) -> CovarianceTable:
         """Calibrate ``covariance="calibrated"`` for the levels of ``num_inference_steps`` (``mmgibbs.calibration``).
@@ -445,17 +476,24 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         Args:
             num_inference_steps: the step count(s) to calibrate for (each schedule's distinct levels, with the
                 scheduler's timestep spacing).
-            samples: clean samples x (batch first, the model's sample shape), e.g. data; default: the model's own,
-                drawn here with ``sampler_steps`` levels of this pipeline (``covariance=sampler_covariance``,
-                ancestral, eta 1: with ``"none"`` and every training step that is DDPM's own sampler).
-            num_samples: how many samples to draw when ``samples`` is None.
-            generator: one torch generator for the self-samples, the calibration noise and the clustering.
+            samples: clean samples x, a finite floating-point tensor (N, *the model's sample shape), e.g. data, with
+                N >= ``num_clusters``; default: the model's own, drawn here with ``sampler_steps`` levels of this
+                pipeline (``covariance=sampler_covariance``, ancestral, eta 1: with ``"none"`` and every training
+                step that is DDPM's own sampler).
+            num_samples: how many samples to draw when ``samples`` is None (default 2048); with ``samples``, left
+                out or ``len(samples)``.
+            generator: one torch generator (or None) for the self-samples, the calibration noise and the clustering.
             batch_size: model batch size of the calibration passes and the self-sampling (default: all at once).
-            num_clusters, rank, shrinkage: the table's structure (:func:`mmgibbs.calibration.calibrate_level`).
+            num_clusters, rank, shrinkage: the table's structure (:func:`mmgibbs.calibration.calibrate_level`):
+                ``num_clusters`` >= 1, ``rank`` in [1, d] (d the sample dimension; default 16, or fewer
+                where d or the samples allow fewer),
+                ``shrinkage`` finite >= 0.
             sampler_steps: levels of the self-sampling run (default: the model's training steps).
-            sampler_covariance: the covariance of the self-sampling run.
+            sampler_covariance: the covariance of the self-sampling run (default ``"none"``).
             factor_iterations: of the low rank + diagonal fit (:func:`mmgibbs.moments.low_rank_plus_diagonal`).
 
+        Every argument is checked before the first model call; the self-sampling settings (``num_samples``,
+        ``sampler_steps``, ``sampler_covariance``) are refused beside ``samples``, which they would not change.
         Returns the table; its ``sample_forwards`` and ``settings["sampler_sample_forwards"]`` are the calibration's
         cost in single-sample model evaluations (calibration passes; drawing the self-samples).
         """
@@ -465,7 +503,39 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
                 f"calibrate_covariance supports unconditional models; {family.name} is conditional, and one table "
                 "per level would average the posterior covariance over prompts (calibrate per prompt set instead)."
             )
-        steps = [num_inference_steps] if isinstance(num_inference_steps, int) else list(num_inference_steps)
+        steps = check_steps(num_inference_steps)
+        shape = sample_shape(self.denoiser_model)
+        if samples is not None:
+            check_samples(samples, "samples", shape)
+            unused = {"sampler_steps": sampler_steps, "sampler_covariance": sampler_covariance}
+            if num_samples is not None and num_samples != len(samples):
+                unused["num_samples"] = num_samples
+            passed = [f"`{k}`" for k, v in unused.items() if v is not None]
+            if passed:
+                raise ValueError(
+                    f"{', '.join(passed)} set{'s' * (len(passed) == 1)} how the model's own samples are drawn; with "
+                    "`samples` none are drawn: "
+                    "leave them out (or pass samples=None to calibrate on own samples)."
+                )
+            count, source = len(samples), "`samples`"
+        else:
+            num_samples = 2048 if num_samples is None else num_samples
+            check_number(num_samples, "num_samples", integer=True, low=1)
+            if sampler_steps is not None:
+                hint = " (or None: every training step)"
+                check_number(sampler_steps, "sampler_steps", integer=True, low=1, hint=hint)
+            sampler_covariance = sampler_covariance or "none"
+            check_choice("sampler_covariance", sampler_covariance, COVARIANCES)
+            count, source = num_samples, "`num_samples`"
+        structure: dict[str, Any] = dict(
+            num_clusters=num_clusters,
+            rank=rank,
+            shrinkage=shrinkage,
+            batch_size=batch_size,
+            generator=generator,
+            factor_iterations=factor_iterations,
+        )
+        check_calibration(count, math.prod(shape), **structure, source=source)
         settings: dict[str, Any] = {"source": "given samples", "sampler_sample_forwards": 0}
         if samples is None:
             sampler_steps = sampler_steps or self.scheduler.noise_schedule.num_train_timesteps
@@ -497,13 +567,8 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
                 self.scheduler.denoiser(predict),
                 self.scheduler.ve_sigmas(),
                 samples,
-                num_clusters=num_clusters,
-                rank=rank,
-                shrinkage=shrinkage,
-                batch_size=batch_size,
-                generator=generator,
+                **structure,
                 skip=table,
-                factor_iterations=factor_iterations,
             )
             new.settings.update(settings)
             table = new if table is None else table.merge(new)

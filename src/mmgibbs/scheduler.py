@@ -45,8 +45,10 @@ from diffusers.utils import BaseOutput, logging
 from . import sources
 from .calibration import TABLE_FILE, CovarianceTable
 from .checks import check_generator, check_number, check_tensor, is_real
-from .gibbs import FINAL_OUTPUTS, TRANSITIONS, LevelDenoiser, gibbs_step
-from .moments import COVARIANCES, JACOBIAN_COVARIANCES, JACOBIAN_MODES, Generator, moments_from_mean
+from .covariances import CovarianceEstimator, check_settings, estimator_class, make_estimator
+from .gibbs import FINAL_OUTPUTS, TRANSITIONS, LevelDenoiser, check_mean_order, gibbs_step
+from .moments import Generator
+from .multistep import MultistepMean, VarianceMatch
 from .noise import (
     _DEFAULT_PREDICTION,
     _PREDICTION_ALIASES,
@@ -100,7 +102,8 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
             ``"isotropic_batch"`` (the same averaged over the batch, which couples the samples), ``"calibrated"``
             (the per-level expected posterior covariance of a calibrated table, :meth:`set_covariance_table`; zero
             extra calls, no coupling), or, inside :class:`MomentMatchingGibbsPipeline` only, ``"diagonal"``,
-            ``"exact_diagonal"``, ``"full"``, ``"projection"``, ``"calibrated_jacobian"`` (see ``mmgibbs.moments``).
+            ``"exact_diagonal"``, ``"full"``, ``"projection"``, ``"calibrated_jacobian"``: the estimators of
+            ``mmgibbs.covariances``, one class each (:meth:`estimator` builds the one named here).
         gibbs_sweeps: Gibbs sweeps per noise level; the model is called levels x sweeps times. It is also the
             scheduler's ``order`` (model calls per level, as Heun-type schedulers have order 2), so that
             img2img/inpainting `strength` slices (``timesteps[t_start * order:]``) start on a level.
@@ -108,6 +111,9 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         sigma: the noise level of the single-level chain (VE frame; VP models use the nearest timestep).
         transition: how to move between levels, ``"ancestral"`` or ``"gibbs"`` (see the module docstring).
         eta: share of fresh noise in the ancestral transition: 1 is the DDPM posterior, 0 a DDIM step.
+        mean_order: 1 centres each draw on the posterior mean mu_i; 2 on DPM-Solver++(2M)'s multistep extrapolation
+            mu_i + (mu_i - mu_{i-1}) h_i / (2 h_{i-1}), h = log(sigma_i / sigma_{i+1}) (ancestral transition
+            only; with ``covariance="none"`` it is DPM-Solver++(2M), at eta 1 its SDE form; see ``mmgibbs.gibbs``).
         final_output: return the last drawn ``"sample"`` x or the last posterior ``"mean"`` mu.
         num_probes: Rademacher probes of the Hutchinson diagonal, or Jacobian products of the
             ``calibrated_jacobian`` correction (pipeline only).
@@ -145,6 +151,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         sigma: float | None = None,
         transition: str = "ancestral",
         eta: float = 1.0,
+        mean_order: int = 1,
         final_output: str = "sample",
         num_probes: int = 1,
         jacobian: str = "auto",
@@ -172,25 +179,20 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         use_dynamic_shifting: bool = False,
         source_scheduler: str | None = None,
     ):
-        _check_choice("covariance", covariance, COVARIANCES)
+        estimator_class(covariance)  # the estimator itself is built when sampling (the table comes later)
         _check_choice("schedule", schedule, SCHEDULES)
         _check_choice("transition", transition, TRANSITIONS)
         _check_choice("final_output", final_output, FINAL_OUTPUTS)
-        _check_choice("jacobian", jacobian, JACOBIAN_MODES)
-        for name, value in (
-            ("gibbs_sweeps", gibbs_sweeps),
-            ("num_probes", num_probes),
-            ("product_batch", product_batch),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
+        if isinstance(gibbs_sweeps, bool) or not isinstance(gibbs_sweeps, int) or gibbs_sweeps < 1:
+            raise ValueError(f"`gibbs_sweeps` must be a positive integer; got {gibbs_sweeps!r}.")
+        # every estimator setting, also those this covariance does not use (a per-call covariance may)
+        check_settings(
+            num_probes=num_probes, jacobian=jacobian, product_batch=product_batch, variance_bound=variance_bound
+        )
         if schedule == "single_level" and not (is_real(sigma) and sigma > 0 and math.isfinite(sigma)):
             raise ValueError(f"schedule='single_level' needs a positive noise level `sigma` (finite); got {sigma!r}.")
         check_number(eta, "eta", low=0.0, high=1.0)
-        if variance_bound is not None and not (is_real(variance_bound) and variance_bound > 0):
-            raise ValueError(
-                f"`variance_bound` must be positive (a number, or None for no bound); got {variance_bound!r}."
-            )
+        check_mean_order(mean_order, transition)
         if num_train_timesteps is not None:
             check_number(num_train_timesteps, "num_train_timesteps", integer=True, low=1)
         sources.refuse_source(source_scheduler)
@@ -323,6 +325,11 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
     def set_covariance_table(self, table: CovarianceTable | None) -> None:
         """Use ``table`` (``mmgibbs.calibration.CovarianceTable``) for ``covariance="calibrated"``; it is state, not
         config: :meth:`save_pretrained` writes it next to the config and :meth:`from_pretrained` reads it back."""
+        if table is not None and not isinstance(table, CovarianceTable):
+            raise TypeError(
+                "`table` must be a CovarianceTable (from `calibrate_covariance` or CovarianceTable.load) or None; "
+                f"got {type(table).__name__}."
+            )
         self.covariance_table = table
 
     @classmethod
@@ -389,7 +396,8 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
                 either way every level is repeated ``gibbs_sweeps`` times.
             device: where ``timesteps`` live.
             timesteps: custom levels, descending, as the model's timesteps (VP: training steps; flow: u * T with
-                u < 1; EDM: c_noise(sigma)), instead of ``num_inference_steps`` (annealed only).
+                u < 1; EDM: c_noise(sigma)), instead of ``num_inference_steps`` (annealed only; passing both is an
+                error, as in diffusers' schedulers).
             sigmas: custom noise levels, descending, in the source scheduler's units (flow: u in (0, 1], as
                 FluxPipeline passes them, shifted like FlowMatchEuler shifts them; u = 1 is clamped to
                 1 - 1/T, the largest level with a finite sigma; VE/EDM: sigma), instead of ``num_inference_steps``.
@@ -423,9 +431,10 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         else:
             if cfg.schedule == "single_level":
                 raise ValueError(f"`{custom_name}` cannot be set for schedule='single_level'; use `sigma`.")
-            if num_inference_steps is not None and num_inference_steps != len(custom):
+            if num_inference_steps is not None:  # as diffusers' schedulers refuse it
                 raise ValueError(
-                    f"`num_inference_steps`={num_inference_steps} does not match the {len(custom)} `{custom_name}`."
+                    f"Pass `num_inference_steps` or `{custom_name}`, not both: custom `{custom_name}` set the number "
+                    f"of levels ({len(custom)} here)."
                 )
         if timesteps is not None:
             levels = schedule.check_timesteps(timesteps, "timesteps")
@@ -486,6 +495,8 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         self.sigmas = torch.cat([(s / alpha).float(), torch.zeros(1)]).cpu()  # VE sigma per step, then 0
         self._step_index: int | None = None
         self._begin_index: int | None = None
+        self._multistep = MultistepMean(self.config.mean_order)  # the previous transition's mean, for step()
+        self._match: tuple[int, float, VarianceMatch] | None = None  # (first step, eta, factors) of this run
 
     @property
     def init_noise_sigma(self) -> float:
@@ -639,8 +650,29 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
 
         return mu
 
+    def estimator(self) -> CovarianceEstimator:
+        """The covariance estimator the config's ``covariance`` names, built with the config's settings and the
+        calibrated table (:func:`mmgibbs.covariances.make_estimator`), for :func:`mmgibbs.gibbs.sample`."""
+        return make_estimator(**self._estimator_settings())
+
+    def kernel_settings(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`mmgibbs.gibbs.sample` that this scheduler's config sets (the estimator
+        aside: :meth:`estimator`)."""
+        cfg = self.config
+        return {
+            "transition": cfg.transition,
+            "eta": cfg.eta,
+            "mean_order": cfg.mean_order,
+            "final_output": cfg.final_output,
+            "clip_range": self._clip_range(),
+        }
+
     def gibbs_settings(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`mmgibbs.gibbs.sample` that this scheduler's config sets."""
+        """Every Gibbs setting of this scheduler by name: the estimator's (``covariance``, its settings and the
+        ``covariance_table``, from which :meth:`estimator` builds it) and the kernel's (:meth:`kernel_settings`)."""
+        return {**self._estimator_settings(), **self.kernel_settings()}
+
+    def _estimator_settings(self) -> dict[str, Any]:
         cfg = self.config
         return {
             "covariance": cfg.covariance,
@@ -649,10 +681,6 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
             "product_batch": cfg.product_batch,
             "variance_bound": cfg.variance_bound,
             "covariance_table": self.covariance_table,
-            "transition": cfg.transition,
-            "eta": cfg.eta,
-            "final_output": cfg.final_output,
-            "clip_range": self._clip_range(),
         }
 
     def _clip_range(self) -> float | None:
@@ -742,12 +770,13 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         model_output = self._prediction_of(model_output, sample)
         check_generator(generator, len(sample))
         cfg = self.config
-        if cfg.covariance in JACOBIAN_COVARIANCES:
+        if estimator_class(cfg.covariance).needs_jacobian:
             raise ValueError(
                 f"covariance={cfg.covariance!r} needs the model's Jacobian, which a standard pipeline loop does "
                 "not give the scheduler. Use `MomentMatchingGibbsPipeline` (which computes it), or "
                 "covariance='none' / 'isotropic' here."
             )
+        estimator = self.estimator()
         if self._step_index is None:
             self._init_step_index(timestep)
         i = self._step_index
@@ -757,23 +786,17 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         x_t = sample.to(work)
         y, (_, sigma, *coefficients) = self.to_ve(x_t, i), self._levels[i]
         mu = denoise_in_ve_frame(lambda *_: model_output, y, timestep, self._levels[i][0], *coefficients)
-        calibration = None
-        if cfg.covariance == "calibrated":
-            if self.covariance_table is None:
-                raise ValueError(
-                    "covariance='calibrated' needs a calibrated covariance table: "
-                    "`MomentMatchingGibbsPipeline.calibrate_covariance` (or `set_covariance_table`) first."
-                )
-            calibration = self.covariance_table.level(sigma)
-        moments = moments_from_mean(
-            y,
-            mu,
-            torch.full((len(y),), sigma, dtype=work, device=y.device),
-            cfg.covariance,
-            cfg.variance_bound,
-            calibration,
-        )
+        moments = estimator.from_mean(y, mu, sigma)
         last = i == len(self.timesteps) - 1
+        rescale = None
+        if cfg.mean_order == 2:  # the draw's variance matched to the second-order step, for this run's levels
+            if self._match is None or self._match[1] != eta:
+                first = i if self._match is None else self._match[0]
+                sigmas = self.ve_sigmas()[first:]
+                match = VarianceMatch(sigmas, transition=cfg.transition, eta=eta, final_output=cfg.final_output)
+                self._match = (first, eta, match)
+            first, _, match = self._match
+            rescale = lambda m: match.scale(i - first, m)  # noqa: E731
         out, mu = gibbs_step(
             moments,
             y,
@@ -784,6 +807,8 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
             final_output=cfg.final_output,
             clip_range=self._clip_range(),
             generator=generator,
+            multistep=self._multistep,
+            rescale=rescale,
         )
         prev = out if last else self.from_ve(out, i + 1)
         self._step_index = i + 1

@@ -25,9 +25,11 @@ import diffusers
 import torch
 from diffusers.image_processor import VaeImageProcessor
 
-from ..checks import check_shape
+from ..checks import check_embeddings, check_shape
 
 Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: the pipeline's number of levels when the call names none (diffusers' pipelines' default)
+DEFAULT_STEPS = 50
 
 
 @dataclass
@@ -66,6 +68,8 @@ class Family:
     hosts: ClassVar[tuple[str, ...]]
     model: ClassVar[str] = "unet"
     model_classes: ClassVar[tuple[str, ...]] = ()
+    #: prompt embeddings the family takes: argument -> (ndim, host component, its config key giving the width)
+    embeddings: ClassVar[dict[str, tuple[int, str, str]]] = {}
 
     def __init__(self, host: Any):
         self.host = host
@@ -82,13 +86,27 @@ class Family:
         ``host_config``; e.g. DiT's ``id2label``). Default: none."""
         return {}
 
-    def set_timesteps(self, scheduler: Any, num_inference_steps: int, device: Any, arguments: dict[str, Any]) -> None:
-        """Lay out the schedule before :meth:`prepare` (Flux overrides it: its shift depends on the image size)."""
-        scheduler.set_timesteps(num_inference_steps, device=device)
+    def set_timesteps(
+        self, scheduler: Any, num_inference_steps: int | None, device: Any, arguments: dict[str, Any]
+    ) -> None:
+        """Lay out the schedule before :meth:`prepare` (``num_inference_steps`` None: :data:`DEFAULT_STEPS`; the
+        flow families override it: their shift depends on the image size)."""
+        steps = DEFAULT_STEPS if num_inference_steps is None else num_inference_steps
+        scheduler.set_timesteps(steps, device=device)
 
     def prepare(self, scheduler: Any, **kwargs: Any) -> Job:
         """The :class:`Job` for these call arguments (the host pipeline's own names and defaults)."""
         raise NotImplementedError
+
+    def check_embeddings(self, arguments: dict[str, Any]) -> None:
+        """The prompt embeddings among ``arguments`` against :attr:`embeddings` (torch tensors of the host's
+        width), before the host sees them; a width the host's components do not state is not checked."""
+        for name, (ndim, component, key) in self.embeddings.items():
+            if arguments.get(name) is None:
+                continue
+            width = getattr(getattr(getattr(self.host, component, None), "config", None), key, None)
+            width = width if isinstance(width, int) else None
+            check_embeddings(arguments[name], name, ndim, width, f"the {component}'s {key}")
 
     # ------------------------------------------------------------------ shared helpers
     def default(self, name: str, value: Any) -> Any:

@@ -14,10 +14,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from numbers import Integral
+from collections.abc import Iterable, Sequence
+from numbers import Integral, Number
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -40,11 +41,12 @@ class DiT(Family):
         return {"id2label": {k: ", ".join(v) for k, v in words.items()}} if words else {}
 
     def label_ids(self, class_labels: int | str | Sequence[int | str] | torch.Tensor) -> list[int]:
-        """Class ids from ints, words (the host's ``get_label_ids``) or a tensor, checked against the model."""
-        if isinstance(class_labels, torch.Tensor):
+        """Class ids from ints (numpy integers included), words (the host's ``get_label_ids``), a sequence of them
+        or a tensor / numpy array of ids, checked against the model: a float such as 1.0 is refused, not rounded."""
+        if isinstance(class_labels, (torch.Tensor, np.ndarray)):
             class_labels = class_labels.reshape(-1).tolist()
-        elif isinstance(class_labels, (int, str)):
-            class_labels = [class_labels]
+        elif isinstance(class_labels, (Number, str, np.generic)) or not isinstance(class_labels, Iterable):
+            class_labels = [class_labels]  # one label (numpy integers count as ids); a float is refused below
         labels = list(class_labels)
         if not labels:
             raise ValueError("`class_labels` must name at least one class.")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-from .base import Family
+from .base import DEFAULT_STEPS, Family
 
 
 class FlowMatching(Family):
@@ -32,6 +32,12 @@ class FlowMatching(Family):
     """
 
     model = "transformer"
+    embeddings: ClassVar[dict[str, tuple[int, str, str]]] = {
+        **dict.fromkeys(("prompt_embeds", "negative_prompt_embeds"), (3, "transformer", "joint_attention_dim")),
+        **dict.fromkeys(
+            ("pooled_prompt_embeds", "negative_pooled_prompt_embeds"), (2, "transformer", "pooled_projection_dim")
+        ),
+    }
     #: the host's default for a config without ``max_shift`` (FluxPipeline 1.15, StableDiffusion3Pipeline 1.16)
     default_max_shift: ClassVar[float] = 1.15
     #: whether the host passes ``sigmas = linspace(1, 1/n, n)`` when the caller gives none (FluxPipeline does)
@@ -48,11 +54,29 @@ class FlowMatching(Family):
         """Image tokens the transformer sees for these call arguments."""
         raise NotImplementedError
 
-    def set_timesteps(self, scheduler: Any, num_inference_steps: int, device: Any, arguments: dict[str, Any]) -> None:
+    def set_timesteps(
+        self, scheduler: Any, num_inference_steps: int | None, device: Any, arguments: dict[str, Any]
+    ) -> None:
         """The host's levels: ``mu`` = calculate_shift(image tokens, the config's base/max shift and sequence
-        lengths) when the config shifts dynamically (or a ``mu`` the caller passes), and the host's ``sigmas``."""
+        lengths) when the config shifts dynamically (or a ``mu`` the caller passes), and the host's ``sigmas``.
+
+        What the host would ignore is refused: ``num_inference_steps`` beside ``sigmas`` (the host lays out the
+        ``sigmas`` and drops the count) and ``mu`` for a scheduler without ``use_dynamic_shifting`` (FlowMatchEuler
+        shifts statically then)."""
         config = scheduler.config
         mu = arguments.get("mu")
+        if arguments.get("sigmas") is not None and num_inference_steps is not None:
+            raise ValueError(
+                f"Pass `num_inference_steps` or `sigmas`, not both: the {len(arguments['sigmas'])} `sigmas` are the "
+                "levels (the host would ignore `num_inference_steps`)."
+            )
+        if mu is not None and not config.get("use_dynamic_shifting", False):
+            raise ValueError(
+                "`mu` shifts the levels of a scheduler with `use_dynamic_shifting`; this one has a static shift "
+                f"(shift={config.get('shift', 1.0)}), so the host would ignore `mu`: leave it out, or build the "
+                "scheduler with use_dynamic_shifting=True."
+            )
+        num_inference_steps = DEFAULT_STEPS if num_inference_steps is None else num_inference_steps
         if mu is None and (self.always_mu or config.get("use_dynamic_shifting", False)):
             mu = calculate_shift(
                 self.image_seq_len(arguments),

@@ -15,7 +15,7 @@ cross-attention, in ``PixArtAlphaPipeline`` and ``PixArtSigmaPipeline``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
@@ -44,6 +44,9 @@ class PixArt(Family):
     hosts = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
     model = "transformer"
     model_classes = ("PixArtTransformer2DModel",)
+    embeddings: ClassVar[dict[str, tuple[int, str, str]]] = dict.fromkeys(
+        ("prompt_embeds", "negative_prompt_embeds"), (3, "transformer", "caption_channels")
+    )
 
     def prepare(
         self,

@@ -5,6 +5,11 @@ The mode follows the call's arguments, whatever host pipeline the sampler was bu
 is built from the same components and scheduler, as ``StableDiffusionImg2ImgPipeline(**pipe.components)`` would):
 
 * no ``image``: text-to-image, from pure noise at the first level;
+``image`` is what the host's image processor takes (PIL, numpy NHWC, tensors NCHW in [0, 1], or latents), and
+also uint8 arrays and tensors in [0, 255] (scaled to [0, 1]) and PIL images of any mode (converted to RGB; an RGBA
+image's alpha is dropped, as is a uint8 4-channel array's), see :func:`mmgibbs.checks.pixel_images`; one image, one
+per prompt or one per generated image (:func:`mmgibbs.checks.per_image`).
+
 * ``image`` (+ ``strength``): image-to-image. The chain starts at the LEVEL that ``strength`` selects (the host's
   own ``get_timesteps``: ``int(levels * strength)`` levels are run), i.e. at step ``level_index * gibbs_sweeps``,
   the first sweep of that level, from the host's ``prepare_latents(image, t_start)``: the VAE-encoded image
@@ -45,6 +50,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..checks import per_image, pixel_images
 from .base import (
     Family,
     Job,
@@ -127,8 +133,15 @@ def chain_start(
     the first level. For inpainting, the known region of the start is the image noised to the first level with the
     start's own noise: every level, the first included, sees the re-noised image there.
     """
+    channels = host.unet.config.in_channels
+    if mode != "inpaint" and channels != host.vae.config.latent_channels:
+        raise ValueError(
+            f"This UNet takes {channels} input channels (latents, mask, masked-image latents: an inpainting UNet); "
+            "pass `mask_image` (and `image`) to inpaint with it."
+        )
+    prompts = batch // num_images_per_prompt
+    image = pixel_images(image)  # uint8 scaled from [0, 255], RGBA / grayscale to RGB
     if mode == "text":
-        channels = host.unet.config.in_channels
         check_latents(latents, batch, channels, height, width, host.vae_scale_factor)
         x_t = host.prepare_latents(batch, channels, height, width, dtype, device, generator, latents)
         return Start(latents=x_t)
@@ -137,11 +150,11 @@ def chain_start(
     start = start_step(host, scheduler, strength, device)
     timestep = scheduler.timesteps[start : start + 1].repeat(batch)
     if mode == "img2img":
-        pixels = host.image_processor.preprocess(image)
-        prompts = batch // num_images_per_prompt
+        pixels = per_image(host.image_processor.preprocess(image), "image", prompts, num_images_per_prompt)
         x_t = host.prepare_latents(pixels, timestep, prompts, num_images_per_prompt, dtype, device, generator)
         return Start(latents=x_t, start=start)
     pixels = host.image_processor.preprocess(image, height=height, width=width).to(torch.float32)
+    pixels = per_image(pixels, "image", prompts, num_images_per_prompt)
     check_latents(latents, batch, host.vae.config.latent_channels, height, width, host.vae_scale_factor)
     x_t, noise, image_latents = host.prepare_latents(
         batch,
@@ -159,9 +172,10 @@ def chain_start(
         return_image_latents=True,
     )
     mask = host.mask_processor.preprocess(mask_image, height=height, width=width)
+    mask = per_image(mask, "mask_image", prompts, num_images_per_prompt)
     nine_channels = host.unet.config.in_channels != x_t.shape[1]
     if masked_image_latents is not None:
-        masked = masked_image_latents
+        masked = per_image(masked_image_latents, "masked_image_latents", prompts, num_images_per_prompt)
     elif pixels.shape[1] != image_latents.shape[1]:
         masked = pixels * (mask < 0.5)
     elif nine_channels:
@@ -210,6 +224,9 @@ class StableDiffusion(Family):
     name = "Stable Diffusion 1.x/2.x (UNet2DConditionModel)"
     hosts = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
     model_classes = ("UNet2DConditionModel",)
+    embeddings: ClassVar[dict[str, tuple[int, str, str]]] = dict.fromkeys(
+        ("prompt_embeds", "negative_prompt_embeds"), (3, "unet", "cross_attention_dim")
+    )
     #: the host pipeline class of each mode (:data:`MODES`)
     mode_hosts: ClassVar[dict[str, str]] = dict(zip(MODES, hosts, strict=True))
 

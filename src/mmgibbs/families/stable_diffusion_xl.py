@@ -13,7 +13,9 @@ it shares, see there):
 * decoding as the host does it: the VAE upcast to float32 when it is float16 and ``force_upcast``, latents
   un-normalised with the VAE's ``latents_mean``/``latents_std`` when configured (else divided by its scaling
   factor), the host's watermarker (if any) and image processor;
-* ``guidance_rescale`` (Lin et al. 2023) inside the guided prediction, so Jacobian covariances see it too.
+* ``guidance_rescale`` (Lin et al. 2023) inside the guided prediction, so Jacobian covariances see it too;
+* ``negative_prompt_2`` without ``negative_prompt`` is used, with "" for the first text encoder (the host would
+  zero the whole negative branch under ``force_zeros_for_empty_prompt``, dropping ``negative_prompt_2``).
 
 The host's defaults hold per mode: e.g. ``StableDiffusionXLInpaintPipeline``'s default ``strength`` is 0.9999,
 which (as in the host) skips the first level and starts from the image noised to the second.
@@ -36,6 +38,12 @@ class StableDiffusionXL(StableDiffusion):
     hosts = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
     model_classes = ()  # a bare UNet2DConditionModel is taken for SD 1.x/2.x; SDXL comes with its host
     mode_hosts: ClassVar[dict[str, str]] = dict(zip(MODES, hosts, strict=True))
+    embeddings: ClassVar[dict[str, tuple[int, str, str]]] = {
+        **StableDiffusion.embeddings,
+        **dict.fromkeys(
+            ("pooled_prompt_embeds", "negative_pooled_prompt_embeds"), (2, "text_encoder_2", "projection_dim")
+        ),
+    }
 
     @classmethod
     def host_values(cls, pipeline: Any) -> dict[str, Any]:
@@ -84,6 +92,8 @@ class StableDiffusionXL(StableDiffusion):
         guidance_scale = host_default(host, "guidance_scale", guidance_scale)
         guidance_rescale = host_default(host, "guidance_rescale", guidance_rescale) or 0.0
         strength = host_default(host, "strength", strength)
+        if negative_prompt is None and negative_prompt_2 is not None:
+            negative_prompt = ""  # else the host zeroes the negative branch (force_zeros_for_empty_prompt): dropped
         if mode != "img2img":
             height = height or unet.config.sample_size * host.vae_scale_factor
             width = width or unet.config.sample_size * host.vae_scale_factor

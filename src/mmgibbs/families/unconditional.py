@@ -8,6 +8,8 @@ moment-matched covariance (isotropic, or sigma^2 d mu / d y from the model's Jac
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -41,10 +43,38 @@ def model_predict(model: torch.nn.Module) -> Any:
     return predict
 
 
+def declares_shape(model: Any) -> bool:
+    """Whether :func:`sample_shape` knows ``model``'s sample shape: a ``sample_shape`` attribute, or ``in_channels``
+    and ``sample_size`` in its config (as UNet2DModel's)."""
+    config = getattr(model, "config", None)
+    config = config if isinstance(config, Mapping) else {}
+    has_config = config.get("in_channels") is not None and config.get("sample_size") is not None
+    return getattr(model, "sample_shape", None) is not None or has_config
+
+
 class Unconditional(Family):
+    """Any diffusers model called as ``model(sample, timestep)`` whose sample shape is known (:func:`declares_shape`):
+    UNet2DModel, :class:`mmgibbs.GaussianMixtureDenoiser`, or a custom ``ModelMixin`` with ``sample_shape``."""
+
     name = "unconditional UNet2DModel (DDPM, DDIM, PNDM, ScoreSdeVe, LDM pipelines)"
     hosts = ("DDPMPipeline", "DDIMPipeline", "PNDMPipeline", "ScoreSdeVePipeline", "LDMPipeline", "KarrasVePipeline")
     model_classes = ("UNet2DModel", "GaussianMixtureDenoiser")
+
+    @classmethod
+    def check_model(cls, model: Any, argument: str) -> None:
+        """A model of no family's own class must declare its sample shape and be called as UNet2DModel is."""
+        if not declares_shape(model):
+            raise ValueError(
+                f"`{argument}` ({type(model).__name__}) must declare `sample_shape` (one sample's shape) or have "
+                "`in_channels` and `sample_size` in its config, as UNet2DModel does, to sample it unconditionally."
+            )
+        try:
+            inspect.signature(model.forward).bind(None, None)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"`{argument}` ({type(model).__name__}) must be callable as model(sample, timestep), as UNet2DModel "
+                f"is; its forward takes {inspect.signature(model.forward)}."
+            ) from None
 
     def __init__(self, host: Any, unet: torch.nn.Module, vqvae: torch.nn.Module | None = None):
         super().__init__(host)

@@ -1,0 +1,72 @@
+"""The recommended Gibbs settings per model family and budget: one table, read by ``mmgibbs.compare`` and the docs.
+
+The recommendation and the measurements behind it are in ``docs/guide.md`` ("Which setting for which budget");
+``tests/test_docs.py`` checks that the page's table says what :func:`recommended_settings` returns. To change a
+recommendation, edit :data:`RECOMMENDED` (and, where a family differs, :data:`FAMILY_RECOMMENDED`) and that table.
+
+A budget is the number of model calls per sample (forward equivalents: a forward 1, a backward pass or a JVP 2).
+The settings hold no level count: the levels follow from the budget and the settings' cost per level
+(:func:`mmgibbs.compare.levels_for_budget`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: measured budgets -> {"calibrated": settings when the pipeline holds a calibrated table, "uncalibrated": else};
+#: figures: docs/guide.md. Between measured budgets the largest measured budget not above the asked one applies
+#: (below the smallest: the smallest).
+RECOMMENDED: dict[int, dict[str, dict[str, Any]]] = {
+    10: {
+        "calibrated": {"covariance": "calibrated", "eta": 0.0},
+        "uncalibrated": {"covariance": "isotropic", "eta": 0.0},
+    },
+    20: {
+        "calibrated": {"covariance": "calibrated", "eta": 0.0},
+        "uncalibrated": {"covariance": "isotropic", "eta": 0.0},
+    },
+    50: {
+        "calibrated": {"covariance": "calibrated", "eta": 0.0},
+        "uncalibrated": {"covariance": "isotropic", "eta": 1.0},
+    },
+}
+#: per-family replacements of :data:`RECOMMENDED` (family class name -> the same layout); none measured yet
+FAMILY_RECOMMENDED: dict[str, dict[int, dict[str, dict[str, Any]]]] = {}
+#: the families whose pipelines can hold a calibrated table (``calibrate_covariance`` refuses the others)
+CALIBRATABLE_FAMILIES = ("Unconditional",)
+
+
+def family_key(family: Any) -> str:
+    """The class name of a family given as a class (``mmgibbs.families.Unconditional``), an instance or a name."""
+    if isinstance(family, str):
+        return family
+    return family.__name__ if isinstance(family, type) else type(family).__name__
+
+
+def recommended_settings(family: Any, model_calls: int, calibrated: bool = False) -> dict[str, Any]:
+    """The recommended Gibbs settings for ``family`` at ``model_calls`` model calls per sample.
+
+    Args:
+        family: the model family: a class of ``mmgibbs.families`` (or an instance, or its class name, e.g.
+            ``"Unconditional"``, ``"StableDiffusion"``).
+        model_calls: the budget, model-evaluation equivalents per sample (a positive integer).
+        calibrated: whether the pipeline holds a calibrated covariance table (``calibrate_covariance``); only the
+            families of :data:`CALIBRATABLE_FAMILIES` can.
+
+    Returns a new dict of ``MMGibbsScheduler`` settings (``covariance``, ``eta``, ...), without the level count.
+    """
+    if isinstance(model_calls, bool) or not isinstance(model_calls, int) or model_calls < 1:
+        raise ValueError(f"`model_calls` must be a positive integer; got {model_calls!r}.")
+    name = family_key(family)
+    if calibrated and name not in CALIBRATABLE_FAMILIES:
+        raise ValueError(
+            f"`calibrated`: the {name} family holds no calibrated table (calibration is for "
+            f"{', '.join(CALIBRATABLE_FAMILIES)} models)."
+        )
+    table = FAMILY_RECOMMENDED.get(name, RECOMMENDED)
+    measured = sorted(table)
+    budget = max((b for b in measured if b <= model_calls), default=measured[0])
+    return dict(table[budget]["calibrated" if calibrated else "uncalibrated"])
+
+
+__all__ = ["CALIBRATABLE_FAMILIES", "FAMILY_RECOMMENDED", "RECOMMENDED", "family_key", "recommended_settings"]
