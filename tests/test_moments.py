@@ -138,13 +138,47 @@ def test_variance_bounds() -> None:
     sig = torch.full((4,), 2.0, dtype=torch.float64)
     # a useless denoiser (mu = 0) gives a negative Analytic-DPM estimate: clamped to 0
     assert torch.all(isotropic_variance(y, torch.zeros_like(y), sig) == 0)
-    # mu = y (no denoising) gives sigma^2, clamped by the data bound
+    # mu = y (no denoising) gives sigma^2; with a data bound b it is shrunk towards v_0 = b sigma^2 / (b + sigma^2)
+    # with weight w = v_0^2 / (v_0^2 + 2 sigma^4 / d) (d = 3 here) and clamped by the bound
     assert torch.allclose(isotropic_variance(y, y, sig), torch.full((4,), 4.0, dtype=torch.float64))
-    assert torch.allclose(isotropic_variance(y, y, sig, variance_bound=1.0), torch.ones(4, dtype=torch.float64))
+    v0, w = 0.8, 0.64 / (0.64 + 2 * 16 / 3)
+    expected = torch.full((4,), w * 4.0 + (1 - w) * v0, dtype=torch.float64)
+    torch.testing.assert_close(isotropic_variance(y, y, sig, variance_bound=1.0), expected)
+    big = torch.randn(4, 100000, dtype=torch.float64)  # d large: the sample's own estimate, clamped by the bound
+    torch.testing.assert_close(
+        isotropic_variance(big, big, sig, variance_bound=1.0), torch.ones(4, dtype=torch.float64)
+    )
     moments = denoising_moments(lambda v: 3 * v, y, 2.0, "full", variance_bound=1.0)  # Sigma = 12 I -> 1
     torch.testing.assert_close(moments.variance, torch.eye(3, dtype=torch.float64).expand(4, 3, 3))
     moments = denoising_moments(lambda v: -v, y, 2.0, "diagonal")  # negative Jacobian -> 0
     assert torch.all(moments.variance == 0)
+
+
+def test_isotropic_estimate_is_shrunk_not_zero_in_low_dimension() -> None:
+    """Issue 16: at d = 64 the per-sample estimate's noise (sigma^2 sqrt(2 / d)) swamps the posterior variance at
+    sigma >= 1, and clamped at 0 it was a mean-only step for half the samples. With a bound it is never 0 and stays
+    within [0, min(sigma^2, bound)]; it follows the sample's own estimate where that is precise."""
+    g = torch.Generator().manual_seed(0)
+    for sigma in (0.3, 1.0, 4.0, 60.0):
+        sig = torch.full((2000,), sigma, dtype=torch.float64)
+        x = torch.randn(2000, 64, generator=g, dtype=torch.float64) * 0.5
+        y = x + sigma * torch.randn(2000, 64, generator=g, dtype=torch.float64)
+        mu = (
+            y * 0.25 / (0.25 + sigma**2)
+        )  # the exact denoiser of N(0, 0.25 I): posterior variance 0.25 s^2 / (0.25 + s^2)
+        v = isotropic_variance(y, mu, sig, variance_bound=1.0)
+        raw = isotropic_variance(y, mu, sig, variance_bound=None)
+        assert torch.all(v > 0) and torch.all(v <= min(1.0, sigma**2))
+        if sigma >= 4.0:
+            assert (raw == 0).double().mean() > 0.2  # the unshrunk estimate: a coin flip between 0 and the bound
+    small = torch.full((2000,), 0.05, dtype=torch.float64)
+    y = torch.randn(2000, 64, generator=g, dtype=torch.float64) * 0.05
+    torch.testing.assert_close(  # sigma small: w = 0.97 here, within 5% of the sample's own estimate
+        isotropic_variance(y, 0.5 * y, small, variance_bound=1.0),
+        isotropic_variance(y, 0.5 * y, small, variance_bound=None),
+        rtol=0.05,
+        atol=0,
+    )
 
 
 def test_full_covariance_is_symmetrised_and_psd() -> None:
