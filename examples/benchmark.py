@@ -69,6 +69,7 @@ from digits import (
     dsm_dir,
     load_digits_split,
 )
+from learned_bench import LEVER_ROWS
 
 from mmgibbs import GaussianMixtureDenoiser, MMGibbsScheduler, MomentMatchingGibbsPipeline, denoising_moments
 from mmgibbs.baselines import langevin, predictor_corrector, tweedie_score
@@ -198,6 +199,30 @@ def digits_rows(quick: bool) -> list[Row]:
     return rows
 
 
+def levers_rows(quick: bool) -> list[Row]:
+    """The ``digits-levers`` section: the diffusers samplers at 10 and 20 calls, the digits section's isotropic (eta 0)
+    and calibrated rows as they were, and the real-data levers (``learned_bench.LEVER_ROWS``, the same settings on
+    every learned model) one at a time."""
+    budgets = (10,) if quick else (10, 20)
+    rows = [Row(name, "diffusers", n) for name in ("DDIM", "DPM-Solver++ (2M)", "UniPC (bh2)") for n in budgets]
+    before = [
+        (
+            "MMGibbs annealed, ancestral eta=0, isotropic",
+            {"covariance": "isotropic", "transition": "ancestral", "eta": 0.0},
+        ),
+        (
+            "MMGibbs annealed, ancestral eta=0, calibrated (16 clusters, rank 16, train digits)",
+            {"covariance": "calibrated", "eta": 0.0, "calibration": "data"},
+        ),
+    ]
+    levers = [
+        (f"MMGibbs annealed, {row.name}", {**row.settings, **({"calibration": "data"} if row.calibration else {})})
+        for row in LEVER_ROWS
+    ]
+    rows += [Row(name, "mmgibbs", n, settings) for name, settings in before + levers for n in budgets]
+    return rows
+
+
 def single_level_rows(quick: bool) -> list[Row]:
     sweeps = (1, 3, 10) if quick else (1, 3, 10, 20, 50)
     rows = [Row("noisy marginal (train digits + noise)", "noisy")]
@@ -303,21 +328,25 @@ class Bench:
         sample = standard_loop(self.unet, scheduler, (self.n, 1, 8, 8), self._gen(seed))
         return sample, {"forwards": len(scheduler.timesteps), "backward": 0, "jvps": 0}
 
-    def covariance_table(self, source: str, num_clusters: int = 16, rank: int = 16) -> Any:
+    def covariance_table(
+        self, source: str, num_clusters: int = 16, rank: int = 16, layout: dict[str, Any] | None = None
+    ) -> Any:
         """The digits DDPM's calibrated covariance for :data:`CALIBRATED_STEPS`, from the 1400 train digits
-        ("data") or from 1400 of the model's own samples ("own": DDPM over all 1000 steps); cached on disk."""
+        ("data") or from 1400 of the model's own samples ("own": DDPM over all 1000 steps), at the levels of
+        ``layout`` (``source_scheduler`` / ``timestep_spacing``; default the DDPM's own); cached on disk."""
         from mmgibbs.calibration import CovarianceTable
 
         key = source if (num_clusters, rank) == (16, 16) else f"{source}-{num_clusters}-clusters-rank-{rank}"
+        if layout:
+            key += "-" + "-".join(f"{k}-{v}" for k, v in sorted(layout.items()))
         path = self.out_dir / f"digits_covariance_{key}.safetensors"
         if key in self.tables:
             return self.tables[key]
         if path.exists() and not self.args.force:
             table = CovarianceTable.load(path)
         else:
-            pipe = MomentMatchingGibbsPipeline(
-                unet=self.unet, scheduler=MMGibbsScheduler.from_config(self.ddpm_config, covariance="calibrated")
-            )
+            scheduler = MMGibbsScheduler.from_config(self.ddpm_config, covariance="calibrated", **(layout or {}))
+            pipe = MomentMatchingGibbsPipeline(unet=self.unet, scheduler=scheduler)
             pipe.set_progress_bar_config(disable=True)
             start = time.perf_counter()
             samples = self.x_train if source == "data" else None
@@ -343,7 +372,8 @@ class Bench:
         structure = {k: settings.pop(k) for k in ("num_clusters", "rank") if k in settings}
         scheduler = MMGibbsScheduler.from_config(self.ddpm_config, **settings)
         if source is not None:
-            scheduler.set_covariance_table(self.covariance_table(source, **structure))
+            layout = {k: settings[k] for k in ("source_scheduler", "timestep_spacing") if k in settings}
+            scheduler.set_covariance_table(self.covariance_table(source, **structure, layout=layout))
         pipe = MomentMatchingGibbsPipeline(unet=self.unet, scheduler=scheduler)
         pipe.set_progress_bar_config(disable=True)
         out = pipe(batch_size=self.n, num_inference_steps=row.steps, generator=self._gen(seed), output_type="latent")
@@ -460,10 +490,12 @@ def _only(bench: Bench, rows: list[Row]) -> list[Row]:
     return rows if not keep else [r for r in rows if any(k in r.name for k in keep)]
 
 
-def digits_section(bench: Bench) -> dict[str, Any]:
-    """Run (or read from the cache) every digits row; returns the section's results file (:func:`render_digits`)."""
+def digits_section(bench: Bench, section: str = "digits") -> dict[str, Any]:
+    """Run (or read from the cache) every row of the digits ``section`` (``"digits"``: :func:`digits_rows`,
+    ``"digits-levers"``: :func:`levers_rows`); returns the section's results file (:func:`render_digits`)."""
     rows, summaries = [], []
-    for row in _only(bench, digits_rows(bench.args.quick)):
+    select = digits_rows if section == "digits" else levers_rows
+    for row in _only(bench, select(bench.args.quick)):
         if row.kind == "pc":
             row, results = tuned(bench, row, [{"snr": v} for v in (0.04, 0.08, 0.16)], bench.run_pc)
         else:
@@ -472,7 +504,7 @@ def digits_section(bench: Bench) -> dict[str, Any]:
         rows.append(_row_record(bench, row))
         summaries.append(summarise(row, results))
         print(f"  {row.name} {row.steps}: FD {summaries[-1]['fd']:.3f}", flush=True)
-    save_grids(summaries, bench.out_dir / "digits_samples.png")
+    save_grids(summaries, bench.out_dir / f"{section}_samples.png")
     floor = frechet_distance(classifier_features(bench.classifier, bench.x_train), bench.heldout_features)
     calibration = [
         {
@@ -487,7 +519,7 @@ def digits_section(bench: Bench) -> dict[str, Any]:
         for source, cal in bench.tables.items()
     ]
     return {
-        "section": "digits",
+        "section": section,
         "num_samples": bench.n,
         "seeds": bench.args.seeds,
         "floor_fd": floor,
@@ -530,6 +562,34 @@ def render_digits(data: dict[str, Any]) -> str:
         f"{costs['jvp']:.2f} forwards "
         f"(a forward of {n} samples: {costs['forward_s']:.2f} s).\n\n" + table(summaries) + f"\n\n{verdict}\n"
     )
+
+
+def render_levers(data: dict[str, Any]) -> str:
+    """The digits-levers section: the digits table, then per budget the best MMGibbs row against UniPC and against the
+    best diffusers sampler at that budget, paired by seed."""
+    summaries = summaries_of(data)
+    lines = []
+    for budget in sorted({s["row"].steps for s in summaries}):
+        at = [s for s in summaries if s["row"].steps == budget]
+        diffusers = [s for s in at if s["row"].kind == "diffusers"]
+        mmgibbs = [s for s in at if s["row"].kind == "mmgibbs"]
+        if not diffusers or not mmgibbs:
+            continue
+        best = min(mmgibbs, key=lambda s: s["fd"])
+        for label, ref in [
+            ("UniPC", next((s for s in diffusers if s["row"].name.startswith("UniPC")), None)),
+            ("the best diffusers sampler", min(diffusers, key=lambda s: s["fd"])),
+        ]:
+            if ref is None:
+                continue
+            diff = best["fd_seeds"] - ref["fd_seeds"]
+            lines.append(
+                f"- {budget} calls: {best['row'].name} FD {best['fd']:.3f} ± {best['fd_std']:.3f} against {label} "
+                f"({ref['row'].name}) {ref['fd']:.3f} ± {ref['fd_std']:.3f}; paired by seed "
+                f"{' / '.join(f'{d:+.3f}' for d in diff)} (MMGibbs lower on {int((diff < 0).sum())} of {len(diff)})."
+            )
+    body = render_digits(data).replace("### Digits DDPM", "### Digits DDPM, the real-data levers", 1)
+    return body + "\nPer budget (the best MMGibbs row by mean FD):\n\n" + "\n".join(lines) + "\n"
 
 
 def _best_under(summaries: list[dict], select: Callable[[Row], bool], budget: float) -> dict | None:
@@ -711,6 +771,7 @@ def save_grids(summaries: list[dict[str, Any]], path: Path) -> None:
 #: section -> its renderer (results file -> markdown); the measuring side is in :func:`measure_section`
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "digits": render_digits,
+    "digits-levers": render_levers,
     "single-level": render_single_level,
     "toy": render_toy,
 }
@@ -742,12 +803,16 @@ def measure_section(name: str, args: argparse.Namespace, bench: Bench | None) ->
     if name in speed.SECTIONS:  # timing sections, with their own models (speed.py)
         args.out_dir.mkdir(parents=True, exist_ok=True)
         return speed.SECTIONS[name][0](args)
+    if name == "digits-levers":  # the real-data levers on the digits DDPM; not in ALL
+        return digits_section(bench, "digits-levers")
     return {"digits": digits_section, "single-level": single_level_section, "toy": toy_section}[name](bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--section", choices=["all", *ALL, *LEARNED_SECTIONS, *speed.SECTIONS], default="all")
+    parser.add_argument(
+        "--section", choices=["all", *ALL, "digits-levers", *LEARNED_SECTIONS, *speed.SECTIONS], default="all"
+    )
     parser.add_argument("--num-samples", type=int, default=2000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out-dir", type=Path, default=Path("benchmark_out"))
@@ -756,6 +821,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="recompute cached results")
     parser.add_argument(
         "--only", nargs="+", default=None, help="digits/single-level: only the rows whose name contains one of these"
+    )
+    parser.add_argument(
+        "--budgets",
+        type=int,
+        nargs="+",
+        default=None,
+        help="learned sections: the baselines' budgets (default 10 20 50)",
+    )
+    parser.add_argument(
+        "--limit-samples", type=int, default=None, help="learned sections: samples of the DDPM limit row"
     )
     parser.add_argument(
         "--write-docs",

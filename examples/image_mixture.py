@@ -272,15 +272,18 @@ class ImageMixtureBench:
         rank: int = 16,
         num_samples: int = NUM_CALIBRATION,
         factor_iterations: int = 1,
+        layout: dict[str, Any] | None = None,
     ) -> Any:
         """A calibrated table for :data:`CALIBRATED_STEPS` from ``source``: "data" (exact samples) or "own" (the
-        model's own samples: DDPM's ancestral sampler over all 1000 steps, the pipeline's default)."""
+        model's own samples: DDPM's ancestral sampler over all 1000 steps, the pipeline's default), at the levels of
+        ``layout`` (``source_scheduler`` / ``timestep_spacing`` settings; default the DDPM's own)."""
         key = f"{source}, {num_clusters} clusters, rank {rank}, {num_samples} samples"
         key += f", {factor_iterations} factor iterations" if factor_iterations != 1 else ""
+        key += "".join(f", {k} {v}" for k, v in sorted((layout or {}).items()))
         if key in self.tables:
             return self.tables[key]
         num = num_samples // 8 if self.quick else num_samples
-        pipe = _pipeline(self.model, covariance="calibrated", eta=0.0)
+        pipe = _pipeline(self.model, covariance="calibrated", eta=0.0, **(layout or {}))
         start = time.perf_counter()
         if source == "data":
             samples = self.model.sample(num, _gen(12345))
@@ -391,6 +394,22 @@ def rows(bench: ImageMixtureBench) -> list[tuple[str, int, str, Callable[[int], 
     for name, run in ablations:
         for budget in (10, 20):
             out.append((name, budget, f"mmgibbs|{name}|{budget}", lambda s, r=run, b=budget: r(b, s)))
+    from learned_bench import LEVER_ROWS  # learned_bench imports this module
+
+    for lever in LEVER_ROWS:  # the real-data levers (learned_bench.LEVER_ROWS), as on every learned model
+        pipe = _pipeline(model, **lever.settings)
+        if lever.calibration is not None:
+            layout = {k: v for k, v in lever.settings.items() if k in ("source_scheduler", "timestep_spacing")}
+            pipe.scheduler.set_covariance_table(bench.table("data", **lever.calibration, layout=layout))
+        for budget in (10, 20):
+            out.append(
+                (
+                    lever.label,
+                    budget,
+                    f"mmgibbs|{json.dumps(dict(lever.settings), sort_keys=True)}|{budget}",
+                    lambda s, p=pipe, b=budget: run_mmgibbs(p, b, n, s),
+                )
+            )
     # a per-sample correction with one forward-mode JVP per level: 3 equivalents per level
     for budget in BUDGETS:
         levels = budget // 3

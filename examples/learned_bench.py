@@ -97,6 +97,40 @@ DEFAULT_MMGIBBS_ROWS: tuple[MMGibbsRow, ...] = (
     MMGibbsRow("isotropic, eta 0", {"covariance": "isotropic", "eta": 0.0}),
     MMGibbsRow("calibrated, eta 0", {"covariance": "calibrated", "eta": 0.0}, calibration=CALIBRATED),
 )
+#: the levers of the real-data issue, one at a time on top of ``isotropic, eta 0`` (docs/results.md, "Why real
+#: digits were different"): DPM-Solver's layout of the levels (no call spent at t = 0), the last posterior mean
+#: returned instead of a last draw, and the second-order mean (``mean_order=2``, DPM-Solver++(2M)'s extrapolated
+#: data prediction inside the draw, the draw's variance matched to the step); and the calibrated table with the same
+#: levers (its last output a draw: a mean erases the small directions the table restores)
+DPM_LEVELS: Mapping[str, Any] = {"source_scheduler": "DPMSolverMultistepScheduler"}
+LEVER_ROWS: tuple[MMGibbsRow, ...] = (
+    MMGibbsRow("isotropic, eta 0, DPM-Solver levels", {"covariance": "isotropic", "eta": 0.0, **DPM_LEVELS}),
+    MMGibbsRow(
+        "isotropic, eta 0, DPM-Solver levels, final mean",
+        {"covariance": "isotropic", "eta": 0.0, "final_output": "mean", **DPM_LEVELS},
+    ),
+    MMGibbsRow(
+        "2nd order, isotropic, eta 0, DPM-Solver levels, final mean",
+        {"covariance": "isotropic", "eta": 0.0, "final_output": "mean", "mean_order": 2, **DPM_LEVELS},
+    ),
+    MMGibbsRow(
+        "2nd order, isotropic, eta 0, trailing levels, final mean",
+        {
+            "covariance": "isotropic",
+            "eta": 0.0,
+            "final_output": "mean",
+            "mean_order": 2,
+            "timestep_spacing": "trailing",
+        },
+    ),
+    MMGibbsRow(
+        "2nd order, calibrated, eta 0, DPM-Solver levels",
+        {"covariance": "calibrated", "eta": 0.0, "mean_order": 2, **DPM_LEVELS},
+        calibration=CALIBRATED,
+    ),
+)
+#: the levers together, isotropic and calibrated (the rows of the mnist and learned-mixture sections)
+KEY_LEVER_ROWS: tuple[MMGibbsRow, ...] = (LEVER_ROWS[2], LEVER_ROWS[4])
 
 
 @dataclass

@@ -36,6 +36,7 @@ from image_mixture import NUM_CALIBRATION, NUM_REFERENCE, fit_digits_mixture, mi
 from learned_bench import (
     BUDGETS,
     DEFAULT_MMGIBBS_ROWS,
+    KEY_LEVER_ROWS,
     LIMIT_STEPS,
     LearnedBench,
     MMGibbsRow,
@@ -49,7 +50,7 @@ from mmgibbs.families.unconditional import model_predict
 
 MODEL_DIR: Path = CHECKPOINTS / "mixture-ddpm"
 #: the section's MMGibbs rows: append research settings here (``learned_bench.MMGibbsRow``)
-MMGIBBS_ROWS: list[MMGibbsRow] = list(DEFAULT_MMGIBBS_ROWS)
+MMGIBBS_ROWS: list[MMGibbsRow] = [*DEFAULT_MMGIBBS_ROWS, *KEY_LEVER_ROWS]
 #: step counts whose levels the per-level error table covers
 LEVEL_STEPS = (10, 20)
 
@@ -121,6 +122,7 @@ def section_data(
     limit_steps: int | None = LIMIT_STEPS,
     limit_seeds: int | None = 1,
     num_calibration: int = NUM_CALIBRATION,
+    limit_samples: int | None = None,
     level_steps: Sequence[int] = LEVEL_STEPS,
     model_dir: Path = MODEL_DIR,
 ) -> dict[str, Any]:
@@ -128,6 +130,8 @@ def section_data(
     ``num_samples``, ``seeds``, ``out_dir``, ``force``, ``only``, ``quick`` (budgets up to 20, no limit row)."""
     start = time.perf_counter()
     n, seeds = args.num_samples, list(args.seeds)
+    budgets = getattr(args, "budgets", None) or budgets  # benchmark.py --budgets
+    limit_samples = getattr(args, "limit_samples", None) or limit_samples  # --limit-samples
     if getattr(args, "quick", False):
         budgets, limit_steps = [b for b in budgets if b <= 20], None
     truth = fit_digits_mixture()
@@ -149,7 +153,7 @@ def section_data(
     )
     floor = [bench.result("floor|exact", s, lambda s, m: (truth.sample(m, _gen(777 + s)), 0.0)) for s in seeds]
     summaries = bench.run_rows(
-        list(MMGIBBS_ROWS if mmgibbs_rows is None else mmgibbs_rows), budgets, limit_steps, limit_seeds=limit_seeds
+        list(MMGIBBS_ROWS if mmgibbs_rows is None else mmgibbs_rows), budgets, limit_steps, limit_samples, limit_seeds
     )
     num_level = min(n, 2000)
     return {

@@ -28,6 +28,7 @@ from digits import DigitsClassifier, classifier_features, classifier_predict
 from learned_bench import (
     BUDGETS,
     DEFAULT_MMGIBBS_ROWS,
+    KEY_LEVER_ROWS,
     LIMIT_STEPS,
     LearnedBench,
     MMGibbsRow,
@@ -41,7 +42,7 @@ from mnist import CLASSIFIER_DIR, DDPM_DIR, load_mnist_split
 from mmgibbs.metrics import frechet_distance, kl_from_uniform
 
 #: the section's MMGibbs rows: append research settings here (``learned_bench.MMGibbsRow``)
-MMGIBBS_ROWS: list[MMGibbsRow] = list(DEFAULT_MMGIBBS_ROWS)
+MMGIBBS_ROWS: list[MMGibbsRow] = [*DEFAULT_MMGIBBS_ROWS, *KEY_LEVER_ROWS]
 #: samples of the limit row (DDPM over all 1000 steps: ~1000 forwards of the 12x12 UNet per sample)
 LIMIT_SAMPLES = 1000
 
@@ -83,6 +84,8 @@ def section_data(
     calibrated tables use the first ``num_calibration`` train images (default: all 4000)."""
     start = time.perf_counter()
     n, seeds = args.num_samples, list(args.seeds)
+    budgets = getattr(args, "budgets", None) or budgets  # benchmark.py --budgets
+    limit_samples = getattr(args, "limit_samples", None) or limit_samples  # --limit-samples
     if getattr(args, "quick", False):
         budgets, limit_steps = [b for b in budgets if b <= 20], None
     score = MnistScore(classifier_dir)

@@ -67,6 +67,23 @@ def test_digits_renderer() -> None:
     assert "84000 single-sample forwards, plus 0 to draw own samples; 70 s." in text
 
 
+def test_levers_renderer_pairs_the_best_mmgibbs_row_with_unipc_and_the_best_diffusers_per_budget() -> None:
+    data = digits_data()
+    data["section"] = "digits-levers"
+    data["rows"].insert(
+        1, {"name": "UniPC (bh2)", "kind": "diffusers", "steps": 10, "settings": {}, "keys": ["u0", "u1"]}
+    )
+    data["results"].update(u0=_digits_record(0.45), u1=_digits_record(0.65))
+    text = benchmark.render_levers(data)
+    assert text.startswith("### Digits DDPM, the real-data levers (2000 samples per seed")
+    assert (
+        "- 10 calls: MMGibbs d FD 0.500 ± 0.141 against UniPC (UniPC (bh2)) 0.550 ± 0.141; paired by seed "
+        "-0.050 / -0.050 (MMGibbs lower on 2 of 2)."
+    ) in text
+    assert "against the best diffusers sampler (UniPC (bh2)) 0.550" in text
+    assert benchmark.renderers()["digits-levers"] is benchmark.render_levers
+
+
 def test_single_level_renderer() -> None:
     data = digits_data()
     data["rows"] = data["rows"][2:]
