@@ -45,7 +45,18 @@ BUDGETS = (10, 20, 50)
 LIMIT_STEPS = 1000
 #: MMGibbsScheduler settings that change the draws but not the levels (rows differing in these share a table)
 SAMPLING_ONLY = frozenset(
-    ("covariance", "eta", "transition", "final_output", "variance_bound", "num_probes", "jacobian", "product_batch")
+    (
+        "covariance",
+        "eta",
+        "transition",
+        "mean_order",
+        "corrector",
+        "final_output",
+        "variance_bound",
+        "num_probes",
+        "jacobian",
+        "product_batch",
+    )
 )
 #: the calibrated table of the ``calibrated`` rows (``pipe.calibrate_covariance`` keywords)
 CALIBRATED: Mapping[str, Any] = {"num_clusters": 16, "rank": 16}
@@ -99,9 +110,10 @@ DEFAULT_MMGIBBS_ROWS: tuple[MMGibbsRow, ...] = (
 )
 #: the levers of the real-data issue, one at a time on top of ``isotropic, eta 0`` (docs/results.md, "Why real
 #: digits were different"): DPM-Solver's layout of the levels (no call spent at t = 0), the last posterior mean
-#: returned instead of a last draw, and the second-order mean (``mean_order=2``, DPM-Solver++(2M)'s extrapolated
-#: data prediction inside the draw, the draw's variance matched to the step); and the calibrated table with the same
-#: levers (its last output a draw: a mean erases the small directions the table restores)
+#: returned instead of a last draw, the second-order mean (``mean_order=2``, DPM-Solver++(2M)'s extrapolated data
+#: prediction inside the draw, the draw's variance matched to the step) and UniPC's corrector on it
+#: (``corrector=True``); and the calibrated table with the same levers (its last output a draw: a mean erases the
+#: small directions the table restores)
 DPM_LEVELS: Mapping[str, Any] = {"source_scheduler": "DPMSolverMultistepScheduler"}
 LEVER_ROWS: tuple[MMGibbsRow, ...] = (
     MMGibbsRow("isotropic, eta 0, DPM-Solver levels", {"covariance": "isotropic", "eta": 0.0, **DPM_LEVELS}),
@@ -124,13 +136,31 @@ LEVER_ROWS: tuple[MMGibbsRow, ...] = (
         },
     ),
     MMGibbsRow(
+        "2nd order + corrector, isotropic, eta 0, DPM-Solver levels, final mean",
+        {
+            "covariance": "isotropic",
+            "eta": 0.0,
+            "final_output": "mean",
+            "mean_order": 2,
+            "corrector": True,
+            **DPM_LEVELS,
+        },
+    ),
+    MMGibbsRow(
         "2nd order, calibrated, eta 0, DPM-Solver levels",
         {"covariance": "calibrated", "eta": 0.0, "mean_order": 2, **DPM_LEVELS},
         calibration=CALIBRATED,
     ),
+    MMGibbsRow(
+        "2nd order + corrector, calibrated, eta 0, DPM-Solver levels",
+        {"covariance": "calibrated", "eta": 0.0, "mean_order": 2, "corrector": True, **DPM_LEVELS},
+        calibration=CALIBRATED,
+    ),
 )
 #: the levers together, isotropic and calibrated (the rows of the mnist and learned-mixture sections)
-KEY_LEVER_ROWS: tuple[MMGibbsRow, ...] = (LEVER_ROWS[2], LEVER_ROWS[4])
+KEY_LEVER_ROWS: tuple[MMGibbsRow, ...] = tuple(
+    r for r in LEVER_ROWS if r.name.startswith("2nd order") and "DPM" in r.name
+)
 
 
 @dataclass

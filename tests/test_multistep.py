@@ -10,12 +10,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from mmgibbs import GaussianMixtureDenoiser, MMGibbsScheduler, MomentMatchingGibbsPipeline
 from mmgibbs.moments import DenoisingMoments, LowRankCovariance
-from mmgibbs.multistep import LAMBDA_GRID, MultistepMean, extrapolation_weight, variance_factors
+from mmgibbs.multistep import LAMBDA_GRID, MultistepMean, corrector_weights, extrapolation_weight, variance_factors
 
 STEPS = 10
 
@@ -190,3 +190,72 @@ def test_a_step_more_than_twice_the_previous_is_first_order() -> None:
     assert multistep(two, 0.34, 0.01) is two
     assert extrapolation_weight(math.log(0.34 / 0.01), math.log(0.72 / 0.34)) == 0.0
     assert extrapolation_weight(1.0, 0.6) == pytest.approx(1.0 / 1.2)
+
+
+# ------------------------------------------------------------------ UniPC's corrector on the centre
+def _unipc(model: GaussianMixtureDenoiser, x: torch.Tensor, order: int = 2) -> torch.Tensor:
+    """diffusers' loop with UniPC (bh2, data prediction, its defaults) on the model's config from x."""
+    scheduler = UniPCMultistepScheduler.from_config(CONFIG, solver_order=order)
+    scheduler.set_timesteps(STEPS)
+    for t in scheduler.timesteps:
+        with torch.no_grad():
+            x = scheduler.step(model(x, t).sample, t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_no_covariance_with_the_corrector_is_unipc(order: int) -> None:
+    """With Sigma = 0 and eta 0 the corrected chain is UniPC (bh2) step for step at its own levels: order 2 over
+    the 2M mean, order 1 (the trapezoidal corrector) over the first-order mean; in the pipeline and the drop-in."""
+    model = _mixture()
+    source = UniPCMultistepScheduler.from_config(CONFIG, solver_order=order)
+    scheduler = MMGibbsScheduler.from_scheduler(
+        source, covariance="none", mean_order=order, corrector=True, eta=0.0, final_output="mean", variance_bound=None
+    )
+    pipe = MomentMatchingGibbsPipeline(unet=model, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    start, _ = _start(5, torch.float64)
+    ours = pipe(num_inference_steps=STEPS, output_type="latent", latents=start).images
+    theirs = _unipc(model, start, order)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+    without = pipe(num_inference_steps=STEPS, output_type="latent", latents=start, corrector=False).images
+    assert (without - theirs).abs().max() > 1e-3  # the corrector is not a no-op
+    scheduler.set_timesteps(STEPS)  # the drop-in loop
+    x = start
+    for t in scheduler.timesteps:
+        with torch.no_grad():
+            x = scheduler.step(model(scheduler.scale_model_input(x, t), t).sample, t, x).prev_sample
+    torch.testing.assert_close(x, theirs, atol=1e-6, rtol=1e-6)
+
+
+def test_corrector_weights_are_unipcs() -> None:
+    """Order 1 is the trapezoid; order 2 solves UniPC's 2 x 2 system (diffusers' multistep_uni_c_bh_update), and
+    a corrected constant mean stays that constant (the weights of the differences act on zero)."""
+    assert corrector_weights(0.7, None) == (0.0, 0.5)
+    w_prev, w_new = corrector_weights(0.5, 0.4)
+    r, hh = -0.4 / 0.5, -0.5
+    b_h, phi_1 = math.expm1(hh), math.expm1(hh) / hh - 1
+    rho = np.linalg.solve([[1, 1], [r, 1]], [phi_1 / b_h, 2 * (phi_1 / hh - 0.5) / b_h])
+    assert (w_prev, w_new) == pytest.approx((rho[0] / r, rho[1]))
+    multistep = MultistepMean(2, corrector=True)
+    one = torch.ones(3)
+    y = torch.full((3,), 5.0)
+    for sigma, sigma_next in [(4.0, 2.0), (2.0, 1.0), (1.0, 0.5)]:
+        y_corrected = multistep.correct(y, one)
+        torch.testing.assert_close(y_corrected, y)  # the centre was already the constant
+        multistep(one, sigma, sigma_next, share=0.5)
+
+
+@pytest.mark.parametrize(
+    "settings, fragment",
+    [
+        ({"corrector": 1}, "`corrector` must be True or False"),
+        ({"corrector": True, "transition": "gibbs"}, "`corrector` needs"),
+    ],
+)
+def test_bad_correctors_are_refused(settings: dict, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        MMGibbsScheduler(**settings)
+    pipe = MomentMatchingGibbsPipeline(unet=_mixture(), scheduler=MMGibbsScheduler.from_config(CONFIG))
+    with pytest.raises(ValueError, match=fragment):
+        pipe(batch_size=2, num_inference_steps=3, **settings)

@@ -83,16 +83,22 @@ def kept_noise_share(sigma: float, sigma_next: float, transition: str = "ancestr
     return math.sqrt(1.0 - eta**2 * (1.0 - ratio**2))
 
 
-def check_mean_order(mean_order: object, transition: str) -> None:
-    """``mean_order`` is 1 or 2; 2 needs the ancestral transition (fresh re-noising keeps nothing of y to
-    integrate)."""
+def check_mean_order(mean_order: object, transition: str, corrector: object = False) -> None:
+    """``mean_order`` is 1 or 2, ``corrector`` a bool; both 2 and the corrector need the ancestral transition (fresh
+    re-noising keeps nothing of y to integrate or correct)."""
     if isinstance(mean_order, bool) or mean_order not in MEAN_ORDERS:
         raise ValueError(f"`mean_order` must be one of {', '.join(map(repr, MEAN_ORDERS))}; got {mean_order!r}.")
-    if mean_order == 2 and transition != "ancestral":
-        raise ValueError(
-            "`mean_order=2` (DPM-Solver++(2M)'s extrapolated mean) needs transition='ancestral': the paper's fresh "
-            "re-noising (transition='gibbs') keeps nothing of y_i, so there is no step to integrate."
-        )
+    if not isinstance(corrector, bool):
+        raise ValueError(f"`corrector` must be True or False; got {corrector!r}.")
+    for name, on in (
+        ("`mean_order=2` (DPM-Solver++(2M)'s extrapolated mean)", mean_order == 2),
+        ("`corrector`", corrector),
+    ):
+        if on and transition != "ancestral":
+            raise ValueError(
+                f"{name} needs transition='ancestral': the paper's fresh re-noising (transition='gibbs') keeps "
+                "nothing of y_i, so there is no step to integrate."
+            )
 
 
 def condition_on_known(
@@ -149,7 +155,13 @@ def gibbs_step(
     if clip_range is not None:
         mu = mu.clamp(-clip_range, clip_range)
         moments = dataclasses.replace(moments, mu=mu)
-    centre = multistep(mu, sigma, sigma_next) if multistep is not None else mu
+    c = kept_noise_share(sigma, sigma_next, transition, eta) if sigma_next is not None else 0.0
+    if multistep is not None:
+        y = multistep.correct(y, mu)  # UniPC's corrector, when the chain has one (the last transition's centre)
+        share = None if sigma_next is None else 1.0 - c * sigma_next / sigma
+        centre = multistep(mu, sigma, sigma_next, share)
+    else:
+        centre = mu
     if centre is not mu:
         moments = dataclasses.replace(moments, mu=centre)
     if rescale is not None:
@@ -160,7 +172,6 @@ def gibbs_step(
     if sigma_next is None:
         out = x if final_output == "sample" else mu if known is None else condition_on_known(moments, mu, known)
         return (out.clamp(-clip_range, clip_range) if clip_range is not None else out), mu
-    c = kept_noise_share(sigma, sigma_next, transition, eta)
     z = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     r = (y - x) / sigma
     return x + sigma_next * (c * r + math.sqrt(1.0 - c**2) * z), mu
@@ -175,6 +186,7 @@ def sample(
     transition: str = "ancestral",
     eta: float = 1.0,
     mean_order: int = 1,
+    corrector: bool = False,
     final_output: str = "sample",
     clip_range: float | None = None,
     known: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -193,6 +205,8 @@ def sample(
             levels (a calibrated table must hold every one) before the first model call.
         transition, eta, final_output, clip_range, known: see :func:`gibbs_step`.
         mean_order: 1 centres each draw on mu_i; 2 on DPM-Solver++(2M)'s extrapolation (module docstring).
+        corrector: UniPC's corrector on the centre (:class:`~mmgibbs.multistep.MultistepMean`): with
+            ``mean_order=2``, no covariance and eta 0 the chain is UniPC (bh2) step for step; no extra model call.
         generator: torch generator(s) for probes and draws; a list gives each sample its own stream.
         callback: called as ``callback(i, y_next, mu)`` after every step (``y_next`` is the final sample after the
             last); a returned tensor replaces ``y_next``.
@@ -203,9 +217,9 @@ def sample(
             f"`estimator` must be a covariance estimator (`mmgibbs.covariances.make_estimator(name, ...)`); got "
             f"{type(estimator).__name__}."
         )
-    check_mean_order(mean_order, transition)
+    check_mean_order(mean_order, transition, corrector)
     estimator.check_levels(sigmas)
-    multistep = MultistepMean(mean_order)
+    multistep = MultistepMean(mean_order, corrector)
     match = None
     if mean_order == 2:
         match = VarianceMatch(sigmas, order=2, transition=transition, eta=eta, final_output=final_output)

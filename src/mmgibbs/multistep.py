@@ -141,23 +141,75 @@ class VarianceMatch:
         return moments.scaled(lambda v: self.factor(i, v))
 
 
+def corrector_weights(h: float, h_prev: float | None) -> tuple[float, float]:
+    """UniPC's corrector (UniC, "bh2", Zhao et al. 2023) for the transition of length h = log(sigma_s / sigma_t):
+    weights (w_prev, w_new) of the corrected data prediction
+
+        D_c = mu_s + w_prev (mu_{s-1} - mu_s) + w_new (mu_t - mu_s),
+
+    with mu_t the mean at the level reached, mu_{s-1} the previous transition's (length h_prev; None: the step was
+    first order, and UniC of order 1 is the trapezoid w_new = 1/2). For order 2, with r = -h_prev / h, B = e^{-h} - 1,
+    phi_1 = (e^{-h} - 1) / (-h) - 1, phi_2 = phi_1 / (-h) - 1/2, the weights solve [[1, 1], [r, 1]] rho =
+    [phi_1 / B, 2 phi_2 / B] (diffusers' ``multistep_uni_c_bh_update``), w_prev = rho_0 / r, w_new = rho_1."""
+    if h_prev is None:
+        return 0.0, 0.5
+    hh = -h
+    b_h = math.expm1(hh)
+    phi_1 = math.expm1(hh) / hh - 1.0
+    phi_2 = phi_1 / hh - 0.5
+    r = -h_prev / h
+    b = np.array([phi_1 / b_h, 2.0 * phi_2 / b_h])
+    rho = np.linalg.solve(np.array([[1.0, 1.0], [r, 1.0]]), b)
+    return float(rho[0] / r), float(rho[1])
+
+
 class MultistepMean:
-    """DPM-Solver++(2M)'s extrapolated data prediction across the chain's transitions (module docstring).
+    """DPM-Solver++(2M)'s extrapolated data prediction across the chain's transitions (module docstring), and
+    UniPC's corrector on it.
 
     ``order=1`` leaves mu as it is. Call it once per step, with the step's clipped mean: it returns the mean to
     centre the draw on, and remembers (mu_i, h_i) of every transition between levels.
+
+    ``corrector=True`` adds UniC (:func:`corrector_weights`): once the model has given mu_t at the level a transition
+    reached, :meth:`correct` moves y_t by (1 - c rho)(D_c - m_s), the corrected minus the used centre times the
+    centre's share in the step (y_t = c rho y_s + (1 - c rho) x + noise, x ~ N(m_s, S_s)): the draw and the noise
+    are kept, only their centre is corrected, with no extra model call (mu_t is the mean at the uncorrected y_t, as in
+    UniPC). With S = 0 and eta 0 the chain is UniPC (bh2, data prediction, its own order per step) step for step.
     """
 
-    def __init__(self, order: int = 1):
+    def __init__(self, order: int = 1, corrector: bool = False):
         self.order = order
+        self.corrector = corrector
         self.previous: tuple[torch.Tensor, float] | None = None
+        #: the last transition, for the corrector: (centre used, mu_s, mu_{s-1} or None, h, h_prev or None, share)
+        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float, float | None, float] | None = None
 
-    def __call__(self, mu: torch.Tensor, sigma: float, sigma_next: float | None) -> torch.Tensor:
-        if self.order == 1 or sigma_next is None or not sigma_next < sigma:
+    def __call__(
+        self, mu: torch.Tensor, sigma: float, sigma_next: float | None, share: float | None = None
+    ) -> torch.Tensor:
+        """The centre of this step's draw; ``share`` (1 - c rho, the centre's weight in the step) is recorded for
+        the corrector."""
+        transition = sigma_next is not None and sigma_next < sigma
+        if not transition or (self.order == 1 and not self.corrector):
             return mu
         h = math.log(sigma / sigma_next)
         previous, self.previous = self.previous, (mu, h)
-        k = extrapolation_weight(h, previous[1] if previous is not None else None)
-        if k == 0.0:
-            return mu
-        return mu + (mu - previous[0].to(mu.dtype)) * k
+        k = extrapolation_weight(h, previous[1] if previous is not None else None) if self.order == 2 else 0.0
+        centre = mu if k == 0.0 else mu + (mu - previous[0].to(mu.dtype)) * k
+        if self.corrector and share is not None:
+            second = k != 0.0 and previous is not None
+            self._pending = (centre, mu, previous[0] if second else None, h, previous[1] if second else None, share)
+        return centre
+
+    def correct(self, y: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+        """y at the level the last transition reached, corrected by UniC with ``mu`` = mu_t (the class docstring);
+        unchanged without a corrector, at the first step and after a sweep within a level."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return y
+        centre, mu_s, mu_prev, h, h_prev, share = pending
+        w_prev, w_new = corrector_weights(h, h_prev)
+        corrected = mu_s + w_new * (mu.to(mu_s.dtype) - mu_s)
+        if mu_prev is not None:
+            corrected = corrected + w_prev * (mu_prev.to(mu_s.dtype) - mu_s)
+        return y + share * (corrected - centre).to(y.dtype)

@@ -76,6 +76,7 @@ GIBBS_SETTINGS = (
     "transition",
     "eta",
     "mean_order",
+    "corrector",
     "final_output",
     "jacobian",
     "product_batch",
@@ -304,6 +305,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         transition: str | None = None,
         eta: float | None = None,
         mean_order: int | None = None,
+        corrector: bool | None = None,
         final_output: str | None = None,
         jacobian: str | None = None,
         product_batch: int | None = None,
@@ -329,7 +331,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             x_init: (unconditional) a clean starting point, re-noised to the first level; not with ``latents``.
                 Without ``batch_size`` an unconditional model draws as many samples as ``latents`` or ``x_init``
                 hold.
-            covariance, num_probes, gibbs_sweeps, transition, eta, mean_order, final_output, jacobian,
+            covariance, num_probes, gibbs_sweeps, transition, eta, mean_order, corrector, final_output, jacobian,
                 product_batch, variance_bound: override the scheduler's settings for this call (see
                 :class:`MMGibbsScheduler`); left out (or None, except ``variance_bound``), the scheduler's own.
                 ``variance_bound=None`` lifts the bound for this call, as ``from_pipe(pipe, variance_bound=None)``
@@ -375,6 +377,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             transition=transition,
             eta=eta,
             mean_order=mean_order,
+            corrector=corrector,
             final_output=final_output,
             jacobian=jacobian,
             product_batch=product_batch,

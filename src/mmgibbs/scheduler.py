@@ -114,6 +114,10 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         mean_order: 1 centres each draw on the posterior mean mu_i; 2 on DPM-Solver++(2M)'s multistep extrapolation
             mu_i + (mu_i - mu_{i-1}) h_i / (2 h_{i-1}), h = log(sigma_i / sigma_{i+1}) (ancestral transition
             only; with ``covariance="none"`` it is DPM-Solver++(2M), at eta 1 its SDE form; see ``mmgibbs.gibbs``).
+        corrector: UniPC's corrector (UniC, bh2) on the draw's centre: once the model has given mu at the level a
+            transition reached, that transition's centre is corrected with it and y moved accordingly (no extra
+            model call; ancestral transition only). With ``mean_order=2``, ``covariance="none"`` and eta 0 the chain
+            is UniPC step for step (``mmgibbs.multistep``).
         final_output: return the last drawn ``"sample"`` x or the last posterior ``"mean"`` mu.
         num_probes: Rademacher probes of the Hutchinson diagonal, or Jacobian products of the
             ``calibrated_jacobian`` correction (pipeline only).
@@ -152,6 +156,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         transition: str = "ancestral",
         eta: float = 1.0,
         mean_order: int = 1,
+        corrector: bool = False,
         final_output: str = "sample",
         num_probes: int = 1,
         jacobian: str = "auto",
@@ -192,7 +197,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         if schedule == "single_level" and not (is_real(sigma) and sigma > 0 and math.isfinite(sigma)):
             raise ValueError(f"schedule='single_level' needs a positive noise level `sigma` (finite); got {sigma!r}.")
         check_number(eta, "eta", low=0.0, high=1.0)
-        check_mean_order(mean_order, transition)
+        check_mean_order(mean_order, transition, corrector)
         if num_train_timesteps is not None:
             check_number(num_train_timesteps, "num_train_timesteps", integer=True, low=1)
         sources.refuse_source(source_scheduler)
@@ -495,7 +500,9 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         self.sigmas = torch.cat([(s / alpha).float(), torch.zeros(1)]).cpu()  # VE sigma per step, then 0
         self._step_index: int | None = None
         self._begin_index: int | None = None
-        self._multistep = MultistepMean(self.config.mean_order)  # the previous transition's mean, for step()
+        self._multistep = MultistepMean(
+            self.config.mean_order, self.config.corrector
+        )  # the previous transition's mean, for step()
         self._match: tuple[int, float, VarianceMatch] | None = None  # (first step, eta, factors) of this run
 
     @property
@@ -663,6 +670,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
             "transition": cfg.transition,
             "eta": cfg.eta,
             "mean_order": cfg.mean_order,
+            "corrector": cfg.corrector,
             "final_output": cfg.final_output,
             "clip_range": self._clip_range(),
         }
