@@ -16,14 +16,25 @@ from typing import Any
 #: measured budgets -> {"calibrated": settings when the pipeline holds a calibrated table, "uncalibrated": else};
 #: figures: docs/guide.md. Between measured budgets the largest measured budget not above the asked one applies
 #: (below the smallest: the smallest).
+#: at 10-20 calls, without a table: the isotropic draw centred on the 2nd-order mean with UniPC's corrector, the last
+#: posterior mean as the output, and levels that spend no call at t = 0 (``trailing``; flow schedules have none to
+#: spend there and ignore it): the setting that beats UniPC on the digits DDPM and ties it on the MNIST DDPM
+FEW_CALLS: dict[str, Any] = {
+    "covariance": "isotropic",
+    "eta": 0.0,
+    "mean_order": 2,
+    "corrector": True,
+    "final_output": "mean",
+    "timestep_spacing": "trailing",
+}
 RECOMMENDED: dict[int, dict[str, dict[str, Any]]] = {
     10: {
         "calibrated": {"covariance": "calibrated", "eta": 0.0},
-        "uncalibrated": {"covariance": "isotropic", "eta": 0.0},
+        "uncalibrated": dict(FEW_CALLS),
     },
     20: {
         "calibrated": {"covariance": "calibrated", "eta": 0.0},
-        "uncalibrated": {"covariance": "isotropic", "eta": 0.0},
+        "uncalibrated": dict(FEW_CALLS),
     },
     50: {
         "calibrated": {"covariance": "calibrated", "eta": 0.0},
