@@ -147,6 +147,18 @@ LEVER_ROWS: tuple[MMGibbsRow, ...] = (
         },
     ),
     MMGibbsRow(
+        "2nd order + corrector, isotropic, eta 0, DPM-Solver levels, final mean, variance_bound 0.5",
+        {
+            "covariance": "isotropic",
+            "eta": 0.0,
+            "final_output": "mean",
+            "mean_order": 2,
+            "corrector": True,
+            "variance_bound": 0.5,
+            **DPM_LEVELS,
+        },
+    ),
+    MMGibbsRow(
         "2nd order, calibrated, eta 0, DPM-Solver levels",
         {"covariance": "calibrated", "eta": 0.0, "mean_order": 2, **DPM_LEVELS},
         calibration=CALIBRATED,

@@ -34,8 +34,10 @@ rows = [
 ]
 if len(sys.argv) > 3 and sys.argv[3] == "bound":  # the isotropic shrinkage's prior scale (variance_bound)
     c = dict(base, covariance="isotropic", corrector=True)
-    rows = [(f"isotropic 2M + corrector, variance_bound {b}", dict(c, variance_bound=b)) for b in (0.1, 0.25, 0.5)]
-    rows.append(("isotropic 2M + corrector, eta 0.2", dict(c, eta=0.2)))
+    bounds = [float(b) for b in sys.argv[5].split(",")] if len(sys.argv) > 5 else (0.1, 0.25, 0.5)
+    rows = [(f"isotropic 2M + corrector, variance_bound {b}", dict(c, variance_bound=b)) for b in bounds]
+    if len(sys.argv) <= 5:
+        rows.append(("isotropic 2M + corrector, eta 0.2", dict(c, eta=0.2)))
 if len(sys.argv) > 3 and sys.argv[3] == "noclip":  # DDPM's clip_sample off, as UniPC and DPM-Solver ignore it
     rows = [(f"{name}, no clip", dict(s, clip_sample=False)) for name, s in rows]
 for steps in [int(v) for v in (sys.argv[4].split(',') if len(sys.argv) > 4 else ['10', '20'])]:
