@@ -74,12 +74,15 @@ def test_single_level_chain_reaches_the_clean_distribution(toy_03, covariance: s
 
 
 def test_per_sample_isotropic_in_two_dimensions_reaches_the_floor_with_wider_modes(toy_03) -> None:
-    """In d = 2 the per-sample estimate sigma^2 (1 - ||eps_hat||^2 / 2) has relative noise ~1 and is clamped at 0
-    often, which widens the modes (measured 0.057 vs 0.040); the batch estimate is the choice at such d."""
+    """In d = 2 the per-sample estimate sigma^2 (1 - ||eps_hat||^2 / 2) has relative noise ~1, so it is shrunk
+    nearly all the way to its batch-free prior v_0 = b sigma^2 / (b + sigma^2) (b = 1, the bound), the posterior
+    variance of Gaussian data of variance 1, far above this mixture's at low noise: the modes come out wider
+    (measured 0.082 vs the truth 0.040; 0.057 when the raw estimate was clamped at 0 instead, a mean-only step
+    half the time). The batch estimate (``isotropic_batch``) is the choice at such d."""
     pipe, model, reference, h0, _ = toy_03
     out = pipe(batch_size=N, num_inference_steps=10, generator=torch.Generator().manual_seed(1), output_type="pt")
     assert mmd2(out.images, reference, h0) < 2e-3
-    assert 0.045 < model.component_variance(out.images) < 0.07
+    assert 0.06 < model.component_variance(out.images) < 0.10
 
 
 def test_noisy_marginal_langevin_and_mean_only_do_not(toy_03) -> None:
@@ -123,7 +126,8 @@ def test_annealed_isotropic_keeps_the_mode_width_that_dpm_solver_loses_at_20_eva
     makes every mode too tight (per-mode variance 0.021-0.023, truth 0.040); the covariance-aware ancestral step
     keeps their width at no extra model calls. Measured over seeds 0-7 (N = 4000): Analytic-DPM's batch estimate
     (``isotropic_batch``) 0.044-0.047 with an energy distance 0.05-0.47 of DPM-Solver's; the per-sample estimate
-    (``isotropic``, noisy in d = 2) 0.0499-0.0519, wider than the truth. (This test used to assert 0.04 +- 25% for the
+    (``isotropic``, noisy in d = 2) 0.0499-0.0519, wider than the truth, and 0.064 (seed 0) since it is shrunk towards
+    its batch-free prior, which at d = 2 it nearly equals (the test above). (It used to assert 0.04 +- 25% for the
     per-sample estimate, which seed 0 met by 4e-5 and seeds 2-5 missed: any change of floating-point round-off, a
     thread count or another CPU, could fail it.)"""
     config = DDPMScheduler(clip_sample=False).config
@@ -148,7 +152,7 @@ def test_annealed_isotropic_keeps_the_mode_width_that_dpm_solver_loses_at_20_eva
     pooled = gibbs("isotropic_batch")
     assert model.component_variance(pooled) == pytest.approx(0.04, rel=0.25)
     assert energy_distance(pooled, reference) < 0.5 * energy_distance(x, reference)
-    assert 0.04 < model.component_variance(gibbs("isotropic")) < 0.06
+    assert 0.04 < model.component_variance(gibbs("isotropic")) < 0.075
 
 
 def test_full_covariance_matches_anisotropic_modes_in_d10() -> None:
