@@ -277,8 +277,8 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         """This pipeline's model family, bound to a host pipeline built from these components and ``scheduler``."""
         name = self.config.host_pipeline
         family = family_of(name, self.denoiser_model)
-        if family is Unconditional:
-            return Unconditional(None, self.denoiser_model, getattr(self, "vqvae", None))
+        if issubclass(family, Unconditional):  # energy models included
+            return family(None, self.denoiser_model, getattr(self, "vqvae", None))
         host_class = getattr(diffusers, name or family.hosts[0])
         wanted = inspect.signature(host_class.__init__).parameters
         parts = {k: getattr(self, k, None) for k in wanted if k in COMPONENTS}
