@@ -76,6 +76,7 @@ from digits import (
     classifier_features,
     classifier_predict,
     dsm_dir,
+    energy_dir,
     frechet_distance,
     load_digits_split,
 )
@@ -354,11 +355,6 @@ def load_classifier(spec: DataSpec | None = None) -> DigitsClassifier | None:
 # --------------------------------------------------------------------------------------------------------------------
 # diffusion models (DDPM and single-sigma DSM)
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def energy_dir(sigma: float = 0.5) -> Path:
-    """Folder of the energy-parametrised single-level DSM checkpoint trained at ``sigma``."""
-    return CHECKPOINTS / f"digits-energy-sigma{sigma:g}"
 
 
 def energy_scale(form: str, sigma: float) -> float:
