@@ -21,7 +21,7 @@ from mmgibbs import (
     make_estimator,
 )
 from mmgibbs.covariances import CALIBRATED_COVARIANCES
-from mmgibbs.energy import energy_denoiser, energy_score
+from mmgibbs.energy import energy_score
 from mmgibbs.moments import _linearise, jacobian_matrix
 
 SIGMA = 0.5
@@ -42,7 +42,7 @@ def exact():
     energy = GaussianMixtureEnergy.from_mixture(mixture)
     y = mixture.sample_noisy(6, SIGMA, torch.Generator().manual_seed(0))
     t = scheduler.noise_schedule.timestep_for_sigma(SIGMA)
-    return scheduler, mixture, energy, y, energy_denoiser(energy, scheduler.noise_schedule, t)
+    return scheduler, mixture, energy, y, scheduler.noise_schedule.denoiser(energy, t)
 
 
 def test_tweedie_mean_of_the_exact_energy(exact) -> None:

@@ -254,31 +254,12 @@ def energy_predict(model: torch.nn.Module, schedule: NoiseSchedule) -> Predict:
     return predict
 
 
-def energy_denoiser(
-    model: torch.nn.Module, schedule: NoiseSchedule, timestep: torch.Tensor | float
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The map y -> mu(y) = y - sigma^2 grad E~(y) of an energy model at one level (the energy counterpart of
-    :meth:`NoiseSchedule.denoiser`), for ``mmgibbs.denoising_moments`` or an estimator's ``moments``."""
-    from .noise import denoise_in_ve_frame
-
-    predict = energy_predict(model, schedule)
-
-    def mu(y: torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(timestep, device=y.device)
-        t = t.expand(y.shape[0]) if t.ndim == 0 else t
-        alpha = schedule.coefficients(t, y)[0]
-        return denoise_in_ve_frame(predict, y, t, alpha, *schedule._shaped(t, y))
-
-    return mu
-
-
 __all__ = [
     "DROP_IN_ERROR",
     "ENERGY_FORMS",
     "EnergyModel",
     "EnergyModelOutput",
     "NetworkEnergy",
-    "energy_denoiser",
     "energy_predict",
     "energy_score",
     "is_energy_model",

@@ -130,7 +130,9 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
     Args:
         unet: the denoiser of UNet families (``UNet2DModel``, ``UNet2DConditionModel``, or, unconditional, any
             diffusers model called as ``model(sample, timestep)`` that declares ``sample_shape`` or has
-            ``in_channels`` and ``sample_size`` in its config, e.g. :class:`GaussianMixtureDenoiser`).
+            ``in_channels`` and ``sample_size`` in its config, e.g. :class:`GaussianMixtureDenoiser`), or an energy
+            model (:class:`mmgibbs.EnergyModel`, e.g. ``NetworkEnergy``: forward returns one energy per sample; its
+            Jacobian products are Hessian-vector products, ``mmgibbs.energy``).
         scheduler: an :class:`MMGibbsScheduler`; any other diffusers scheduler is converted with
             ``MMGibbsScheduler.from_config`` (so a saved DDPM pipeline folder loads directly).
         transformer, vae, vqvae, text_encoder(_2, _3), tokenizer(_2, _3), safety_checker, feature_extractor,

@@ -280,24 +280,18 @@ class GaussianMixtureEnergy(EnergyModel):
     constant), float64, as an :class:`mmgibbs.energy.EnergyModel`: its score, Hessian-vector products and the
     moments they give are those of :class:`GaussianMixtureDenoiser` in closed form (the energy family's reference).
 
-    Build it with :meth:`from_mixture`; the arguments are :class:`GaussianMixtureDenoiser`'s.
+    Build it with :meth:`from_mixture`; ``mixture_config`` is the mixture's config (its components are weights).
     """
 
     @register_to_config
-    def __init__(
-        self,
-        num_components: int = 1,
-        dim: int = 2,
-        sample_shape: Sequence[int] | None = None,
-        scheduler_config: dict[str, Any] | None = None,
-    ):
+    def __init__(self, mixture_config: dict[str, Any] | None = None):
         super().__init__()
-        self.mixture = GaussianMixtureDenoiser(num_components, dim, sample_shape, scheduler_config)
+        self.mixture = GaussianMixtureDenoiser.from_config(mixture_config or {})
 
     @classmethod
     def from_mixture(cls, mixture: GaussianMixtureDenoiser) -> GaussianMixtureEnergy:
         """The energy of ``mixture`` (its components and noise schedule, copied)."""
-        model = cls(**{k: v for k, v in mixture.config.items() if not k.startswith("_")})
+        model = cls({k: v for k, v in mixture.config.items() if not k.startswith("_")})
         model.mixture.load_state_dict(mixture.state_dict())
         return model
 

@@ -33,7 +33,7 @@ FAMILIES: tuple[type[Family], ...] = (
 
 def supported() -> str:
     """The supported families and host pipelines, for error messages."""
-    return "; ".join(f"{f.name}: {', '.join(f.hosts)}" for f in FAMILIES)
+    return "; ".join(f"{f.name}: {', '.join(f.hosts) or 'no host pipeline (pass it as `unet`)'}" for f in FAMILIES)
 
 
 def family_of(host_class: str | None, model: torch.nn.Module | None = None) -> type[Family]:

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from ..energy import energy_predict
-from .base import Job
 from .unconditional import Unconditional
 
 
@@ -36,20 +33,7 @@ class Energy(Unconditional):
                 "through the torch.autograd.grad inside an energy model's score; use product_batch=1."
             )
 
-    def prepare(
-        self,
-        scheduler: Any,
-        *,
-        batch_size: int | None = None,
-        generator: Any = None,
-        latents: torch.Tensor | None = None,
-        x_init: torch.Tensor | None = None,
-        device: torch.device | None = None,
-    ) -> Job:
-        """:meth:`Unconditional.prepare` with the energy's prediction; the derivative settings checked first."""
+    def predict(self, scheduler: Any) -> Any:
+        """The energy's prediction (``mmgibbs.energy.energy_predict``), once the derivative settings are checked."""
         self.check_settings(scheduler)
-        job = super().prepare(
-            scheduler, batch_size=batch_size, generator=generator, latents=latents, x_init=x_init, device=device
-        )
-        job.predict = energy_predict(self.unet, scheduler.noise_schedule)
-        return job
+        return energy_predict(self.unet, scheduler.noise_schedule)
