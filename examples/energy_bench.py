@@ -22,8 +22,10 @@ shipped classifier's features against the 397 held-out digits and class KL; the 
 
 Beside the table: the Jacobian's asymmetry ||J - J^T||_F / ||J||_F per sample (score model, the energy model as the
 control, and the digits DDPM at three levels) at noisy held-out digits, the share of eigenvalues of sigma^2 sym(J)
-below 0 (what ``full`` clamps) and above sigma^2, and the wall time of every kind of evaluation in score-model
-forwards at the section's batch size (Hessian-vector products by double backward and by forward-over-reverse).
+below 0 (what ``full`` clamps) and above sigma^2, the moments' own quality without any chain (the Gaussian
+posterior's NLL of the clean held-out digit x given y = x + sigma eps, isotropic, diagonal and full: does a symmetric
+Hessian give a better covariance?), and the wall time of every kind of evaluation in score-model forwards at the
+section's batch size (Hessian-vector products by double backward and by forward-over-reverse).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from digits import (
 from mmgibbs import MomentMatchingGibbsPipeline, denoising_moments
 from mmgibbs.baselines import langevin, tweedie_score
 from mmgibbs.metrics import frechet_distance, kl_from_uniform
-from mmgibbs.moments import _forward_mode_safe, _linearise, jacobian_matrix
+from mmgibbs.moments import _forward_mode_safe, _linearise, full_covariance, isotropic_variance, jacobian_matrix
 
 SIGMA = 0.5
 BUDGETS = (10, 20, 50)
@@ -69,6 +71,8 @@ FULL_SWEEPS = 2
 #: the digits DDPM's levels at which its Jacobian's asymmetry is measured too
 DDPM_LEVELS = (100, 300, 600)
 MODELS = {"score": dsm_dir, "energy": energy_dir}
+#: the ridge added to every covariance in the posterior NLL (a pixel-variance floor: clamped directions have 0)
+NLL_RIDGE = 1e-3
 
 
 class Scorer:
@@ -139,12 +143,29 @@ def mmgibbs_result(
     return {**scorer(out.images), "forwards": out.num_forward, "backward": out.num_backward}
 
 
-def jacobians(denoiser: Callable, y: torch.Tensor, sigma: float) -> dict[str, Any]:
-    """J per sample (reverse products), its asymmetry and the spectrum of sigma^2 sym(J)."""
-    lin = _linearise(denoiser, y, "reverse", torch.full((len(y),), sigma))
+def gaussian_nll(x: torch.Tensor, mu: torch.Tensor, cov: torch.Tensor) -> float:
+    """Mean -log N(x; mu, cov + ridge I) per dimension (nats), cov (N, d, d); ridge :data:`NLL_RIDGE`."""
+    r = (x - mu).flatten(1).double()
+    d = r.shape[-1]
+    chol = torch.linalg.cholesky(cov.double() + NLL_RIDGE * torch.eye(d, dtype=torch.float64))
+    maha = (r * torch.cholesky_solve(r[..., None], chol)[..., 0]).sum(-1)
+    logdet = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    return float(0.5 * ((maha + logdet) / d + math.log(2 * math.pi)).mean())
+
+
+def jacobians(denoiser: Callable, y: torch.Tensor, sigma: float, x: torch.Tensor) -> dict[str, Any]:
+    """J per sample (reverse products) at noisy points ``y`` of clean ``x``: its asymmetry, the spectrum of
+    sigma^2 sym(J), and the Gaussian posterior's NLL of x given y for the isotropic, diagonal and full covariances
+    (no variance bound; full symmetrised and clamped at 0, as ``covariance="full"`` draws)."""
+    sigmas = torch.full((len(y),), sigma)
+    lin = _linearise(denoiser, y, "reverse", sigmas)
     jac = jacobian_matrix(lin.product, y, lin.transpose).double()
+    mu = lin.mean()
     asym = ((jac - jac.mT).flatten(1).norm(dim=-1) / jac.flatten(1).norm(dim=-1)).numpy()
     evals = torch.linalg.eigvalsh(0.5 * (jac + jac.mT)) * sigma**2
+    iso = isotropic_variance(y, mu, sigmas).double()
+    eye = torch.eye(jac.shape[-1], dtype=torch.float64)
+    diag = torch.diagonal(jac, dim1=-2, dim2=-1).clamp(min=0) * sigma**2
     return {
         "asymmetry": {
             "mean": float(asym.mean()),
@@ -157,6 +178,11 @@ def jacobians(denoiser: Callable, y: torch.Tensor, sigma: float) -> dict[str, An
         "negative_share": float((evals < 0).double().mean()),
         "above_sigma2_share": float((evals > sigma**2).double().mean()),
         "trace_over_d": float(torch.diagonal(jac, dim1=-2, dim2=-1).mean() * sigma**2),
+        "nll": {
+            "isotropic": gaussian_nll(x, mu, iso[:, None, None] * eye),
+            "diagonal": gaussian_nll(x, mu, torch.diag_embed(diag)),
+            "full": gaussian_nll(x, mu, full_covariance(jac, sigmas.double(), None)),
+        },
     }
 
 
@@ -166,7 +192,7 @@ def jacobian_figures(scorer: Scorer, num_points: int) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     x = scorer.x_heldout[:num_points]
     eps = torch.randn(x.shape, generator=g)
-    figures = {name: jacobians(load(name)[1], x + SIGMA * eps, SIGMA) for name in MODELS}
+    figures = {name: jacobians(load(name)[1], x + SIGMA * eps, SIGMA, x) for name in MODELS}
     ddpm = DDPMPipeline.from_pretrained(DDPM_DIR)
     from mmgibbs import MMGibbsScheduler
 
@@ -175,7 +201,7 @@ def jacobian_figures(scorer: Scorer, num_points: int) -> dict[str, Any]:
         sigma = float(schedule.sigma(torch.tensor(t)))
         figures[f"ddpm t={t}"] = {
             "sigma": sigma,
-            **jacobians(schedule.denoiser(ddpm.unet, torch.tensor(t)), x + sigma * eps, sigma),
+            **jacobians(schedule.denoiser(ddpm.unet, torch.tensor(t)), x + sigma * eps, sigma, x),
         }
     return figures
 
@@ -281,7 +307,7 @@ def section_data(
     budgets: Sequence[int] = BUDGETS,
     langevin_steps: Sequence[float] = LANGEVIN_STEPS,
     full_sweeps: int = FULL_SWEEPS,
-    jacobian_points: int = 64,
+    jacobian_points: int = 397,
 ) -> dict[str, Any]:
     """Run (or read from the cache) every row; returns the section's results file (:func:`render`)."""
     start = time.perf_counter()
@@ -362,18 +388,22 @@ def render(data: dict[str, Any]) -> str:
         )
     lines += ["", "At equal evaluations (rows above; `full` is past every budget):", "", *verdicts(data), ""]
     lines += [
-        f"Jacobians at {data['jacobian_points']} noisy held-out digits (J from 64 reverse products per sample; "
-        "asymmetry ||J - J^T||_F / ||J||_F per sample; spectrum of sigma^2 sym(J)):",
+        f"Jacobians at {data['jacobian_points']} noisy held-out digits y = x + sigma eps (J from 64 reverse products "
+        "per sample; asymmetry ||J - J^T||_F / ||J||_F per sample; spectrum of sigma^2 sym(J); NLL: the Gaussian "
+        "posterior's -log N(x; mu(y), Sigma(y) + 1e-3 I) per dimension in nats, without a variance bound, `full` "
+        "symmetrised and clamped as it draws):",
         "",
-        "| model | asymmetry mean | median | 10-90% | max | eigenvalues < 0 | eigenvalues > sigma^2 | tr(Sigma) / d |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | asymmetry mean | median | 10-90% | max | eigenvalues < 0 | eigenvalues > sigma^2 | tr(Sigma) / d | "
+        "NLL isotropic | NLL diagonal | NLL full |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, f in data["jacobians"].items():
-        a = f["asymmetry"]
+        a, nll = f["asymmetry"], f["nll"]
         label = name + (f" (sigma {f['sigma']:.3g})" if "sigma" in f else " (sigma 0.5)")
         lines.append(
             f"| {label} | {a['mean']:.3g} | {a['median']:.3g} | {a['p10']:.3g}-{a['p90']:.3g} | {a['max']:.3g} | "
-            f"{100 * f['negative_share']:.1f}% | {100 * f['above_sigma2_share']:.1f}% | {f['trace_over_d']:.4f} |"
+            f"{100 * f['negative_share']:.1f}% | {100 * f['above_sigma2_share']:.1f}% | {f['trace_over_d']:.4f} | "
+            f"{nll['isotropic']:.3f} | {nll['diagonal']:.3f} | {nll['full']:.3f} |"
         )
     c = data["costs"]
     lines += [

@@ -25,10 +25,11 @@ What a covariance gets from an energy model:
   data range. For the exact energy of a Gaussian mixture neither clamp acts (``tests/test_energy.py``).
 * Derivatives: ``jacobian="reverse"`` (double backward; what ``"auto"`` picks) and ``"finite_difference"`` (score
   differences) work. Forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``, the score and one product in
-  one pass) took about twice the time of the score's kept graph plus a double backward on the digits UNet (CPU, one
-  thread; the ``energy`` section of ``examples/benchmark.py`` measures both), and ``torch.autograd.forward_ad``
-  carries no tangent through ``torch.autograd.grad``, so ``"forward"`` is refused, as is ``product_batch`` > 1
-  (``torch.func.vmap`` cannot differentiate through the ``torch.autograd.grad`` inside the score).
+  one pass) took 1.4x (batch 256) to 2.1x (batch 16) the time of the score's kept graph plus a double backward on
+  the digits UNet (CPU, one thread; the ``energy`` section of ``examples/benchmark.py`` measures both), and
+  ``torch.autograd.forward_ad`` carries no tangent through ``torch.autograd.grad``, so ``"forward"`` is refused, as
+  is ``product_batch`` > 1 (``torch.func.vmap`` cannot differentiate through the ``torch.autograd.grad`` inside the
+  score).
 * Cost: one counted forward (``num_forward``) of an energy model is a network forward plus its backward (the score);
   one counted backward (``num_backward``, a Jacobian product) is a double backward (a Hessian-vector product).
 

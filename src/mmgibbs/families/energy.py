@@ -25,7 +25,7 @@ class Energy(Unconditional):
             raise ValueError(
                 "jacobian='forward' cannot differentiate an energy model: its Jacobian products are Hessian-vector "
                 "products by double backward (jacobian='reverse', what 'auto' picks) or finite differences "
-                "('finite_difference'); forward-over-reverse took about twice as long as double backward on CPU."
+                "('finite_difference'); forward-over-reverse took 1.4-2.1x as long as double backward on CPU."
             )
         if cfg.product_batch > 1:
             raise ValueError(
