@@ -83,9 +83,9 @@ DIFFUSERS_SCHEDULERS = {
     "UniPC (bh2)": UniPCMultistepScheduler,
 }
 TOY_SCHEDULERS = ("DDPM", "DDIM", "DPM-Solver++ (2M)", "UniPC (bh2)")
-#: sections on the learned models (learned_bench.py): name -> module with ``section_data(args)`` (the results file)
-#: and ``render(data)`` (its markdown)
-LEARNED_SECTIONS = {"learned-mixture": "learned_mixture", "mnist": "mnist_bench"}
+#: sections on the learned models (learned_bench.py; energy_bench.py: score against energy model at one level): name
+#: -> module with ``section_data(args)`` (the results file) and ``render(data)`` (its markdown)
+LEARNED_SECTIONS = {"learned-mixture": "learned_mixture", "mnist": "mnist_bench", "energy": "energy_bench"}
 #: step counts of the calibrated digits rows (one table covers them all)
 CALIBRATED_STEPS = (10, 20, 50)
 

@@ -35,6 +35,7 @@ __all__ = [
     "classifier_features",
     "classifier_predict",
     "dsm_dir",
+    "energy_dir",
     "frechet_distance",
     "load_digits_split",
     "stratified_heldout_indices",
@@ -64,6 +65,12 @@ def dsm_dir(sigma: float = 0.5) -> Path:
         ``CHECKPOINTS / f"digits-dsm-sigma{sigma:g}"``, e.g. ``.../digits-dsm-sigma0.5``.
     """
     return CHECKPOINTS / f"digits-dsm-sigma{sigma:g}"
+
+
+def energy_dir(sigma: float = 0.5) -> Path:
+    """Folder of the energy-parametrised single-level DSM checkpoint trained at ``sigma`` (``train_digits.py
+    --single-sigma S --energy quadratic``): ``CHECKPOINTS / f"digits-energy-sigma{sigma:g}"``."""
+    return CHECKPOINTS / f"digits-energy-sigma{sigma:g}"
 
 
 def stratified_heldout_indices(labels: np.ndarray, num_heldout: int, seed: int) -> np.ndarray:

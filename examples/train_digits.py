@@ -9,7 +9,10 @@ names (default ``digits``, the 8x8 sklearn digits):
 * ``--single-sigma S``: the same UNet trained by denoising score matching at the single noise level ``S`` in the
   variance-exploding frame (``y = x + S * eps``, called as ``unet(y, full((N,), S))``, predicts ``eps``), saved as a
   ``MomentMatchingGibbsPipeline`` folder (``unet/`` and an ``MMGibbsScheduler`` config recording ``S``) in
-  ``examples/checkpoints/digits-dsm-sigma{S}``;
+  ``examples/checkpoints/digits-dsm-sigma{S}``; with ``--energy FORM`` the same UNet f inside an energy
+  (``mmgibbs.energy.NetworkEnergy``, E(y) = 0.5 ||y - f(y)||^2 / S^2 for ``quadratic``, sum f(y) / S for ``sum``),
+  trained by the same DSM loss on eps_hat = S grad_y E(y) (double backward), same data, split, steps, time budget
+  and seeds, saved in ``examples/checkpoints/digits-energy-sigma{S}``;
 * ``--classifier``: the :class:`digits.DigitsClassifier` (features for Frechet distances, class histograms), saved in
   ``examples/checkpoints/digits-classifier``.
 
@@ -34,6 +37,7 @@ Examples::
     python examples/train_digits.py --classifier
     python examples/train_digits.py
     python examples/train_digits.py --single-sigma 0.5
+    python examples/train_digits.py --single-sigma 0.5 --energy quadratic
     python examples/train_digits.py --data mixture
     python examples/train_digits.py --data mnist --classifier
     python examples/train_digits.py --data mnist
@@ -72,6 +76,7 @@ from digits import (
     classifier_features,
     classifier_predict,
     dsm_dir,
+    energy_dir,
     frechet_distance,
     load_digits_split,
 )
@@ -352,20 +357,38 @@ def load_classifier(spec: DataSpec | None = None) -> DigitsClassifier | None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def energy_scale(form: str, sigma: float) -> float:
+    """The energy's scale: 1 / sigma^2 (quadratic: then f near a denoiser gives Tweedie's score (f - y) / sigma^2)
+    or 1 / sigma (sum: the score is then an eps prediction J_f^T 1 / sigma)."""
+    return 1.0 / sigma**2 if form == "quadratic" else 1.0 / sigma
+
+
+def make_energy(form: str, sigma: float, sample_size: int = 8, **overrides: Any) -> torch.nn.Module:
+    """The diffusion UNet inside an energy (``mmgibbs.energy.NetworkEnergy``) of ``form``."""
+    from mmgibbs.energy import NetworkEnergy
+
+    return NetworkEnergy.from_network(make_unet(sample_size, **overrides), form, energy_scale(form, sigma))
+
+
 def diffusion_loss(
-    unet: UNet2DModel,
+    unet: torch.nn.Module,
     x0: torch.Tensor,
     noise: torch.Tensor,
     timesteps: torch.Tensor,
     scheduler: DDPMScheduler | None,
     sigma: float | None,
 ) -> torch.Tensor:
-    """Epsilon-prediction MSE: DDPM (``scheduler.add_noise`` at integer ``timesteps``) or VE single-level DSM."""
+    """Epsilon-prediction MSE: DDPM (``scheduler.add_noise`` at integer ``timesteps``) or VE single-level DSM; for an
+    energy model (``mmgibbs.energy.EnergyModel``) eps_hat = sigma grad_y E(y), kept differentiable in the weights."""
+    from mmgibbs.energy import energy_score, is_energy_model
+
     if sigma is None:
         assert scheduler is not None
         noisy = scheduler.add_noise(x0, noise, timesteps)
     else:
         noisy = x0 + sigma * noise
+    if is_energy_model(unet):
+        return F.mse_loss(sigma * energy_score(unet, noisy, timesteps, create_graph=unet.training), noise)
     return F.mse_loss(unet(noisy, timesteps).sample, noise)
 
 
@@ -398,17 +421,26 @@ def train_diffusion(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     gen = seed_everything(args.seed)
     data = spec.load(args.split_seed)
     x_heldout = data.x_heldout
-    unet = make_unet(spec.sample_size, **spec.unet).train()
+    energy = getattr(args, "energy", None)
+    if energy is None:
+        unet = make_unet(spec.sample_size, **spec.unet).train()
+    else:
+        unet = make_energy(energy, float(sigma), spec.sample_size, **spec.unet).train()
     ema = EMA(unet, args.ema_decay)
     scheduler = DDPMScheduler(**spec.scheduler_config) if sigma is None else None
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     budget_s = 60.0 * args.time_budget_min if args.time_budget_min and args.time_budget_min > 0 else None
     next_batch, batch_size = data.batches(args.batch_size, gen)
     n_params = count_params(unet)
-    mode = ("ddpm" if sigma is None else f"single-sigma {sigma:g}") + (
-        "" if args.data == "digits" else f", {args.data}"
+    mode = (
+        ("ddpm" if sigma is None else f"single-sigma {sigma:g}")
+        + (f", energy {energy}" if energy else "")
+        + ("" if args.data == "digits" else f", {args.data}")
     )
-    print(f"[{mode}] UNet2DModel: {n_params:,} parameters; {args.steps} steps of batch {args.batch_size}", flush=True)
+    print(
+        f"[{mode}] {type(unet).__name__}: {n_params:,} parameters; {args.steps} steps of batch {args.batch_size}",
+        flush=True,
+    )
 
     t0 = time.perf_counter()
     running, window, history = 0.0, 0, []
@@ -465,14 +497,23 @@ def train_diffusion(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     else:
         save_single_sigma(ema_unet, float(sigma), out_dir)
 
+    objective = (
+        "epsilon-prediction DDPM, DDPMScheduler(num_train_timesteps=1000, beta_schedule='linear')"
+        if sigma is None
+        else f"VE denoising score matching at one noise level: y = x + {sigma:g} * eps, "
+        f"unet(y, full((N,), {sigma:g})) predicts eps (MSE)"
+    )
+    if energy is not None:
+        e = "0.5 ||y - f(y)||^2" if energy == "quadratic" else "sum f(y)"
+        objective = (
+            f"VE denoising score matching at one noise level, energy-parametrised: y = x + {sigma:g} * eps, "
+            f"E(y) = {energy_scale(energy, float(sigma)):g} * {e} with f = unet(y, full((N,), {sigma:g})), "
+            f"eps_hat = {sigma:g} * grad_y E(y) (double backward), MSE to eps"
+        )
     record: dict[str, Any] = {
-        "mode": "ddpm" if sigma is None else "single_sigma_dsm",
-        "objective": (
-            "epsilon-prediction DDPM, DDPMScheduler(num_train_timesteps=1000, beta_schedule='linear')"
-            if sigma is None
-            else f"VE denoising score matching at one noise level: y = x + {sigma:g} * eps, "
-            f"unet(y, full((N,), {sigma:g})) predicts eps (MSE)"
-        ),
+        "mode": "ddpm" if sigma is None else "single_sigma_dsm" if energy is None else "single_sigma_energy_dsm",
+        "objective": objective,
+        **({"energy_form": energy, "energy_scale": energy_scale(energy, float(sigma))} if energy else {}),
         "sigma": sigma,
         "data": {"name": args.data, **data.record},
         "seed": args.seed,
@@ -645,15 +686,20 @@ def check_mixture(out_dir: Path, seed: int, num_samples: int, num_inference_step
 
 @torch.no_grad()
 def check_single_sigma(out_dir: Path, seed: int) -> dict[str, Any]:
-    """Reload the DSM UNet and compare its held-out eps-MSE at its sigma with the trivial predictor (MSE 1)."""
+    """Reload the DSM UNet (or energy model) and compare its held-out eps-MSE at its sigma with the trivial
+    predictor (MSE 1)."""
+    from mmgibbs.energy import NetworkEnergy, energy_score
+
     config = json.loads((out_dir / "scheduler" / "scheduler_config.json").read_text())
     sigma = float(config["sigma"])
-    unet = UNet2DModel.from_pretrained(out_dir / "unet").eval()
+    energy = json.loads((out_dir / "unet" / "config.json").read_text())["_class_name"] == "NetworkEnergy"
+    unet = (NetworkEnergy if energy else UNet2DModel).from_pretrained(out_dir / "unet").eval()
     _, _, x_heldout, _ = load_digits_split()
     gen = torch.Generator().manual_seed(seed)
     eps = torch.randn(x_heldout.shape, generator=gen)
     y = x_heldout + sigma * eps
-    eps_hat = unet(y, torch.full((x_heldout.shape[0],), sigma)).sample
+    t = torch.full((x_heldout.shape[0],), sigma)
+    eps_hat = sigma * energy_score(unet, y, t) if energy else unet(y, t).sample
     mse = float(F.mse_loss(eps_hat, eps))
     x_hat = y - sigma * eps_hat
     result = {
@@ -822,6 +868,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mode.add_argument("--single-sigma", type=float, default=None, metavar="S", help="train the single-level VE DSM")
     mode.add_argument("--classifier", action="store_true", help="train the DigitsClassifier")
     parser.add_argument(
+        "--energy",
+        choices=("quadratic", "sum"),
+        default=None,
+        help="with --single-sigma: train the UNet f inside an energy E (quadratic: 0.5 ||y - f(y)||^2 / S^2; sum: "
+        "sum f(y) / S), eps_hat = S grad E, saved in checkpoints/digits-energy-sigma{S}",
+    )
+    parser.add_argument(
         "--data",
         choices=sorted(DATASETS),
         default="digits",
@@ -866,11 +919,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, value in {**DEFAULTS[key], "time_budget_min": 0.0, "check_samples": 64, **spec.defaults[key]}.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.energy is not None and args.single_sigma is None:
+        parser.error("--energy trains the single-level DSM model: pass --single-sigma S")
     if args.out is None:
         if args.single_sigma is not None:
             if args.data != "digits":
                 parser.error("--single-sigma trains on the digits only")
-            args.out = dsm_dir(args.single_sigma)
+            args.out = dsm_dir(args.single_sigma) if args.energy is None else energy_dir(args.single_sigma)
         else:
             args.out = spec.classifier_dir if args.classifier else spec.ddpm_dir
     return args

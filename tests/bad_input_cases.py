@@ -1016,6 +1016,47 @@ def numpy_label() -> None:
     assert torch.equal(dit_labels(np.array([3])), dit_labels([3]))
 
 
+def energy_model() -> Any:
+    from tiny_pipelines import tiny_unet2d
+
+    from mmgibbs import NetworkEnergy
+
+    return NetworkEnergy.from_network(tiny_unet2d(sample_size=4), "quadratic")
+
+
+def energy_call(**kwargs: Any) -> Any:
+    """One single-level sweep of a tiny energy model; an error must come before the network is called."""
+    from tiny_pipelines import count_calls
+
+    from mmgibbs import MMGibbsScheduler, MomentMatchingGibbsPipeline
+
+    model = energy_model()
+    pipe = quiet(MomentMatchingGibbsPipeline(unet=model, scheduler=MMGibbsScheduler(noise_family="ve",
+                 schedule="single_level", sigma=0.5)))  # fmt: skip
+    with count_calls(model.network) as calls:
+        try:
+            return latent(pipe, batch_size=2, **kwargs)
+        except ValueError:
+            assert calls == [], f"{len(calls)} model calls before the error"
+            raise
+
+
+def energy_full() -> None:
+    from mmgibbs import MMGibbsScheduler, MomentMatchingGibbsPipeline
+
+    pipe = quiet(MomentMatchingGibbsPipeline(unet=energy_model(), scheduler=MMGibbsScheduler(noise_family="ve",
+                 schedule="single_level", sigma=0.5)))  # fmt: skip
+    out = pipe(batch_size=2, num_inference_steps=1, covariance="full", output_type="latent")
+    assert out.images.shape == (2, 1, 4, 4) and torch.isfinite(out.images).all()
+    assert (out.num_forward, out.num_backward) == (1, 16)
+
+
+def network_energy(**kwargs: Any) -> Any:
+    from mmgibbs import NetworkEnergy
+
+    return NetworkEnergy(**{"network_config": {"in_channels": 1, "out_channels": 1, "sample_size": 4}, **kwargs})
+
+
 def _family_cases() -> list[Case]:
     f = FAMILIES
     mask = torch.ones(1, 1, 16, 16)
@@ -1106,6 +1147,31 @@ def _family_cases() -> list[Case]:
              lambda _: latent(stable_diffusion(), prompt="a cat", device="cpu")),
         Case(f, "`__call__`", "`scheduler=...` as a call argument", "`scheduler` is not a call argument: set it "
              "with `from_pipe(pipe, scheduler=...)`", lambda _: latent(unconditional(), scheduler=ddpm_scheduler())),
+    ]  # fmt: skip
+    cases += [
+        Case(f, "energy models (before the first model call)", "an energy model with `jacobian='forward'`",
+             "jacobian='forward' cannot differentiate an energy model: its Jacobian products are Hessian-vector "
+             "products by double backward", lambda _: energy_call(covariance="diagonal", jacobian="forward")),
+        Case(f, "energy models (before the first model call)", "an energy model with `product_batch=4`",
+             "product_batch=4: batched Jacobian products (torch.func.vmap) cannot differentiate through the "
+             "torch.autograd.grad inside an energy model's score", lambda _: energy_call(covariance="full",
+             product_batch=4)),
+        Case(f, "energy models", "an energy model with `covariance='full'`", "draws from sigma^2 J, J = I - "
+             "sigma^2 Hess E, from d = 16 Hessian-vector products per level", lambda _: energy_full(), None),
+        Case(f, "energy models (`MMGibbsScheduler.step`)", "an energy per sample passed to the drop-in `step`",
+             "one scalar per sample: an energy model? an energy model's output is an energy per sample, not a "
+             "prediction: the drop-in MMGibbsScheduler", lambda _: stepped(energy_model()(torch.randn(2, 1, 4, 4),
+             torch.tensor(10)).energy, torch.randn(2, 1, 4, 4))),
+        Case(f, "energy models (a standard loop)", "`model(x, t).sample` of an energy model", "the drop-in "
+             "MMGibbsScheduler (or any standard diffusers loop) cannot sample it", lambda _: energy_model()(
+             torch.randn(2, 1, 4, 4), torch.tensor(10)).sample, TypeError),
+        Case(f, "`NetworkEnergy`", "`NetworkEnergy(form='square')`", "`form` must be one of 'sum', 'quadratic'",
+             lambda _: network_energy(form="square")),
+        Case(f, "`NetworkEnergy`", "`NetworkEnergy(scale=-1)`", "`scale` must be a positive finite number",
+             lambda _: network_energy(scale=-1.0)),
+        Case(f, "`NetworkEnergy`", "form='quadratic' around a network with out_channels != in_channels",
+             "form='quadratic' needs f(y) of y's shape", lambda _: network_energy(network_config={
+             "in_channels": 1, "out_channels": 2, "sample_size": 4})),
     ]  # fmt: skip
     return cases
 

@@ -255,6 +255,7 @@ def test_results_page_has_a_block_for_every_section_and_no_other() -> None:
         "families",
         "learned-mixture",
         "mnist",
+        "energy",
     ],
 )
 def test_results_block_is_what_its_committed_results_file_renders_to(section: str) -> None:

@@ -513,14 +513,19 @@ class NoiseSchedule:
 
         ``y`` lives in the variance-exploding frame; the model is called on x_t = alpha_t y (scaled by
         :meth:`model_input`) in its own dtype, and mu comes back in ``y``'s dtype, so moments are computed in
-        float32/float64 even for fp16/bf16 models.
+        float32/float64 even for fp16/bf16 models. An energy model (:class:`mmgibbs.energy.EnergyModel`) gives
+        mu = y - sigma^2 grad E~(y) (:func:`mmgibbs.energy.energy_predict`).
         """
+        from .energy import energy_predict, is_energy_model  # it builds on this module
+
         model_dtype = getattr(model, "dtype", None)
         kwargs = dict(model_kwargs or {})
 
-        def predict(model_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        def call(model_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             out = model(model_input.to(model_dtype or model_input.dtype), t, **kwargs)
             return out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+
+        predict = energy_predict(model, self) if is_energy_model(model) else call
 
         def mu(y: torch.Tensor) -> torch.Tensor:
             t = torch.as_tensor(timestep, device=y.device)

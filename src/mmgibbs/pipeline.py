@@ -131,7 +131,9 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
     Args:
         unet: the denoiser of UNet families (``UNet2DModel``, ``UNet2DConditionModel``, or, unconditional, any
             diffusers model called as ``model(sample, timestep)`` that declares ``sample_shape`` or has
-            ``in_channels`` and ``sample_size`` in its config, e.g. :class:`GaussianMixtureDenoiser`).
+            ``in_channels`` and ``sample_size`` in its config, e.g. :class:`GaussianMixtureDenoiser`), or an energy
+            model (:class:`mmgibbs.EnergyModel`, e.g. ``NetworkEnergy``: forward returns one energy per sample; its
+            Jacobian products are Hessian-vector products, ``mmgibbs.energy``).
         scheduler: an :class:`MMGibbsScheduler`; any other diffusers scheduler is converted with
             ``MMGibbsScheduler.from_config`` (so a saved DDPM pipeline folder loads directly).
         transformer, vae, vqvae, text_encoder(_2, _3), tokenizer(_2, _3), safety_checker, feature_extractor,
@@ -278,8 +280,8 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         """This pipeline's model family, bound to a host pipeline built from these components and ``scheduler``."""
         name = self.config.host_pipeline
         family = family_of(name, self.denoiser_model)
-        if family is Unconditional:
-            return Unconditional(None, self.denoiser_model, getattr(self, "vqvae", None))
+        if issubclass(family, Unconditional):  # energy models included
+            return family(None, self.denoiser_model, getattr(self, "vqvae", None))
         host_class = getattr(diffusers, name or family.hosts[0])
         wanted = inspect.signature(host_class.__init__).parameters
         parts = {k: getattr(self, k, None) for k in wanted if k in COMPONENTS}

@@ -25,6 +25,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .energy import EnergyModel
 from .noise import NoiseSchedule
 
 Generator = torch.Generator | list[torch.Generator] | None
@@ -272,3 +273,34 @@ class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
 
 def _first(generator: Generator) -> torch.Generator | None:
     return generator[0] if isinstance(generator, list) else generator
+
+
+class GaussianMixtureEnergy(EnergyModel):
+    """The exact energy of a Gaussian mixture's noisy density, E(x_t, t) = -log p~(x_t / alpha_t; sigma_t) (up to a
+    constant), float64, as an :class:`mmgibbs.energy.EnergyModel`: its score, Hessian-vector products and the
+    moments they give are those of :class:`GaussianMixtureDenoiser` in closed form (the energy family's reference).
+
+    Build it with :meth:`from_mixture`; ``mixture_config`` is the mixture's config (its components are weights).
+    """
+
+    @register_to_config
+    def __init__(self, mixture_config: dict[str, Any] | None = None):
+        super().__init__()
+        self.mixture = GaussianMixtureDenoiser.from_config(mixture_config or {})
+
+    @classmethod
+    def from_mixture(cls, mixture: GaussianMixtureDenoiser) -> GaussianMixtureEnergy:
+        """The energy of ``mixture`` (its components and noise schedule, copied)."""
+        model = cls({k: v for k, v in mixture.config.items() if not k.startswith("_")})
+        model.mixture.load_state_dict(mixture.state_dict())
+        return model
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.mixture.sample_shape
+
+    def energy(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        schedule = self.mixture.noise_schedule
+        x_t = sample.to(torch.float64)
+        alpha, _ = schedule.coefficients(timestep, x_t)
+        return -self.mixture.noisy_log_prob(x_t / alpha, schedule.sigma(timestep).to(sample.device))

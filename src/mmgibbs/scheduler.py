@@ -46,6 +46,7 @@ from . import sources
 from .calibration import TABLE_FILE, CovarianceTable
 from .checks import check_generator, check_number, check_tensor, is_real
 from .covariances import CovarianceEstimator, check_settings, estimator_class, make_estimator
+from .energy import DROP_IN_ERROR
 from .gibbs import FINAL_OUTPUTS, TRANSITIONS, LevelDenoiser, check_mean_order, gibbs_step
 from .moments import Generator
 from .multistep import MultistepMean, VarianceMatch
@@ -740,6 +741,11 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
                 "model with a learned variance? Build the scheduler from its own config (variance_type='learned' "
                 "or 'learned_range'), and the prediction, the first half of the channels, is used; otherwise pass "
                 "the prediction alone."
+            )
+        if model_output.ndim == 1 and sample.ndim > 1 and len(model_output) == len(sample):
+            raise ValueError(
+                f"`model_output` has shape {tuple(model_output.shape)}, one scalar per sample: an energy model? "
+                f"{DROP_IN_ERROR}."
             )
         raise ValueError(
             f"`model_output` has shape {tuple(model_output.shape)} but `sample` has shape {tuple(sample.shape)}: "

@@ -10,6 +10,7 @@ import torch
 
 from .base import Family, Job, guided, postprocess
 from .dit import DiT
+from .energy import Energy
 from .flux import Flux
 from .pixart import PixArt
 from .sd3 import StableDiffusion3
@@ -19,6 +20,7 @@ from .unconditional import Unconditional, declares_shape, model_predict, sample_
 
 #: every supported family, tried in order
 FAMILIES: tuple[type[Family], ...] = (
+    Energy,
     Unconditional,
     StableDiffusion,
     StableDiffusionXL,
@@ -31,7 +33,7 @@ FAMILIES: tuple[type[Family], ...] = (
 
 def supported() -> str:
     """The supported families and host pipelines, for error messages."""
-    return "; ".join(f"{f.name}: {', '.join(f.hosts)}" for f in FAMILIES)
+    return "; ".join(f"{f.name}: {', '.join(f.hosts) or 'no host pipeline (pass it as `unet`)'}" for f in FAMILIES)
 
 
 def family_of(host_class: str | None, model: torch.nn.Module | None = None) -> type[Family]:
@@ -65,6 +67,7 @@ def check_denoiser(family: type[Family], model: torch.nn.Module, argument: str) 
 
 __all__ = [
     "FAMILIES",
+    "Energy",
     "Family",
     "Job",
     "check_denoiser",

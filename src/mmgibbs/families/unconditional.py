@@ -113,7 +113,11 @@ class Unconditional(Family):
             sample = scheduler.add_noise(x_init.to(device, dtype), noise, scheduler.timesteps[:1].cpu())
         else:
             sample = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
-        return Job(latents=sample, predict=model_predict(self.unet), finish=self.finish, callback_name="sample")
+        return Job(latents=sample, predict=self.predict(scheduler), finish=self.finish, callback_name="sample")
+
+    def predict(self, scheduler: Any) -> Any:
+        """The network as ``(model_input, t) -> prediction`` (:func:`model_predict`; energy models override it)."""
+        return model_predict(self.unet)
 
     def finish(self, sample: torch.Tensor, output_type: str) -> Any:
         if output_type == "latent":
