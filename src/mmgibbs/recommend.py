@@ -44,7 +44,7 @@ RECOMMENDED: dict[int, dict[str, dict[str, Any]]] = {
 #: per-family replacements of :data:`RECOMMENDED` (family class name -> the same layout). Unconditional models are
 #: pixel-space images in [-1, 1] (per-pixel variance about 0.3): a variance bound of 0.5 instead of the range's 1 keeps
 #: the isotropic draw nearer their posterior variance at high noise; measured at 10 / 20 calls, digits DDPM FD
-#: 0.500 / 0.482 (0.497 / 0.485 with 1; UniPC 0.554 / 0.500), MNIST DDPM 2.245 / 2.284 (2.304 / 2.300; UniPC 2.261 /
+#: 0.500 / 0.482 (0.497 / 0.485 with 1; UniPC 0.554 / 0.500), MNIST DDPM 2.245 / 2.284 (2.309 / 2.310; UniPC 2.261 /
 #: 2.337), research/exp_corrector.py and the digits-levers / mnist benchmark sections
 FAMILY_RECOMMENDED: dict[str, dict[int, dict[str, dict[str, Any]]]] = {
     "Unconditional": {
