@@ -1262,9 +1262,9 @@ def _calibration_cases() -> list[Case]:
              "width (it failed in torch.stack)", lambda _: rank_above_the_cluster_sizes(), None),
         Case(c, where, "`num_inference_steps=(2, 3)` (a tuple)", "the levels of both schedules",
              lambda _: steps_as_a_tuple(), None),
-        Case(c, "`calibrate_covariance`", "`calibrate_covariance` of a Stable Diffusion pipeline",
-             "calibrate_covariance supports unconditional models", lambda _: stable_diffusion().calibrate_covariance(
-             2, num_samples=2, sampler_steps=2), NotImplementedError),
+        Case(c, "`calibrate_covariance`", "`calibrate_covariance` of a Stable Diffusion pipeline without a prompt",
+             "needs its conditioning to calibrate: pass `prompt` or `negative_prompt` or `prompt_embeds`",
+             lambda _: stable_diffusion().calibrate_covariance(2, num_samples=2, sampler_steps=2)),
         Case(c, "`MMGibbsScheduler.set_covariance_table`", "`set_covariance_table('x')`", "`table` must be a "
              "CovarianceTable (from `calibrate_covariance` or CovarianceTable.load) or None; got str",
              lambda _: scheduler().set_covariance_table("x"), TypeError),

@@ -18,6 +18,18 @@ weight n_c / (n_c + shrinkage) (n_c calibration samples in the cluster). Each Si
 (``F F^T + diag(D)``, :func:`mmgibbs.moments.low_rank_plus_diagonal`), so a table costs levels x clusters x d x
 (rank + 1) numbers and scales to latents with d ~ 1e4 - 1e5.
 
+Conditional models. For a class- or text-conditional (and guided) denoiser mu(y, c), the table is fitted to the
+denoiser as it is sampled, guidance included, on clean samples of that conditioning, and keeps one group of
+clusters per condition c (a class, a prompt with its negative prompt; a cluster of conditions when there are more
+than ``num_conditions``):
+
+    Sigma_{c,k} = E[(x - mu(y, c)) (x - mu(y, c))^T | condition c, mu(y, c) in cluster k of c],
+
+each group fitted as its own table would be (k-means of its mu, shrinkage towards the group's pooled matrix). A
+sample of condition c reads the nearest centroid of its mu among c's clusters; a sample whose condition was not
+calibrated (or the drop-in scheduler, which sees no condition) reads the nearest over all clusters. The guidance
+settings are part of the denoiser: a table is fitted for one guidance scale (``settings["guidance"]``).
+
 At sampling time a sample's covariance depends on its own mu(y) only: no coupling between the samples of a batch,
 batch size 1 works, a NaN stays in its sample, and the variances are those of the model's own residuals at that
 level (bounded by the data's variance), so a handful of levels cannot blow up. Calibration cost (reported
@@ -44,6 +56,8 @@ TABLE_FILE = "covariance_table.safetensors"
 DEFAULT_RANK = 16
 #: two levels are the same when their sigmas agree to this relative tolerance
 SIGMA_RTOL = 1e-6
+#: a condition key matches a calibrated condition group within the group's radius plus this share of its norm
+CONDITION_RTOL = 1e-4
 
 
 def kmeans(
@@ -80,22 +94,30 @@ def kmeans(
 @dataclass
 class LevelCovariance:
     """The calibrated covariance of one noise level: per cluster of mu, ``factor`` F_c (C, d, r) (columns in
-    decreasing variance) and ``diagonal`` D_c (C, d), Sigma_c = F_c F_c^T + diag(D_c); ``centroids`` (C, d)."""
+    decreasing variance) and ``diagonal`` D_c (C, d), Sigma_c = F_c F_c^T + diag(D_c); ``centroids`` (C, d);
+    ``groups`` (C,): the condition group of each cluster (None: one group, an unconditional table)."""
 
     sigma: float
     centroids: torch.Tensor
     factor: torch.Tensor
     diagonal: torch.Tensor
+    groups: torch.Tensor | None = None
 
-    def assign(self, mu: torch.Tensor) -> torch.Tensor:
-        """The cluster of each sample's own prediction mu (N, ...): nearest centroid (a NaN row gets cluster 0)."""
+    def assign(self, mu: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+        """The cluster of each sample's own prediction mu (N, ...): the nearest centroid (a NaN row gets cluster
+        0), among the clusters of the sample's condition group where ``groups`` (N,) gives one (-1: none)."""
         if self.centroids.shape[0] == 1:
             return torch.zeros(mu.shape[0], dtype=torch.long, device=mu.device)
         dist = torch.cdist(mu.flatten(1).to(self.centroids), self.centroids).nan_to_num(nan=math.inf)
+        if groups is not None and self.groups is not None:
+            groups = groups.to(dist.device)
+            other = (self.groups.to(dist.device)[None, :] != groups[:, None]) & (groups[:, None] >= 0)
+            dist = dist.masked_fill(other, math.inf)
         return dist.argmin(-1)
 
-    def covariance(self, mu: torch.Tensor) -> LowRankCovariance:
-        """The per-sample :class:`LowRankCovariance` of a batch with predictions mu, in mu's dtype and device."""
+    def covariance(self, mu: torch.Tensor, groups: torch.Tensor | None = None) -> LowRankCovariance:
+        """The per-sample :class:`LowRankCovariance` of a batch with predictions mu (and condition groups, see
+        :meth:`assign`), in mu's dtype and device."""
         dim = self.centroids.shape[-1]
         if mu[0].numel() != dim:
             raise ValueError(
@@ -103,13 +125,14 @@ class LevelCovariance:
                 f"{mu[0].numel()} ({tuple(mu.shape[1:])}): the table was calibrated for another model; calibrate "
                 "this one (`calibrate_covariance`) or pass its own table to `set_covariance_table`."
             )
-        cluster = self.assign(mu)
+        cluster = self.assign(mu, groups)
         factor = self.factor.to(mu.device, mu.dtype)[cluster]
         return LowRankCovariance(factor, self.diagonal.to(mu.device, mu.dtype)[cluster])
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LevelCovariance:
         tensors = (self.centroids, self.factor, self.diagonal)
-        return LevelCovariance(self.sigma, *(t.to(device=device, dtype=dtype) for t in tensors))
+        groups = None if self.groups is None else self.groups.to(device=device)
+        return LevelCovariance(self.sigma, *(t.to(device=device, dtype=dtype) for t in tensors), groups)
 
     def dense(self) -> torch.Tensor:
         """Sigma_c as (C, d, d) (for tests and small d)."""
@@ -125,6 +148,7 @@ def calibrate_level(
     shrinkage: float = 64.0,
     generator: torch.Generator | None = None,
     factor_iterations: int = 1,
+    groups: torch.Tensor | None = None,
 ) -> LevelCovariance:
     """The :class:`LevelCovariance` at ``sigma`` from clean samples x (n, ...) and mu = mu(x + sigma * eps).
 
@@ -132,7 +156,24 @@ def calibrate_level(
     cluster's residuals, mixed as w_c Sigma_c + (1 - w_c) Sigma_pooled with w_c = n_c / (n_c + ``shrinkage``) and
     brought back to ``rank`` columns (:func:`mmgibbs.moments.compress_low_rank`, diagonal kept exact).
     ``factor_iterations``: of :func:`mmgibbs.moments.low_rank_plus_diagonal` (1: PCA + diagonal remainder).
+    ``groups`` (n,): the condition group 0 .. G-1 of each sample; every group is fitted as above on its own samples
+    (its clusters shrunk towards its own pooled matrix) and the level keeps which group each cluster is of.
     """
+    if groups is not None:
+        fits = []
+        for g in range(int(groups.max()) + 1):
+            rows = groups == g
+            fits.append(
+                calibrate_level(x[rows], mu[rows], sigma, num_clusters, rank, shrinkage, generator, factor_iterations)
+            )
+        width = max(f.factor.shape[-1] for f in fits)
+        return LevelCovariance(
+            sigma,
+            torch.cat([f.centroids for f in fits]),
+            torch.cat([torch.nn.functional.pad(f.factor, (0, width - f.factor.shape[-1])) for f in fits]),
+            torch.cat([f.diagonal for f in fits]),
+            torch.cat([torch.full((len(f.centroids),), g, dtype=torch.long) for g, f in enumerate(fits)]),
+        )
     r, m = (x - mu).flatten(1), mu.flatten(1)
     pooled_factor, pooled_diag = low_rank_plus_diagonal(r, rank, factor_iterations)
     if num_clusters <= 1:
@@ -164,7 +205,10 @@ class CovarianceTable:
 
     ``num_samples`` clean samples, ``num_forward`` batched model passes and ``sample_forwards`` single-sample model
     evaluations were spent (not counting how the clean samples were made). ``settings`` records the calibration's
-    arguments and sources.
+    arguments and sources (``settings["guidance"]``: the guidance the denoiser was calibrated with, for conditional
+    models). ``conditions`` (G, k): the key of each condition group of the levels' clusters (a class id, flattened
+    prompt embeddings: ``mmgibbs.families.base.condition_key``), ``condition_radii`` (G,) how far the keys of its
+    calibration rows lay from it (0 for one condition per group); None for an unconditional table.
     """
 
     levels: list[LevelCovariance] = field(default_factory=list)
@@ -172,6 +216,30 @@ class CovarianceTable:
     num_forward: int = 0
     sample_forwards: int = 0
     settings: dict = field(default_factory=dict)
+    conditions: torch.Tensor | None = None
+    condition_radii: torch.Tensor | None = None
+
+    def group_of(self, keys: torch.Tensor | None) -> torch.Tensor | None:
+        """The condition group of each sample from its condition key (N, k): the nearest group key, if within the
+        group's radius (plus :data:`CONDITION_RTOL` of its norm); -1 (every cluster) for a condition the table was
+        not calibrated for. None for an unconditional table or no keys."""
+        if self.conditions is None or keys is None:
+            return None
+        if keys.shape[-1] != self.conditions.shape[-1]:
+            return torch.full((len(keys),), -1, dtype=torch.long)
+        dist = torch.cdist(keys.to(self.conditions), self.conditions)
+        nearest = dist.argmin(-1)
+        reach = self.condition_radii + CONDITION_RTOL * (1.0 + self.conditions.norm(dim=-1))
+        inside = dist.gather(-1, nearest[:, None])[:, 0] <= reach[nearest]
+        return torch.where(inside, nearest, torch.full_like(nearest, -1))
+
+    def same_conditions(self, other: CovarianceTable) -> bool:
+        """Whether both tables were calibrated for the same conditions and guidance (so their levels can merge)."""
+        if self.settings.get("guidance") != other.settings.get("guidance"):
+            return False
+        if self.conditions is None or other.conditions is None:
+            return self.conditions is None and other.conditions is None
+        return self.conditions.shape == other.conditions.shape and torch.equal(self.conditions, other.conditions)
 
     @property
     def sigmas(self) -> list[float]:
@@ -195,7 +263,14 @@ class CovarianceTable:
         return found
 
     def merge(self, other: CovarianceTable) -> CovarianceTable:
-        """Both tables' levels (this table's where both have one) and summed costs."""
+        """Both tables' levels (this table's where both have one) and summed costs; both must be calibrated for the
+        same conditions and guidance (:meth:`same_conditions`)."""
+        if not self.same_conditions(other):
+            raise ValueError(
+                "Cannot merge covariance tables calibrated for different conditions or guidance "
+                f"({self.settings.get('guidance')} and {other.settings.get('guidance')}): a table serves the "
+                "conditioning it was calibrated with."
+            )
         levels = list(self.levels) + [lv for lv in other.levels if self.find(lv.sigma) is None]
         levels.sort(key=lambda lv: -lv.sigma)
         return CovarianceTable(
@@ -204,11 +279,21 @@ class CovarianceTable:
             self.num_forward + other.num_forward,
             self.sample_forwards + other.sample_forwards,
             {**other.settings, **self.settings},
+            self.conditions,
+            self.condition_radii,
         )
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> CovarianceTable:
         levels = [lv.to(device, dtype) for lv in self.levels]
-        return CovarianceTable(levels, self.num_samples, self.num_forward, self.sample_forwards, dict(self.settings))
+        return CovarianceTable(
+            levels,
+            self.num_samples,
+            self.num_forward,
+            self.sample_forwards,
+            dict(self.settings),
+            self.conditions,
+            self.condition_radii,
+        )
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> None:
@@ -220,6 +305,11 @@ class CovarianceTable:
             tensors[f"{i}.centroids"] = lv.centroids.contiguous().cpu()
             tensors[f"{i}.factor"] = lv.factor.contiguous().cpu()
             tensors[f"{i}.diagonal"] = lv.diagonal.contiguous().cpu()
+            if lv.groups is not None:
+                tensors[f"{i}.groups"] = lv.groups.contiguous().cpu()
+        if self.conditions is not None:
+            tensors["conditions"] = self.conditions.contiguous().cpu()
+            tensors["condition_radii"] = self.condition_radii.contiguous().cpu()
         meta = {
             "sigmas": json.dumps([repr(s) for s in self.sigmas]),
             "num_samples": str(self.num_samples),
@@ -236,21 +326,54 @@ class CovarianceTable:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
             sigmas = [float(s) for s in json.loads(meta["sigmas"])]
+            names = set(f.keys())
+
+            def optional(name: str) -> torch.Tensor | None:
+                return f.get_tensor(name) if name in names else None
+
             levels = [
-                LevelCovariance(s, *(f.get_tensor(f"{i}.{name}") for name in ("centroids", "factor", "diagonal")))
+                LevelCovariance(
+                    s,
+                    *(f.get_tensor(f"{i}.{name}") for name in ("centroids", "factor", "diagonal")),
+                    optional(f"{i}.groups"),
+                )
                 for i, s in enumerate(sigmas)
             ]
+            conditions, radii = optional("conditions"), optional("condition_radii")
         return cls(
             levels,
             int(meta["num_samples"]),
             int(meta["num_forward"]),
             int(meta["sample_forwards"]),
             json.loads(meta["settings"]),
+            conditions,
+            radii,
         )
 
 
+def condition_groups(
+    keys: torch.Tensor, num_conditions: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Condition groups of calibration rows from their condition keys (n, k): one group per distinct key when there
+    are at most ``num_conditions``, else ``num_conditions`` k-means clusters of the keys (prompt clusters).
+
+    Returns ``(group of each row (n,), group keys (G, k), radii (G,))``, the radius being the largest distance of
+    a row's key from its group's key (0 for one key per group)."""
+    unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    if len(unique) <= num_conditions:
+        return inverse, unique, torch.zeros(len(unique), dtype=keys.dtype)
+    centroids, groups = kmeans(keys, num_conditions, generator)
+    used = torch.unique(groups)  # k-means may leave a centroid without rows: drop it, renumber the rest
+    renumber = torch.full((len(centroids),), -1, dtype=torch.long)
+    renumber[used] = torch.arange(len(used))
+    groups, centroids = renumber[groups], centroids[used]
+    distance = (keys - centroids[groups]).norm(dim=-1)
+    radii = torch.zeros(len(centroids), dtype=keys.dtype).scatter_reduce(0, groups, distance, "amax")
+    return groups, centroids, radii
+
+
 def calibrate_covariance(
-    denoiser: LevelDenoiser,
+    denoiser: LevelDenoiser | Sequence[LevelDenoiser],
     sigmas: Sequence[float],
     samples: torch.Tensor,
     *,
@@ -262,12 +385,16 @@ def calibrate_covariance(
     dtype: torch.dtype | None = None,
     skip: CovarianceTable | None = None,
     factor_iterations: int = 1,
+    conditions: torch.Tensor | None = None,
+    num_conditions: int = 16,
     progress: Callable[[Iterable[int]], Iterable[int]] = iter,
 ) -> CovarianceTable:
     """Calibrate the covariance of every distinct level of a schedule from clean ``samples`` (n, ...).
 
     Args:
-        denoiser: ``(y, i) -> mu(y)`` at step i of the schedule (``MMGibbsScheduler.denoiser``), in the VE frame.
+        denoiser: ``(y, i) -> mu(y)`` at step i of the schedule (``MMGibbsScheduler.denoiser``), in the VE frame;
+            for a conditional model, a sequence of them, one per batch of ``batch_size`` samples (the denoiser with
+            that batch's conditioning).
         sigmas: the schedule's VE noise levels, one per step (``MMGibbsScheduler.ve_sigmas()``); repeated levels
             (Gibbs sweeps) are calibrated once.
         samples: clean samples x: the model's own (e.g. from a long sampler run) or data.
@@ -278,6 +405,9 @@ def calibrate_covariance(
         dtype: the table's storage dtype (default: float64 for float64 samples, else float32).
         skip: levels this table already holds are not calibrated again.
         factor_iterations: of the low rank + diagonal fit (:func:`mmgibbs.moments.low_rank_plus_diagonal`).
+        conditions: each sample's condition key (n, k) (``mmgibbs.families.base.condition_key``), for a
+            conditional model: the table keeps a group of clusters per condition (:func:`condition_groups`, at most
+            ``num_conditions`` groups; the module docstring).
 
     Per level: y = x + sigma * eps, mu = denoiser(y, i), then :func:`calibrate_level`. Costs ``len(samples)`` model
     evaluations per distinct level, recorded in the returned table. Every argument is checked before the first
@@ -285,8 +415,12 @@ def calibrate_covariance(
     n >= ``num_clusters``, ``rank`` in [1, d], ... A rank above a cluster's sample count gives that cluster fewer
     nonzero columns (zero columns pad the table's factors to one width).
     """
-    if not callable(denoiser):
-        raise TypeError(f"`denoiser` must be callable as denoiser(y, step); got {type(denoiser).__name__}.")
+    per_batch = not callable(denoiser)
+    if per_batch and not (isinstance(denoiser, Sequence) and all(callable(d) for d in denoiser)):
+        raise TypeError(
+            "`denoiser` must be callable as denoiser(y, step), or a sequence of such denoisers (one per batch); "
+            f"got {type(denoiser).__name__}."
+        )
     check_samples(samples, "samples")
     if isinstance(sigmas, (str, bytes)) or not isinstance(sigmas, Sequence) or len(sigmas) == 0:
         raise ValueError(f"`sigmas` must be a non-empty sequence of noise levels; got {sigmas!r}.")
@@ -308,6 +442,20 @@ def calibrate_covariance(
     x = x.to(work)
     n = x.shape[0]
     batch = batch_size or n
+    if per_batch and len(denoiser) != math.ceil(n / batch):
+        raise ValueError(
+            f"`denoiser` holds {len(denoiser)} denoisers; {n} samples in batches of {batch} need "
+            f"{math.ceil(n / batch)}, one per batch."
+        )
+    groups = keys = radii = None
+    if conditions is not None:
+        check_number(num_conditions, "num_conditions", integer=True, low=1)
+        if not isinstance(conditions, torch.Tensor) or conditions.ndim != 2 or len(conditions) != n:
+            raise ValueError(
+                f"`conditions` must be a tensor of one condition key per sample ({n}, k); got "
+                f"{tuple(conditions.shape) if isinstance(conditions, torch.Tensor) else type(conditions).__name__}."
+            )
+        groups, keys, radii = condition_groups(conditions.to("cpu", torch.float64), num_conditions, generator)
     table = CovarianceTable(
         num_samples=n,
         settings={
@@ -316,7 +464,11 @@ def calibrate_covariance(
             "shrinkage": shrinkage,
             "factor_iterations": factor_iterations,
         },
+        conditions=keys,
+        condition_radii=radii,
     )
+    if keys is not None:
+        table.settings["num_conditions"] = num_conditions
     for i in progress(range(len(sigmas))):
         sigma = float(sigmas[i])
         if table.find(sigma) is not None or (skip is not None and skip.find(sigma) is not None):
@@ -325,11 +477,22 @@ def calibrate_covariance(
         for start in range(0, n, batch):
             chunk = x[start : start + batch]
             eps = torch.randn(chunk.shape, generator=generator, dtype=work).to(chunk.device)
+            call = denoiser[start // batch] if per_batch else denoiser
             with torch.no_grad():
-                mu[start : start + batch] = denoiser(chunk + sigma * eps, i).to(work)
+                mu[start : start + batch] = call(chunk + sigma * eps, i).to(work)
             table.num_forward += 1
         table.sample_forwards += n
-        level = calibrate_level(x, mu, sigma, num_clusters, rank, shrinkage, generator, factor_iterations)
+        level = calibrate_level(
+            x,
+            mu,
+            sigma,
+            num_clusters,
+            rank,
+            shrinkage,
+            generator,
+            factor_iterations,
+            None if groups is None else groups.to(x.device),
+        )
         table.levels.append(level.to(dtype=dtype or work))
     table.levels.sort(key=lambda lv: -lv.sigma)
     return table

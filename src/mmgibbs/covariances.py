@@ -239,9 +239,12 @@ class Calibrated(_ReadsTable, DerivativeFree):
 
     name: ClassVar[str] = "calibrated"
     covariance_table: CovarianceTableLike | None = None
+    #: each sample's condition group in a conditional table (``CovarianceTable.group_of``; -1 or None: assigned
+    #: by mu over every cluster, as the drop-in scheduler does); set by the pipeline per call
+    condition_groups: torch.Tensor | None = None
 
     def from_mean(self, y: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor | float) -> DenoisingMoments:
-        variance = self.covariance_table.level(sigma).covariance(mu)
+        variance = self.covariance_table.level(sigma).covariance(mu, self.condition_groups)
         return DenoisingMoments(mu=mu, sigma=noise_levels(sigma, y), covariance=self.name, variance=variance)
 
 
@@ -392,6 +395,7 @@ class CalibratedJacobian(_ReadsTable, JacobianEstimator):
     num_probes: int = 1
     variance_bound: float | None = None
     covariance_table: CovarianceTableLike | None = None
+    condition_groups: torch.Tensor | None = None  # as :class:`Calibrated`'s
 
     def moments(
         self, denoiser: Denoiser, y: torch.Tensor, sigma: torch.Tensor | float, generator: Generator = None
@@ -400,7 +404,7 @@ class CalibratedJacobian(_ReadsTable, JacobianEstimator):
         y, sigma = prepare(y, sigma)
         # the products go one at a time; ``product_batch`` > 1 only changes how reverse mode keeps its forward
         lin = self.linearise(denoiser, y, sigma, batched=True)
-        prior = level.covariance(lin.mean().to(y.dtype))  # the directions depend on the cluster of mu
+        prior = level.covariance(lin.mean().to(y.dtype), self.condition_groups)  # directions: the cluster of mu
         directions = prior.factor[..., : self.num_probes]
         product = _flat_product(lin.product, y)
         return self.result(lin, sigma, jacobian_correction(prior, product, directions, sigma, self.variance_bound))

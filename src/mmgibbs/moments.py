@@ -50,7 +50,7 @@ Denoiser = Callable[[torch.Tensor], torch.Tensor]
 class CalibratedLevel(Protocol):
     """What the ``calibrated`` covariances read: ``mmgibbs.calibration.LevelCovariance``."""
 
-    def covariance(self, mu: torch.Tensor) -> LowRankCovariance: ...
+    def covariance(self, mu: torch.Tensor, groups: torch.Tensor | None = None) -> LowRankCovariance: ...
 
 
 @dataclass
