@@ -43,11 +43,12 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 
 from .checks import check_calibration, check_number, check_samples
-from .moments import LowRankCovariance, compress_low_rank, low_rank_plus_diagonal
+from .moments import LowRankCovariance, StationaryCovariance, compress_low_rank, low_rank_plus_diagonal
 
 #: ``(y, step index) -> mu(y)`` in the variance-exploding frame (as ``mmgibbs.gibbs.LevelDenoiser``)
 LevelDenoiser = Callable[[torch.Tensor, int], torch.Tensor]
@@ -91,8 +92,49 @@ def kmeans(
     return centroids, assignment
 
 
+class _Clustered:
+    """What every kind of calibrated level shares: ``centroids`` (C, d) of mu, one covariance per cluster, and
+    ``groups`` (C,), the condition group of each cluster (None: one group, an unconditional table)."""
+
+    sigma: float
+    centroids: torch.Tensor
+    groups: torch.Tensor | None
+
+    def assign(self, mu: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+        """The cluster of each sample's own prediction mu (N, ...): the nearest centroid (a NaN row gets cluster
+        0), among the clusters of the sample's condition group where ``groups`` (N,) gives one (-1: none)."""
+        if self.centroids.shape[0] == 1:
+            return torch.zeros(mu.shape[0], dtype=torch.long, device=mu.device)
+        work = torch.promote_types(self.centroids.dtype, torch.float32)  # a float16 table: distances in float32
+        centroids = self.centroids.to(mu.device, work)
+        dist = torch.cdist(mu.flatten(1).to(work), centroids).nan_to_num(nan=math.inf)
+        if groups is not None and self.groups is not None:
+            groups = groups.to(dist.device)
+            other = (self.groups.to(dist.device)[None, :] != groups[:, None]) & (groups[:, None] >= 0)
+            dist = dist.masked_fill(other, math.inf)
+        return dist.argmin(-1)
+
+    def check_dimension(self, mu: torch.Tensor) -> None:
+        dim = self.centroids.shape[-1]
+        if mu[0].numel() != dim:
+            raise ValueError(
+                f"The calibrated covariance at sigma={self.sigma:.6g} has dimension {dim}, the samples have "
+                f"{mu[0].numel()} ({tuple(mu.shape[1:])}): the table was calibrated for another model; calibrate "
+                "this one (`calibrate_covariance`) or pass its own table to `set_covariance_table`."
+            )
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The level's tensors by name (what ``CovarianceTable.save`` writes)."""
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes the level's tensors hold."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
 @dataclass
-class LevelCovariance:
+class LevelCovariance(_Clustered):
     """The calibrated covariance of one noise level: per cluster of mu, ``factor`` F_c (C, d, r) (columns in
     decreasing variance) and ``diagonal`` D_c (C, d), Sigma_c = F_c F_c^T + diag(D_c); ``centroids`` (C, d);
     ``groups`` (C,): the condition group of each cluster (None: one group, an unconditional table)."""
@@ -102,32 +144,15 @@ class LevelCovariance:
     factor: torch.Tensor
     diagonal: torch.Tensor
     groups: torch.Tensor | None = None
-
-    def assign(self, mu: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
-        """The cluster of each sample's own prediction mu (N, ...): the nearest centroid (a NaN row gets cluster
-        0), among the clusters of the sample's condition group where ``groups`` (N,) gives one (-1: none)."""
-        if self.centroids.shape[0] == 1:
-            return torch.zeros(mu.shape[0], dtype=torch.long, device=mu.device)
-        dist = torch.cdist(mu.flatten(1).to(self.centroids), self.centroids).nan_to_num(nan=math.inf)
-        if groups is not None and self.groups is not None:
-            groups = groups.to(dist.device)
-            other = (self.groups.to(dist.device)[None, :] != groups[:, None]) & (groups[:, None] >= 0)
-            dist = dist.masked_fill(other, math.inf)
-        return dist.argmin(-1)
+    kind: ClassVar[str] = "low_rank"
 
     def covariance(self, mu: torch.Tensor, groups: torch.Tensor | None = None) -> LowRankCovariance:
         """The per-sample :class:`LowRankCovariance` of a batch with predictions mu (and condition groups, see
         :meth:`assign`), in mu's dtype and device."""
-        dim = self.centroids.shape[-1]
-        if mu[0].numel() != dim:
-            raise ValueError(
-                f"The calibrated covariance at sigma={self.sigma:.6g} has dimension {dim}, the samples have "
-                f"{mu[0].numel()} ({tuple(mu.shape[1:])}): the table was calibrated for another model; calibrate "
-                "this one (`calibrate_covariance`) or pass its own table to `set_covariance_table`."
-            )
-        cluster = self.assign(mu, groups)
-        factor = self.factor.to(mu.device, mu.dtype)[cluster]
-        return LowRankCovariance(factor, self.diagonal.to(mu.device, mu.dtype)[cluster])
+        self.check_dimension(mu)
+        cluster = self.assign(mu, groups).to(self.factor.device)  # the clusters' rows, then cast: not the table
+        factor = self.factor[cluster].to(mu.device, mu.dtype)
+        return LowRankCovariance(factor, self.diagonal[cluster].to(mu.device, mu.dtype))
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LevelCovariance:
         tensors = (self.centroids, self.factor, self.diagonal)
@@ -137,6 +162,151 @@ class LevelCovariance:
     def dense(self) -> torch.Tensor:
         """Sigma_c as (C, d, d) (for tests and small d)."""
         return self.factor @ self.factor.transpose(-1, -2) + torch.diag_embed(self.diagonal)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"centroids": self.centroids, "factor": self.factor, "diagonal": self.diagonal}
+        return out if self.groups is None else {**out, "groups": self.groups}
+
+    @classmethod
+    def from_tensors(cls, sigma: float, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> LevelCovariance:
+        return cls(sigma, tensors["centroids"], tensors["factor"], tensors["diagonal"], tensors.get("groups"))
+
+    @staticmethod
+    def concat(sigma: float, levels: Sequence[LevelCovariance]) -> LevelCovariance:
+        """One level from the levels of the condition groups, in order (factors zero-padded to one width)."""
+        width = max(lv.factor.shape[-1] for lv in levels)
+        return LevelCovariance(
+            sigma,
+            torch.cat([lv.centroids for lv in levels]),
+            torch.cat([torch.nn.functional.pad(lv.factor, (0, width - lv.factor.shape[-1])) for lv in levels]),
+            torch.cat([lv.diagonal for lv in levels]),
+            _group_index(levels),
+        )
+
+
+@dataclass
+class StationaryLevel(_Clustered):
+    """A calibrated level whose covariance per cluster of mu is stationary (translation-invariant, periodic) over
+    image-shaped samples (C, H, W): diagonal in the 2-D Fourier basis per channel pair, one Hermitian PSD C x C
+    spectral density S_c(k) per frequency (:class:`mmgibbs.moments.StationaryCovariance`). ``root`` (K, H, W // 2
+    + 1, C, C) complex: L_c(k) = S_c(k)^(1/2) on the half spectrum, per cluster; ``centroids`` (K, d), ``groups``
+    as :class:`LevelCovariance`'s. It costs K (d + H (W / 2 + 1) C^2) numbers per level (complex ones count twice)
+    and one FFT pair per draw, whatever the image size."""
+
+    sigma: float
+    centroids: torch.Tensor
+    root: torch.Tensor
+    groups: torch.Tensor | None = None
+    kind: ClassVar[str] = "stationary"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        channels, height = self.root.shape[-1], self.root.shape[1]
+        return channels, height, self.centroids.shape[-1] // (channels * height)
+
+    def covariance(self, mu: torch.Tensor, groups: torch.Tensor | None = None) -> StationaryCovariance:
+        """The per-sample :class:`StationaryCovariance` of a batch with predictions mu (N, C, H, W)."""
+        self.check_dimension(mu)
+        cluster = self.assign(mu, groups).to(self.root.device)
+        complex_dtype = torch.complex128 if mu.dtype == torch.float64 else torch.complex64
+        return StationaryCovariance(self.root[cluster].to(mu.device, complex_dtype), self.shape)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> StationaryLevel:
+        complex_dtype = None if dtype is None else {torch.float64: torch.complex128}.get(dtype, torch.complex64)
+        groups = None if self.groups is None else self.groups.to(device=device)
+        return StationaryLevel(
+            self.sigma, self.centroids.to(device, dtype), self.root.to(device, complex_dtype), groups
+        )
+
+    def dense(self) -> torch.Tensor:
+        """Sigma_c as (K, d, d) (for tests and small d)."""
+        return StationaryCovariance(self.root, self.shape).dense()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"centroids": self.centroids, "root": torch.view_as_real(self.root)}
+        return out if self.groups is None else {**out, "groups": self.groups}
+
+    @classmethod
+    def from_tensors(cls, sigma: float, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> StationaryLevel:
+        return cls(sigma, tensors["centroids"], torch.view_as_complex(tensors["root"]), tensors.get("groups"))
+
+    @staticmethod
+    def concat(sigma: float, levels: Sequence[StationaryLevel]) -> StationaryLevel:
+        return StationaryLevel(
+            sigma,
+            torch.cat([lv.centroids for lv in levels]),
+            torch.cat([lv.root for lv in levels]),
+            _group_index(levels),
+        )
+
+
+#: the kinds of calibrated level by ``kind`` (what a table file records per level)
+LEVEL_KINDS: dict[str, type[LevelCovariance] | type[StationaryLevel]] = {
+    cls.kind: cls for cls in (LevelCovariance, StationaryLevel)
+}
+Level = LevelCovariance | StationaryLevel
+
+
+def _group_index(levels: Sequence[_Clustered]) -> torch.Tensor:
+    """Which condition group (the position in ``levels``) each cluster of the concatenated level is of."""
+    return torch.cat([torch.full((len(lv.centroids),), g, dtype=torch.long) for g, lv in enumerate(levels)])
+
+
+def _clusters(
+    mu: torch.Tensor, num_clusters: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centroids and assignment of mu's rows (n, d): k-means, or one cluster at the mean."""
+    if num_clusters <= 1:
+        return mu.mean(0, keepdim=True), torch.zeros(len(mu), dtype=torch.long, device=mu.device)
+    return kmeans(mu, num_clusters, generator)
+
+
+def hermitian_sqrt(matrices: torch.Tensor) -> torch.Tensor:
+    """The PSD square root of Hermitian matrices (..., C, C), negative eigenvalues clamped to 0."""
+    evals, evecs = torch.linalg.eigh(matrices)
+    return (evecs * evals.clamp(min=0).sqrt().unsqueeze(-2).to(evecs.dtype)) @ evecs.mH
+
+
+def spectral_moment(residuals: torch.Tensor) -> torch.Tensor:
+    """sum_n R_n(k) R_n(k)^H per frequency k of residuals (n, C, H, W), R = rfft2(r, norm="ortho"): (H, W // 2 + 1,
+    C, C) complex, the sufficient statistic of the stationary covariance (E[R R^H] is its spectral density)."""
+    spectrum = torch.fft.rfft2(residuals, norm="ortho")
+    return torch.einsum("nahw,nbhw->hwab", spectrum, spectrum.conj())
+
+
+def calibrate_stationary_level(
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: float,
+    num_clusters: int = 16,
+    shrinkage: float = 64.0,
+    generator: torch.Generator | None = None,
+    groups: torch.Tensor | None = None,
+) -> StationaryLevel:
+    """The :class:`StationaryLevel` at ``sigma`` from clean samples x (n, C, H, W) and mu = mu(x + sigma * eps):
+    per k-means cluster c of mu the spectral density S_c(k) = mean over the cluster of R(k) R(k)^H (R the
+    orthonormal rfft2 of the residual x - mu), mixed as w_c S_c + (1 - w_c) S_pooled with w_c = n_c / (n_c +
+    ``shrinkage``), and its Hermitian square root stored. ``groups``: as :func:`calibrate_level`'s."""
+    if x.ndim != 4:
+        raise ValueError(
+            "covariance='calibrated_stationary' needs image-shaped samples (N, C, H, W); these have shape "
+            f"{tuple(x.shape)}. Use covariance='calibrated' (low rank + diagonal) for other shapes (e.g. Flux's "
+            "packed latents)."
+        )
+    if groups is not None:
+        rows = [groups == g for g in range(int(groups.max()) + 1)]
+        fits = [calibrate_stationary_level(x[r], mu[r], sigma, num_clusters, shrinkage, generator) for r in rows]
+        return StationaryLevel.concat(sigma, fits)
+    centroids, assignment = _clusters(mu.flatten(1), num_clusters, generator)
+    r = x - mu
+    pooled = spectral_moment(r) / len(r)
+    roots = []
+    for c in range(len(centroids)):
+        rc = r[assignment == c]
+        weight = len(rc) / (len(rc) + shrinkage)
+        own = spectral_moment(rc) / len(rc) if len(rc) >= 2 else torch.zeros_like(pooled)
+        roots.append(hermitian_sqrt(weight * own + (1.0 - weight) * pooled))
+    return StationaryLevel(sigma, centroids, torch.stack(roots))
 
 
 def calibrate_level(
@@ -160,20 +330,12 @@ def calibrate_level(
     (its clusters shrunk towards its own pooled matrix) and the level keeps which group each cluster is of.
     """
     if groups is not None:
-        fits = []
-        for g in range(int(groups.max()) + 1):
-            rows = groups == g
-            fits.append(
-                calibrate_level(x[rows], mu[rows], sigma, num_clusters, rank, shrinkage, generator, factor_iterations)
-            )
-        width = max(f.factor.shape[-1] for f in fits)
-        return LevelCovariance(
-            sigma,
-            torch.cat([f.centroids for f in fits]),
-            torch.cat([torch.nn.functional.pad(f.factor, (0, width - f.factor.shape[-1])) for f in fits]),
-            torch.cat([f.diagonal for f in fits]),
-            torch.cat([torch.full((len(f.centroids),), g, dtype=torch.long) for g, f in enumerate(fits)]),
-        )
+        rows = [groups == g for g in range(int(groups.max()) + 1)]
+        fits = [
+            calibrate_level(x[r], mu[r], sigma, num_clusters, rank, shrinkage, generator, factor_iterations)
+            for r in rows
+        ]
+        return LevelCovariance.concat(sigma, fits)
     r, m = (x - mu).flatten(1), mu.flatten(1)
     pooled_factor, pooled_diag = low_rank_plus_diagonal(r, rank, factor_iterations)
     if num_clusters <= 1:
@@ -233,9 +395,21 @@ class CovarianceTable:
         inside = dist.gather(-1, nearest[:, None])[:, 0] <= reach[nearest]
         return torch.where(inside, nearest, torch.full_like(nearest, -1))
 
+    @property
+    def structure(self) -> str:
+        """The kind of its levels (``LevelCovariance.kind``, ``StationaryLevel.kind``)."""
+        return self.settings.get("structure", LevelCovariance.kind)
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes the table's tensors hold (every level, and the condition keys)."""
+        keys = 0 if self.conditions is None else 2 * self.conditions.element_size() * self.conditions.numel()
+        return sum(lv.nbytes for lv in self.levels) + keys
+
     def same_conditions(self, other: CovarianceTable) -> bool:
-        """Whether both tables were calibrated for the same conditions and guidance (so their levels can merge)."""
-        if self.settings.get("guidance") != other.settings.get("guidance"):
+        """Whether both tables were calibrated for the same conditions, guidance and structure (so their levels can
+        merge)."""
+        if self.structure != other.structure or self.settings.get("guidance") != other.settings.get("guidance"):
             return False
         if self.conditions is None or other.conditions is None:
             return self.conditions is None and other.conditions is None
@@ -267,7 +441,7 @@ class CovarianceTable:
         same conditions and guidance (:meth:`same_conditions`)."""
         if not self.same_conditions(other):
             raise ValueError(
-                "Cannot merge covariance tables calibrated for different conditions or guidance "
+                "Cannot merge covariance tables calibrated for different conditions, guidance or structures "
                 f"({self.settings.get('guidance')} and {other.settings.get('guidance')}): a table serves the "
                 "conditioning it was calibrated with."
             )
@@ -302,11 +476,8 @@ class CovarianceTable:
 
         tensors = {}
         for i, lv in enumerate(self.levels):
-            tensors[f"{i}.centroids"] = lv.centroids.contiguous().cpu()
-            tensors[f"{i}.factor"] = lv.factor.contiguous().cpu()
-            tensors[f"{i}.diagonal"] = lv.diagonal.contiguous().cpu()
-            if lv.groups is not None:
-                tensors[f"{i}.groups"] = lv.groups.contiguous().cpu()
+            for name, tensor in lv.tensors().items():
+                tensors[f"{i}.{name}"] = tensor.contiguous().cpu()
         if self.conditions is not None:
             tensors["conditions"] = self.conditions.contiguous().cpu()
             tensors["condition_radii"] = self.condition_radii.contiguous().cpu()
@@ -316,6 +487,7 @@ class CovarianceTable:
             "num_forward": str(self.num_forward),
             "sample_forwards": str(self.sample_forwards),
             "settings": json.dumps(self.settings),
+            "kinds": json.dumps([lv.kind for lv in self.levels]),
         }
         save_file(tensors, str(path), metadata=meta)
 
@@ -331,14 +503,12 @@ class CovarianceTable:
             def optional(name: str) -> torch.Tensor | None:
                 return f.get_tensor(name) if name in names else None
 
-            levels = [
-                LevelCovariance(
-                    s,
-                    *(f.get_tensor(f"{i}.{name}") for name in ("centroids", "factor", "diagonal")),
-                    optional(f"{i}.groups"),
-                )
-                for i, s in enumerate(sigmas)
-            ]
+            kinds = json.loads(meta.get("kinds", json.dumps([LevelCovariance.kind] * len(sigmas))))
+            levels = []
+            for i, (sigma, kind) in enumerate(zip(sigmas, kinds, strict=True)):
+                prefix = f"{i}."
+                tensors = {k[len(prefix) :]: f.get_tensor(k) for k in names if k.startswith(prefix)}
+                levels.append(LEVEL_KINDS[kind].from_tensors(sigma, tensors, meta))
             conditions, radii = optional("conditions"), optional("condition_radii")
         return cls(
             levels,
@@ -387,6 +557,7 @@ def calibrate_covariance(
     factor_iterations: int = 1,
     conditions: torch.Tensor | None = None,
     num_conditions: int = 16,
+    structure: str = "low_rank",
     progress: Callable[[Iterable[int]], Iterable[int]] = iter,
 ) -> CovarianceTable:
     """Calibrate the covariance of every distinct level of a schedule from clean ``samples`` (n, ...).
@@ -408,6 +579,9 @@ def calibrate_covariance(
         conditions: each sample's condition key (n, k) (``mmgibbs.families.base.condition_key``), for a
             conditional model: the table keeps a group of clusters per condition (:func:`condition_groups`, at most
             ``num_conditions`` groups; the module docstring).
+        structure: the kind of the levels, ``"low_rank"`` (:class:`LevelCovariance`, read by
+            ``covariance="calibrated"``) or ``"stationary"`` (:class:`StationaryLevel`, image-shaped samples only,
+            read by ``covariance="calibrated_stationary"``; ``rank`` and ``factor_iterations`` do not apply).
 
     Per level: y = x + sigma * eps, mu = denoiser(y, i), then :func:`calibrate_level`. Costs ``len(samples)`` model
     evaluations per distinct level, recorded in the returned table. Every argument is checked before the first
@@ -415,6 +589,8 @@ def calibrate_covariance(
     n >= ``num_clusters``, ``rank`` in [1, d], ... A rank above a cluster's sample count gives that cluster fewer
     nonzero columns (zero columns pad the table's factors to one width).
     """
+    if structure not in LEVEL_KINDS:
+        raise ValueError(f"`structure` must be one of {', '.join(map(repr, LEVEL_KINDS))}; got {structure!r}.")
     per_batch = not callable(denoiser)
     if per_batch and not (isinstance(denoiser, Sequence) and all(callable(d) for d in denoiser)):
         raise TypeError(
@@ -422,6 +598,12 @@ def calibrate_covariance(
             f"got {type(denoiser).__name__}."
         )
     check_samples(samples, "samples")
+    if structure == StationaryLevel.kind and samples.ndim != 4:
+        raise ValueError(
+            "covariance='calibrated_stationary' needs image-shaped samples (N, C, H, W); these have shape "
+            f"{tuple(samples.shape)}. Use covariance='calibrated' (low rank + diagonal) for other shapes (e.g. "
+            "Flux's packed latents)."
+        )
     if isinstance(sigmas, (str, bytes)) or not isinstance(sigmas, Sequence) or len(sigmas) == 0:
         raise ValueError(f"`sigmas` must be a non-empty sequence of noise levels; got {sigmas!r}.")
     for i, sigma in enumerate(sigmas):
@@ -463,6 +645,7 @@ def calibrate_covariance(
             "rank": rank,
             "shrinkage": shrinkage,
             "factor_iterations": factor_iterations,
+            **({} if structure == LevelCovariance.kind else {"structure": structure}),
         },
         conditions=keys,
         condition_radii=radii,
@@ -482,17 +665,11 @@ def calibrate_covariance(
                 mu[start : start + batch] = call(chunk + sigma * eps, i).to(work)
             table.num_forward += 1
         table.sample_forwards += n
-        level = calibrate_level(
-            x,
-            mu,
-            sigma,
-            num_clusters,
-            rank,
-            shrinkage,
-            generator,
-            factor_iterations,
-            None if groups is None else groups.to(x.device),
-        )
+        rows = None if groups is None else groups.to(x.device)
+        if structure == StationaryLevel.kind:
+            level = calibrate_stationary_level(x, mu, sigma, num_clusters, shrinkage, generator, rows)
+        else:
+            level = calibrate_level(x, mu, sigma, num_clusters, rank, shrinkage, generator, factor_iterations, rows)
         table.levels.append(level.to(dtype=dtype or work))
     table.levels.sort(key=lambda lv: -lv.sigma)
     return table

@@ -50,7 +50,7 @@ from .checks import (
     check_steps,
     check_tensor,
 )
-from .covariances import COVARIANCES
+from .covariances import CALIBRATED_COVARIANCES, COVARIANCES, ESTIMATORS
 from .families import FAMILIES, Family, Unconditional, check_denoiser, family_of, sample_shape
 from .scheduler import MMGibbsScheduler
 
@@ -484,6 +484,8 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         sampler_covariance: str | None = None,
         factor_iterations: int = 1,
         num_conditions: int = 16,
+        covariance: str | None = None,
+        dtype: torch.dtype | None = None,
         **conditioning: Any,
     ) -> CovarianceTable:
         """Calibrate ``covariance="calibrated"`` for the levels of ``num_inference_steps`` (``mmgibbs.calibration``).
@@ -516,6 +518,12 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             num_conditions: at most this many condition groups (distinct conditioning rows; more are clustered by
                 their condition keys, ``mmgibbs.calibration.condition_groups``); 1 pools every condition into one
                 group whose clusters of mu carry the conditioning.
+            covariance: the estimator the table is for, which fixes its structure: ``"calibrated"`` (and
+                ``"calibrated_jacobian"``: low rank + diagonal per cluster) or ``"calibrated_stationary"`` (a
+                stationary covariance per cluster, image-shaped latents); default: the scheduler's ``covariance`` if
+                it reads a table, else ``"calibrated"``.
+            dtype: the table's storage dtype (default float32, float64 for float64 samples; ``torch.float16``
+                halves its memory, the draws are made in the chain's dtype).
             conditioning: the host's usual conditioning arguments, as its call takes them: ``class_labels`` (DiT),
                 ``prompt`` / ``prompt_embeds`` and the family's negative and pooled embeddings, ``guidance_scale``
                 (and ``guidance_rescale``, ``true_cfg_scale``, ``height``, ``width``, ...). The per-image ones
@@ -579,6 +587,12 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
                 f"{count}) or one row for all of them."
             )
         check_number(num_conditions, "num_conditions", integer=True, low=1)
+        if covariance is None:
+            covariance = self.scheduler.config.covariance
+            covariance = covariance if covariance in CALIBRATED_COVARIANCES else "calibrated"
+        check_choice("covariance", covariance, CALIBRATED_COVARIANCES)
+        if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise ValueError(f"`dtype` must be a floating-point torch dtype (the table's storage); got {dtype!r}.")
         batch = batch_size or count
         structure: dict[str, Any] = dict(
             num_clusters=num_clusters,
@@ -600,6 +614,12 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             check_calibration(count, math.prod(shape), **structure, source=source)
         if samples is not None:
             check_samples(samples, "samples", shape)
+        kind = ESTIMATORS[covariance].level_kind
+        if kind == "stationary" and len(shape) != 3:
+            raise ValueError(
+                f"covariance={covariance!r} needs image-shaped samples (C, H, W); this model's are {shape}: use "
+                "covariance='calibrated' (low rank + diagonal), e.g. for Flux's packed latents."
+            )
         if conditional:
             jobs = [
                 self._calibration_job(family, self.scheduler, conditioning, start, min(start + batch, count))
@@ -626,6 +646,8 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
                 skip=table,
                 conditions=keys,
                 num_conditions=num_conditions,
+                structure=kind,
+                dtype=dtype,
             )
             new.settings.update(settings)
             table = new if table is None else table.merge(new)
