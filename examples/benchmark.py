@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import inspect
 import json
 import math
@@ -81,6 +82,9 @@ DIFFUSERS_SCHEDULERS = {
     "UniPC (bh2)": UniPCMultistepScheduler,
 }
 TOY_SCHEDULERS = ("DDPM", "DDIM", "DPM-Solver++ (2M)", "UniPC (bh2)")
+#: sections on the learned models (learned_bench.py): name -> module with ``section_data(args)`` (the results file)
+#: and ``render(data)`` (its markdown)
+LEARNED_SECTIONS = {"learned-mixture": "learned_mixture", "mnist": "mnist_bench"}
 #: step counts of the calibrated digits rows (one table covers them all)
 CALIBRATED_STEPS = (10, 20, 50)
 
@@ -721,6 +725,7 @@ def renderers() -> dict[str, Callable[[dict[str, Any]], str]]:
     return {
         **RENDERERS,
         "image-mixture": image_mixture.render,
+        **{name: importlib.import_module(module).render for name, module in LEARNED_SECTIONS.items()},
         **{name: render for name, (_, render) in speed.SECTIONS.items()},
     }
 
@@ -732,6 +737,8 @@ def measure_section(name: str, args: argparse.Namespace, bench: Bench | None) ->
 
         n = 1500 if args.quick else max(args.num_samples, 4000)
         return image_mixture.section_data(n, args.seeds, args.out_dir, args.force, args.quick)
+    if name in LEARNED_SECTIONS:  # learned models with their own checkpoints (learned_bench.py); not in ALL
+        return importlib.import_module(LEARNED_SECTIONS[name]).section_data(args)
     if name in speed.SECTIONS:  # timing sections, with their own models (speed.py)
         args.out_dir.mkdir(parents=True, exist_ok=True)
         return speed.SECTIONS[name][0](args)
@@ -740,7 +747,7 @@ def measure_section(name: str, args: argparse.Namespace, bench: Bench | None) ->
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--section", choices=["all", *ALL, *speed.SECTIONS], default="all")
+    parser.add_argument("--section", choices=["all", *ALL, *LEARNED_SECTIONS, *speed.SECTIONS], default="all")
     parser.add_argument("--num-samples", type=int, default=2000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out-dir", type=Path, default=Path("benchmark_out"))

@@ -37,6 +37,8 @@ __all__ = [
     "dsm_dir",
     "frechet_distance",
     "load_digits_split",
+    "stratified_heldout_indices",
+    "stratified_split",
 ]
 
 #: Folder holding the shipped checkpoints (``examples/checkpoints``), resolved relative to this file.
@@ -64,12 +66,12 @@ def dsm_dir(sigma: float = 0.5) -> Path:
     return CHECKPOINTS / f"digits-dsm-sigma{sigma:g}"
 
 
-def _stratified_heldout_indices(labels: np.ndarray, num_heldout: int, seed: int) -> np.ndarray:
+def stratified_heldout_indices(labels: np.ndarray, num_heldout: int, seed: int) -> np.ndarray:
     """Pick ``num_heldout`` indices, stratified by label, with a seeded (platform-independent) PCG64 generator.
 
     Each class receives ``floor(n_c * num_heldout / N)`` held-out slots; the remaining slots go to the classes with
     the largest fractional remainders (ties broken by class index). Within a class, the held-out members are the first
-    entries of a seeded permutation of that class's indices.
+    entries of a seeded permutation of that class's indices. Returned sorted (ascending dataset order).
     """
     rng = np.random.Generator(np.random.PCG64(seed))
     classes, counts = np.unique(labels, return_counts=True)
@@ -86,12 +88,32 @@ def _stratified_heldout_indices(labels: np.ndarray, num_heldout: int, seed: int)
     return np.sort(np.concatenate(picked))
 
 
+def stratified_split(
+    images: torch.Tensor, labels: np.ndarray, num_heldout: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_train, y_train, x_heldout, y_heldout)`` of ``images`` (N, ...) and integer ``labels`` (N,), the
+    held-out part :func:`stratified_heldout_indices`; both parts in ascending dataset order, contiguous."""
+    heldout = stratified_heldout_indices(labels, num_heldout, seed)
+    mask = np.zeros(labels.shape[0], dtype=bool)
+    mask[heldout] = True
+    y = torch.from_numpy(labels)
+    train_idx = torch.from_numpy(np.flatnonzero(~mask))
+    held_idx = torch.from_numpy(np.flatnonzero(mask))
+    return (
+        images[train_idx].contiguous(),
+        y[train_idx].contiguous(),
+        images[held_idx].contiguous(),
+        y[held_idx].contiguous(),
+    )
+
+
 def load_digits_split(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Load ``sklearn``'s 8x8 digits with a fixed, stratified train/held-out split.
 
     The pixel values ``0..16`` are mapped to ``[-1, 1]`` by ``x / 8 - 1``. The split has :data:`NUM_TRAIN` (1400)
     training and :data:`NUM_HELDOUT` (397) held-out images, stratified by class, chosen with a seeded PCG64 generator
-    so it is identical on every machine for a given ``seed``. Both parts are returned in ascending dataset order.
+    so it is identical on every machine for a given ``seed`` (:func:`stratified_split`). Both parts are returned in
+    ascending dataset order.
 
     Args:
         seed: Seed of the split (keep the default ``0`` to match the shipped checkpoints).
@@ -105,21 +127,16 @@ def load_digits_split(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.
     data = load_digits()
     images = np.asarray(data.images, dtype=np.float64)
     labels = np.asarray(data.target, dtype=np.int64)
-    heldout = _stratified_heldout_indices(labels, NUM_HELDOUT, seed)
-    mask = np.zeros(labels.shape[0], dtype=bool)
-    mask[heldout] = True
     x = torch.from_numpy((images / 8.0 - 1.0).astype(np.float32)).unsqueeze(1)
-    y = torch.from_numpy(labels)
-    train_idx = torch.from_numpy(np.flatnonzero(~mask))
-    held_idx = torch.from_numpy(np.flatnonzero(mask))
-    return x[train_idx].contiguous(), y[train_idx].contiguous(), x[held_idx].contiguous(), y[held_idx].contiguous()
+    return stratified_split(x, labels, NUM_HELDOUT, seed)
 
 
 class DigitsClassifier(ModelMixin, ConfigMixin):
-    """Small CNN classifier for ``(N, 1, 8, 8)`` digits in ``[-1, 1]``.
+    """Small CNN classifier for ``(N, 1, S, S)`` digits in ``[-1, 1]`` (S = ``image_size``: 8 for the sklearn digits,
+    12 for the MNIST subset of ``mnist.py``).
 
     Architecture: ``conv3x3(1->c0) -> conv3x3(c0->c0) -> maxpool2 -> conv3x3(c0->c1) -> conv3x3(c1->c1) -> flatten
-    (c1*4*4) -> linear(feature_dim) -> SiLU -> dropout -> linear(num_classes)``, with SiLU activations and
+    (c1*(S/2)^2) -> linear(feature_dim) -> SiLU -> dropout -> linear(num_classes)``, with SiLU activations and
     GroupNorm after every convolution. :meth:`features` returns the ``feature_dim``-d (64 by default) penultimate
     activations (after the SiLU, before dropout), :meth:`forward` returns the logits.
 
@@ -129,6 +146,7 @@ class DigitsClassifier(ModelMixin, ConfigMixin):
         num_classes: Number of classes.
         dropout: Dropout applied to the features during training.
         norm_groups: Groups of the GroupNorm layers.
+        image_size: Height and width S of the (square, even) images.
     """
 
     @register_to_config
@@ -139,15 +157,18 @@ class DigitsClassifier(ModelMixin, ConfigMixin):
         num_classes: int = 10,
         dropout: float = 0.2,
         norm_groups: int = 8,
+        image_size: int = 8,
     ) -> None:
         super().__init__()
+        if image_size < 2 or image_size % 2:
+            raise ValueError(f"`image_size` must be an even integer >= 2; got {image_size!r}.")
         c0, c1 = (int(c) for c in channels)
 
         def block(cin: int, cout: int) -> list[nn.Module]:
             return [nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(norm_groups, cout), nn.SiLU()]
 
         self.conv = nn.Sequential(*block(1, c0), *block(c0, c0), nn.MaxPool2d(2), *block(c0, c1), *block(c1, c1))
-        self.fc = nn.Linear(c1 * 4 * 4, feature_dim)
+        self.fc = nn.Linear(c1 * (image_size // 2) ** 2, feature_dim)
         self.feature_dropout = nn.Dropout(dropout)
         self.head = nn.Linear(feature_dim, num_classes)
 
@@ -155,7 +176,7 @@ class DigitsClassifier(ModelMixin, ConfigMixin):
         """Penultimate features.
 
         Args:
-            x: Images of shape ``(N, 1, 8, 8)`` in ``[-1, 1]``.
+            x: Images of shape ``(N, 1, S, S)`` in ``[-1, 1]``.
 
         Returns:
             Features of shape ``(N, feature_dim)`` (``(N, 64)`` by default).
@@ -167,7 +188,7 @@ class DigitsClassifier(ModelMixin, ConfigMixin):
         """Class logits.
 
         Args:
-            x: Images of shape ``(N, 1, 8, 8)`` in ``[-1, 1]``.
+            x: Images of shape ``(N, 1, S, S)`` in ``[-1, 1]``.
 
         Returns:
             Logits of shape ``(N, num_classes)``.
@@ -176,14 +197,14 @@ class DigitsClassifier(ModelMixin, ConfigMixin):
 
 
 def _to_nchw(x: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """Accept ``(N, 1, 8, 8)`` / ``(N, 8, 8)`` / ``(N, 8, 8, 1)`` tensors or arrays; return float ``(N, 1, 8, 8)``."""
+    """Accept ``(N, 1, S, S)`` / ``(N, S, S)`` / ``(N, S, S, 1)`` tensors or arrays; return float ``(N, 1, S, S)``."""
     t = torch.as_tensor(x)
     if t.ndim == 3:
         t = t.unsqueeze(1)
     elif t.ndim == 4 and t.shape[1] != 1 and t.shape[-1] == 1:
         t = t.permute(0, 3, 1, 2)
     if t.ndim != 4 or t.shape[1] != 1:
-        raise ValueError(f"expected images of shape (N, 1, 8, 8), got {tuple(t.shape)}")
+        raise ValueError(f"expected images of shape (N, 1, S, S), got {tuple(t.shape)}")
     return t.float()
 
 
@@ -195,7 +216,7 @@ def classifier_features(
 
     Args:
         classifier: A :class:`DigitsClassifier` (put in eval mode; its previous mode is restored afterwards).
-        x: Images in ``[-1, 1]``, shape ``(N, 1, 8, 8)`` (``(N, 8, 8)`` and channels-last ``(N, 8, 8, 1)`` are also
+        x: Images in ``[-1, 1]``, shape ``(N, 1, S, S)`` (``(N, S, S)`` and channels-last ``(N, S, S, 1)`` are also
             accepted, e.g. a pipeline's ``output_type="np"`` output after ``* 2 - 1``).
         batch_size: Images per forward pass.
 

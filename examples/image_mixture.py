@@ -141,16 +141,24 @@ def _gen(seed: int) -> torch.Generator:
 
 @torch.no_grad()
 def run_diffusers(
-    model: GaussianMixtureDenoiser, name: str, steps: int, n: int, seed: int
+    model: torch.nn.Module, name: str, steps: int, n: int, seed: int, config: dict[str, Any] | None = None
 ) -> tuple[torch.Tensor, float]:
-    """diffusers' sampling loop (init_noise_sigma, scale_model_input) with one of :data:`BASELINES`."""
+    """diffusers' sampling loop (init_noise_sigma, scale_model_input) with one of :data:`BASELINES`, at its defaults
+    on ``config`` (default: :func:`scheduler_config`). ``model``: the exact mixture (float64 samples) or a learned
+    UNet2DModel (samples in its dtype, shaped as its config's sample_size); the start noise is
+    ``randn_tensor((n, *shape), generator=Generator().manual_seed(seed), dtype)``, the pipeline's."""
     import inspect
 
     cls, kwargs = BASELINES[name]
-    scheduler = cls.from_config(scheduler_config(), **kwargs)
+    scheduler = cls.from_config(config if config is not None else scheduler_config(), **kwargs)
     scheduler.set_timesteps(steps)
     g = _gen(seed)
-    sample = randn_tensor((n, *model.sample_shape), generator=g, dtype=torch.float64) * scheduler.init_noise_sigma
+    if isinstance(model, GaussianMixtureDenoiser):
+        shape, dtype = model.sample_shape, torch.float64
+    else:
+        side = model.config.sample_size
+        shape, dtype = (model.config.in_channels, *((side, side) if isinstance(side, int) else side)), model.dtype
+    sample = randn_tensor((n, *shape), generator=g, dtype=dtype) * scheduler.init_noise_sigma
     step_kwargs = {"generator": g} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for t in scheduler.timesteps:
         out = model(scheduler.scale_model_input(sample, t), t).sample

@@ -122,3 +122,29 @@ def test_float16_storage_halves_the_table_and_samples_alike(pipe) -> None:
     b = pipe(batch_size=256, num_inference_steps=4, generator=_gen(15), covariance="calibrated", output_type="pt")
     assert torch.isfinite(a.images).all()
     assert float((a.images - b.images).abs().max()) < 0.05  # float16 factors: the same draws to ~1e-3
+
+
+def test_scaled_stationary_moments_scale_each_frequencys_directions() -> None:
+    """The second-order chain (``mean_order=2``) scales each direction's variance v by f(v): for the stationary
+    structure the directions are each frequency's eigenvectors, so the scaled covariance is the dense one's matrix
+    function Sigma f(Sigma)."""
+    from mmgibbs.moments import DenoisingMoments
+
+    level = calibrate_stationary_level(
+        torch.randn(64, *SHAPE, generator=_gen(20), dtype=F64), torch.zeros(64, *SHAPE, dtype=F64), 1.0, 1
+    )
+    cov = StationaryCovariance(level.root, SHAPE)
+    moments = DenoisingMoments(mu=torch.zeros(1, *SHAPE, dtype=F64), sigma=torch.ones(1, dtype=F64),
+                               covariance="calibrated_stationary", variance=cov)  # fmt: skip
+    factor = lambda v: 1.0 / (1.0 + 3.0 * v)  # noqa: E731
+    scaled = moments.scaled(factor).variance
+    assert isinstance(scaled, StationaryCovariance)
+    evals, evecs = torch.linalg.eigh(cov.dense()[0])
+    torch.testing.assert_close(scaled.dense()[0], (evecs * (evals * factor(evals))) @ evecs.T)
+
+
+def test_calibrated_stationary_runs_the_second_order_chain(pipe) -> None:
+    table = pipe.calibrate_covariance(4, samples=pipe.unet.sample(256, _gen(21)), generator=_gen(22), num_clusters=1)
+    assert table.structure == "stationary"
+    out = pipe(batch_size=8, num_inference_steps=4, generator=_gen(23), mean_order=2, output_type="pt").images
+    assert torch.isfinite(out).all()

@@ -19,18 +19,9 @@ eta = 1 that is the DDPM posterior q(y_{i+1} | y_i, x) with x ~ N(mu, Sigma) int
 around the drawn x. For every eta an exact posterior draw x would leave y_{i+1} with the exact marginal at level
 i+1; the moment-matched Gaussian makes that exact for Gaussian data.
 
-Second-order mean (``mean_order=2``, ancestral transition only). Step 4 with c = sigma_{i+1} / sigma_i (eta 0) is
-the exponential integrator y_{i+1} = e^{-h} y_i + (1 - e^{-h}) x, h_i = log(sigma_i / sigma_{i+1}) (lambda = -log
-sigma), of first order in the data prediction x. DPM-Solver++(2M) (Lu et al. 2022) replaces the prediction by its
-multistep extrapolation in lambda; ``mean_order=2`` centres the draw on it instead of on mu_i:
-
-    2'. x ~ N(mu2_i, Sigma_i),   mu2_i = mu_i + (mu_i - mu_{i-1}) h_i / (2 h_{i-1})
-
-with mu_{i-1} the mean of the previous transition between levels (sweeps within a level neither use nor change it);
-the first transition and the last step stay first order (DPM-Solver++'s warm-up and its first-order final step).
-With Sigma = 0 this is DPM-Solver++(2M) step for step at eta 0 and its SDE form ("sde-dpmsolver++", midpoint) at
-eta 1. For Gaussian data the first-order kernel is already exact with the exact Sigma; on learned models of real
-images the mean's discretisation error dominates at 10-20 steps, which the extrapolation removes (docs/results.md).
+Second-order mean (``mean_order=2``, ancestral transition only): the draw is centred on DPM-Solver++(2M)'s
+extrapolated data prediction instead of mu_i, and its covariance keeps only the variance that step still lacks
+(``mmgibbs.multistep``); with Sigma = 0 it is DPM-Solver++(2M) step for step (eta 0) and its SDE form (eta 1).
 """
 
 from __future__ import annotations
@@ -45,6 +36,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .covariances import CovarianceEstimator
 from .moments import DenoisingMoments, Generator
+from .multistep import MultistepMean, VarianceMatch
 
 TRANSITIONS = ("ancestral", "gibbs")
 FINAL_OUTPUTS = ("sample", "mean")
@@ -89,28 +81,6 @@ def kept_noise_share(sigma: float, sigma_next: float, transition: str = "ancestr
     if transition == "gibbs" or ratio >= 1.0:
         return 0.0
     return math.sqrt(1.0 - eta**2 * (1.0 - ratio**2))
-
-
-class MultistepMean:
-    """DPM-Solver++(2M)'s extrapolated data prediction across the chain's transitions (module docstring, step 2').
-
-    ``order=1`` leaves mu as it is. Call :meth:`__call__` once per step, with the step's clipped mean: it returns
-    the mean to centre the draw on, and remembers (mu_i, h_i) of every transition between levels.
-    """
-
-    def __init__(self, order: int = 1):
-        self.order = order
-        self.previous: tuple[torch.Tensor, float] | None = None
-
-    def __call__(self, mu: torch.Tensor, sigma: float, sigma_next: float | None) -> torch.Tensor:
-        if self.order == 1 or sigma_next is None or not sigma_next < sigma:
-            return mu
-        h = math.log(sigma / sigma_next)
-        previous, self.previous = self.previous, (mu, h)
-        if previous is None:
-            return mu
-        mu_prev, h_prev = previous
-        return mu + (mu - mu_prev.to(mu.dtype)) * (h / (2.0 * h_prev))
 
 
 def check_mean_order(mean_order: object, transition: str) -> None:
@@ -164,14 +134,16 @@ def gibbs_step(
     known: tuple[torch.Tensor, torch.Tensor] | None = None,
     generator: Generator = None,
     multistep: MultistepMean | None = None,
+    rescale: Callable[[DenoisingMoments], DenoisingMoments] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 2-4 of the kernel: draw x ~ N(mu, Sigma) at level ``sigma``, then re-noise it to ``sigma_next``.
 
     Returns ``(y_next, mu)``; after the last step (``sigma_next=None``) ``(x, mu)`` (or ``(mu, mu)``).
     ``clip_range`` clamps mu to [-r, r] (diffusers' ``clip_sample``); ``known = (x_known, keep)`` conditions the
     draw (and a final mean) on x = x_known where ``keep`` is 1 (:func:`condition_on_known`); ``multistep`` (a
-    :class:`MultistepMean` carried across the steps) centres the draw on the extrapolated mean (step 2'). Random
-    numbers are drawn in this order: the draw x (unless ``covariance="none"``), then the re-noising z.
+    :class:`~mmgibbs.multistep.MultistepMean` carried across the steps) centres the draw on the extrapolated mean
+    and ``rescale`` gives the covariance the second-order step still needs (``mmgibbs.multistep``). Random numbers
+    are drawn in this order: the draw x (unless ``covariance="none"``), then the re-noising z.
     """
     mu = moments.mu.to(y.dtype)
     if clip_range is not None:
@@ -180,6 +152,8 @@ def gibbs_step(
     centre = multistep(mu, sigma, sigma_next) if multistep is not None else mu
     if centre is not mu:
         moments = dataclasses.replace(moments, mu=centre)
+    if rescale is not None:
+        moments = rescale(moments)
     x = moments.sample(generator).to(y.dtype) if moments.covariance != "none" else centre
     if known is not None:
         x = condition_on_known(moments, x, known)
@@ -232,6 +206,9 @@ def sample(
     check_mean_order(mean_order, transition)
     estimator.check_levels(sigmas)
     multistep = MultistepMean(mean_order)
+    match = None
+    if mean_order == 2:
+        match = VarianceMatch(sigmas, order=2, transition=transition, eta=eta, final_output=final_output)
     counts = dict.fromkeys(COUNTS, 0)
     mu, n = y, len(sigmas)
     for i in progress(range(n)):
@@ -251,6 +228,7 @@ def sample(
             known=known,
             generator=generator,
             multistep=multistep,
+            rescale=(lambda m, i=i: match.scale(i, m)) if match is not None else None,
         )
         if callback is not None:
             replaced = callback(i, y, mu)

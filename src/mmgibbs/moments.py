@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -103,6 +104,40 @@ class DenoisingMoments:
             root = evecs * evals.clamp(min=0).sqrt().unsqueeze(-2)  # Q diag(sqrt(lambda))
             return torch.einsum("nij,nj->ni", root, z.flatten(1)).reshape(z.shape)
         return _per_sample(self.variance, z).sqrt() * z
+
+    def scaled(self, factor: Callable[[torch.Tensor], torch.Tensor]) -> DenoisingMoments:
+        """These moments with the variance v of every direction of Sigma multiplied by ``factor(v)`` (elementwise,
+        on a tensor of variances), the directions taken in Sigma's own form: the per-sample scalar (isotropic), every
+        entry (diagonal), the eigenvectors (full), the factor's orthogonal columns and the diagonal's entries (low rank
+        + diagonal; on a corrected span the core's eigenvectors), each frequency's C x C eigenvectors (stationary),
+        and for ``projection`` its draw as one direction of the draw's mean square. ``none`` is returned as it is.
+        Used by the second-order chain (:class:`mmgibbs.multistep.VarianceMatch`)."""
+        if self.covariance == "none":
+            return self
+        if self.draw is not None:
+            v = self.draw.flatten(1).pow(2).mean(-1)
+            return dataclasses.replace(self, draw=self.draw * _per_sample(factor(v).sqrt(), self.draw))
+        var = self.variance
+        if isinstance(var, LowRankCovariance):
+            columns = var.factor.pow(2).sum(-2)  # (N, r): the columns are orthogonal
+            scaled = LowRankCovariance(
+                var.factor * factor(columns).sqrt().unsqueeze(-2), var.diagonal * factor(var.diagonal)
+            )
+            if var.basis is not None:
+                evals, evecs = torch.linalg.eigh(var.core_root @ var.core_root.transpose(-1, -2))
+                evals = evals.clamp(min=0.0)
+                scaled.basis, scaled.core_root = var.basis, evecs * (evals * factor(evals)).sqrt().unsqueeze(-2)
+            return dataclasses.replace(self, variance=scaled)
+        if isinstance(var, StationaryCovariance):  # each frequency's C x C density S = L L^H, by its eigenvectors
+            evals, evecs = torch.linalg.eigh(var.root @ var.root.mH)
+            evals = evals.clamp(min=0.0)
+            root = (evecs * (evals * factor(evals)).sqrt().unsqueeze(-2).to(evecs.dtype)) @ evecs.mH
+            return dataclasses.replace(self, variance=StationaryCovariance(root, var.shape))
+        if self.covariance == "full":
+            evals, evecs = torch.linalg.eigh(var)
+            evals = evals.clamp(min=0.0)
+            return dataclasses.replace(self, variance=(evecs * (evals * factor(evals)).unsqueeze(-2)) @ evecs.mT)
+        return dataclasses.replace(self, variance=var * factor(var))
 
     def mean_variance(self) -> torch.Tensor:
         """trace(Sigma) / d per sample, shape (N,)."""

@@ -46,8 +46,9 @@ from . import sources
 from .calibration import TABLE_FILE, CovarianceTable
 from .checks import check_generator, check_number, check_tensor, is_real
 from .covariances import CovarianceEstimator, check_settings, estimator_class, make_estimator
-from .gibbs import FINAL_OUTPUTS, TRANSITIONS, LevelDenoiser, MultistepMean, check_mean_order, gibbs_step
+from .gibbs import FINAL_OUTPUTS, TRANSITIONS, LevelDenoiser, check_mean_order, gibbs_step
 from .moments import Generator
+from .multistep import MultistepMean, VarianceMatch
 from .noise import (
     _DEFAULT_PREDICTION,
     _PREDICTION_ALIASES,
@@ -495,6 +496,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         self._step_index: int | None = None
         self._begin_index: int | None = None
         self._multistep = MultistepMean(self.config.mean_order)  # the previous transition's mean, for step()
+        self._match: tuple[int, float, VarianceMatch] | None = None  # (first step, eta, factors) of this run
 
     @property
     def init_noise_sigma(self) -> float:
@@ -786,6 +788,15 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         mu = denoise_in_ve_frame(lambda *_: model_output, y, timestep, self._levels[i][0], *coefficients)
         moments = estimator.from_mean(y, mu, sigma)
         last = i == len(self.timesteps) - 1
+        rescale = None
+        if cfg.mean_order == 2:  # the draw's variance matched to the second-order step, for this run's levels
+            if self._match is None or self._match[1] != eta:
+                first = i if self._match is None else self._match[0]
+                sigmas = self.ve_sigmas()[first:]
+                match = VarianceMatch(sigmas, transition=cfg.transition, eta=eta, final_output=cfg.final_output)
+                self._match = (first, eta, match)
+            first, _, match = self._match
+            rescale = lambda m: match.scale(i - first, m)  # noqa: E731
         out, mu = gibbs_step(
             moments,
             y,
@@ -797,6 +808,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
             clip_range=self._clip_range(),
             generator=generator,
             multistep=self._multistep,
+            rescale=rescale,
         )
         prev = out if last else self.from_ve(out, i + 1)
         self._step_index = i + 1
