@@ -299,14 +299,22 @@ def calibrate_stationary_level(
         return StationaryLevel.concat(sigma, fits)
     centroids, assignment = _clusters(mu.flatten(1), num_clusters, generator)
     r = x - mu
-    pooled = spectral_moment(r) / len(r)
+    moments = [spectral_moment(r[assignment == c]) for c in range(len(centroids))]
+    counts = torch.bincount(assignment, minlength=len(centroids)).tolist()
+    return StationaryLevel(sigma, centroids, stationary_roots(torch.stack(moments), counts, shrinkage))
+
+
+def stationary_roots(moments: torch.Tensor, counts: Sequence[int], shrinkage: float) -> torch.Tensor:
+    """Per cluster, from its summed spectral moment (C, H, W', c, c) and sample count n_c: the Hermitian square root
+    of w_c S_c + (1 - w_c) S_pooled, S_c = moment / n_c (0 below 2 samples), S_pooled = the summed moments over
+    all samples, w_c = n_c / (n_c + ``shrinkage``)."""
+    pooled = moments.sum(0) / sum(counts)
     roots = []
-    for c in range(len(centroids)):
-        rc = r[assignment == c]
-        weight = len(rc) / (len(rc) + shrinkage)
-        own = spectral_moment(rc) / len(rc) if len(rc) >= 2 else torch.zeros_like(pooled)
+    for moment, count in zip(moments, counts, strict=True):
+        weight = count / (count + shrinkage)
+        own = moment / count if count >= 2 else torch.zeros_like(pooled)
         roots.append(hermitian_sqrt(weight * own + (1.0 - weight) * pooled))
-    return StationaryLevel(sigma, centroids, torch.stack(roots))
+    return torch.stack(roots)
 
 
 def calibrate_level(
@@ -342,14 +350,31 @@ def calibrate_level(
         centroids = m.mean(0, keepdim=True)
         return LevelCovariance(sigma, centroids, pooled_factor[None], pooled_diag[None])
     centroids, assignment = kmeans(m, num_clusters, generator)
-    factors, diagonals = [], []
+    fits = []
     for c in range(centroids.shape[0]):
         rc = r[assignment == c]
-        weight = len(rc) / (len(rc) + shrinkage)
-        if len(rc) >= 2:
-            fc, dc = low_rank_plus_diagonal(rc, rank, factor_iterations)
-        else:
-            fc, dc = pooled_factor.new_zeros(pooled_factor.shape), torch.zeros_like(pooled_diag)
+        fits.append((low_rank_plus_diagonal(rc, rank, factor_iterations) if len(rc) >= 2 else None, len(rc)))
+    factor, diagonal = shrink_clusters((pooled_factor, pooled_diag), fits, shrinkage, rank)
+    return LevelCovariance(sigma, centroids, factor, diagonal)
+
+
+def shrink_clusters(
+    pooled: tuple[torch.Tensor, torch.Tensor],
+    fits: Sequence[tuple[tuple[torch.Tensor, torch.Tensor] | None, int]],
+    shrinkage: float,
+    rank: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every cluster's low rank + diagonal fit (``(F_c, D_c)``, None for fewer than 2 samples, and its sample count
+    n_c) mixed with the pooled one, w_c Sigma_c + (1 - w_c) Sigma_pooled, w_c = n_c / (n_c + ``shrinkage``), and
+    brought back to ``rank`` columns (:func:`mmgibbs.moments.compress_low_rank`, the diagonal kept exact); returns
+    the factors (C, d, r) (zero-padded to one width, columns by decreasing variance) and diagonals (C, d)."""
+    pooled_factor, pooled_diag = pooled
+    factors, diagonals = [], []
+    for fit, count in fits:
+        weight = count / (count + shrinkage)
+        fc, dc = (
+            fit if fit is not None else (pooled_factor.new_zeros(pooled_factor.shape), torch.zeros_like(pooled_diag))
+        )
         mixed = torch.cat([math.sqrt(weight) * fc, math.sqrt(1.0 - weight) * pooled_factor], dim=-1)
         f, d = compress_low_rank(mixed, weight * dc + (1.0 - weight) * pooled_diag, rank)
         factors.append(f)
@@ -358,7 +383,7 @@ def calibrate_level(
     factor = torch.stack([torch.nn.functional.pad(f, (0, width - f.shape[-1])) for f in factors])  # zeros: no variance
     order = factor.pow(2).sum(-2).argsort(-1, descending=True)  # columns by decreasing variance
     factor = torch.gather(factor, -1, order.unsqueeze(-2).expand_as(factor))
-    return LevelCovariance(sigma, centroids, factor, torch.stack(diagonals))
+    return factor, torch.stack(diagonals)
 
 
 @dataclass
