@@ -1231,6 +1231,14 @@ def _calibration_cases() -> list[Case]:
          "samples are drawn; with `samples` none are drawn", ValueError),
         ("`num_samples=100` beside 8 `samples`", {"num_samples": 100}, "`num_samples` sets how the model's own "
          "samples are drawn", ValueError),
+        ("`streaming=\"yes\"`", {"streaming": "yes"}, "`streaming` must be True, False or None (decide by size); "
+         "got 'yes'", ValueError),
+        ("`cluster_samples=0`", {"cluster_samples": 0, "streaming": True}, "`cluster_samples` must be an integer "
+         ">= 1; got 0", ValueError),
+        ("`sketch=-1`", {"sketch": -1, "streaming": True}, "`sketch` must be an integer >= 0 (0: exact second "
+         "moments); got -1", ValueError),
+        ("`streaming=True` with `factor_iterations=2`", {"streaming": True, "factor_iterations": 2},
+         "`factor_iterations` > 1 refits the diagonal against the whole second moment", ValueError),
     ]  # fmt: skip
     cases = [Case(c, where, i, m, lambda _, kw=kw: calibrate(**kw), e) for i, kw, m, e in call]
     own: list[tuple[str, dict[str, Any], str]] = [

@@ -36,7 +36,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from . import gibbs
-from .calibration import TABLE_FILE, CovarianceTable, calibrate_covariance
+from .calibration import SIGMA_RTOL, TABLE_FILE, CovarianceTable, calibrate_covariance
 from .checks import (
     UNSET,
     Unset,
@@ -52,7 +52,9 @@ from .checks import (
 )
 from .covariances import CALIBRATED_COVARIANCES, COVARIANCES, ESTIMATORS
 from .families import FAMILIES, Family, Unconditional, check_denoiser, family_of, sample_shape
+from .families.base import work_dtype
 from .scheduler import MMGibbsScheduler
+from .streaming import Shards, stream_covariance
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 #: the host components this pipeline can hold (the union over the supported families)
@@ -100,6 +102,8 @@ NOT_CALIBRATION_ARGUMENTS = {
     "masked_image_latents": "calibrate text-to-image: image-to-image and inpainting chains read the same levels",
     "strength": "calibrate text-to-image: image-to-image and inpainting chains read the same levels",
 }
+#: sample numbers (N x d) above which ``calibrate_covariance`` streams by default (``mmgibbs.streaming``)
+STREAM_ABOVE = 2**24
 #: the self-sampling run's steps with the host's own scheduler (``calibrate_covariance``, conditional families)
 DEFAULT_HOST_SAMPLER_STEPS = 100
 #: what a saved folder needs so that ``DiffusionPipeline.from_pretrained`` finds this class (diffusers' custom
@@ -486,6 +490,9 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         num_conditions: int = 16,
         covariance: str | None = None,
         dtype: torch.dtype | None = None,
+        streaming: bool | None = None,
+        cluster_samples: int = 4096,
+        sketch: int | None = None,
         **conditioning: Any,
     ) -> CovarianceTable:
         """Calibrate ``covariance="calibrated"`` for the levels of ``num_inference_steps`` (``mmgibbs.calibration``).
@@ -524,6 +531,13 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
                 it reads a table, else ``"calibrated"``.
             dtype: the table's storage dtype (default float32, float64 for float64 samples; ``torch.float16``
                 halves its memory, the draws are made in the chain's dtype).
+            streaming: fit from sufficient statistics streamed chunk by chunk (``mmgibbs.streaming``: memory
+                independent of the number of samples, clusters from the first ``cluster_samples`` samples, a
+                progress bar over the chunks), instead of holding every residual of a level (the exact path);
+                default: streaming above 2^24 sample numbers (N x d) and always under several processes
+                (``accelerate launch``: each process calibrates every P-th batch, one reduction). Own samples are
+                then drawn per batch, with a generator seeded per batch.
+            cluster_samples, sketch: of the streaming fit (:func:`mmgibbs.streaming.stream_covariance`).
             conditioning: the host's usual conditioning arguments, as its call takes them: ``class_labels`` (DiT),
                 ``prompt`` / ``prompt_embeds`` and the family's negative and pooled embeddings, ``guidance_scale``
                 (and ``guidance_rescale``, ``true_cfg_scale``, ``height``, ``width``, ...). The per-image ones
@@ -614,46 +628,142 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             check_calibration(count, math.prod(shape), **structure, source=source)
         if samples is not None:
             check_samples(samples, "samples", shape)
+        check_number(cluster_samples, "cluster_samples", integer=True, low=1)
+        if sketch is not None:
+            check_number(sketch, "sketch", integer=True, low=0, hint=" (0: exact second moments)")
+        if streaming is not None and not isinstance(streaming, bool):
+            raise ValueError(f"`streaming` must be True, False or None (decide by size); got {streaming!r}.")
         kind = ESTIMATORS[covariance].level_kind
         if kind == "stationary" and len(shape) != 3:
             raise ValueError(
                 f"covariance={covariance!r} needs image-shaped samples (C, H, W); this model's are {shape}: use "
                 "covariance='calibrated' (low rank + diagonal), e.g. for Flux's packed latents."
             )
-        if conditional:
-            jobs = [
-                self._calibration_job(family, self.scheduler, conditioning, start, min(start + batch, count))
-                for start in range(0, count, batch)
-            ]
-        settings: dict[str, Any] = {"source": "given samples", "sampler_sample_forwards": 0}
-        if samples is None:
-            samples, settings = self._own_samples(
-                family, conditioning, num_samples, batch, sampler_steps, sampler_covariance, generator
+        shards = Shards.from_environment()
+        key_dim = int(jobs[0].extra["condition"].shape[-1]) if conditional else None
+        if streaming is None:
+            streaming = shards.count > 1 or count * math.prod(shape) > STREAM_ABOVE
+        elif not streaming and shards.count > 1:
+            raise ValueError(
+                f"`streaming=False` holds every residual in one process; under {shards.count} processes the "
+                "calibration streams its shards (leave `streaming` out)."
             )
-        samples = samples.to(device)
-        keys = torch.cat([job.extra["condition"] for job in jobs]) if conditional else None
-        if conditional:
-            settings["guidance"] = jobs[0].extra["guidance"]
+        if streaming and factor_iterations != 1:
+            raise ValueError(
+                "`factor_iterations` > 1 refits the diagonal against the whole second moment, which the streaming "
+                "fit does not hold (it keeps a sketch of it above d = 512): pass streaming=False, or leave "
+                "factor_iterations at 1 (PCA + diagonal remainder, the measured better fit)."
+            )
         table, old = None, self.scheduler.covariance_table
-        for n in steps:
-            family.set_timesteps(self.scheduler, n, device, conditioning)
-            denoisers = [self.scheduler.denoiser(job.predict) for job in jobs]
-            new = calibrate_covariance(
-                denoisers if conditional else denoisers[0],
-                self.scheduler.ve_sigmas(),
-                samples,
-                **structure,
-                skip=table,
-                conditions=keys,
-                num_conditions=num_conditions,
-                structure=kind,
-                dtype=dtype,
-            )
-            new.settings.update(settings)
-            table = new if table is None else table.merge(new)
+        if streaming:
+            table = self._stream_calibration(
+                family, conditioning, steps, samples, count, batch, shape, kind, shards, key_dim,
+                dict(structure, num_conditions=num_conditions, dtype=dtype, cluster_samples=cluster_samples,
+                     sketch=sketch),
+                (sampler_steps, sampler_covariance),
+            )  # fmt: skip
+        else:
+            if conditional:
+                jobs = [
+                    self._calibration_job(family, self.scheduler, conditioning, start, min(start + batch, count))
+                    for start in range(0, count, batch)
+                ]
+            settings: dict[str, Any] = {"source": "given samples", "sampler_sample_forwards": 0}
+            if samples is None:
+                samples, settings = self._own_samples(
+                    family, conditioning, num_samples, batch, sampler_steps, sampler_covariance, generator
+                )
+            samples = samples.to(device)
+            keys = torch.cat([job.extra["condition"] for job in jobs]) if conditional else None
+            if conditional:
+                settings["guidance"] = jobs[0].extra["guidance"]
+            for n in steps:
+                family.set_timesteps(self.scheduler, n, device, conditioning)
+                denoisers = [self.scheduler.denoiser(job.predict) for job in jobs]
+                new = calibrate_covariance(
+                    denoisers if conditional else denoisers[0],
+                    self.scheduler.ve_sigmas(),
+                    samples,
+                    **structure,
+                    skip=table,
+                    conditions=keys,
+                    num_conditions=num_conditions,
+                    structure=kind,
+                    dtype=dtype,
+                )
+                new.settings.update(settings)
+                table = new if table is None else table.merge(new)
         if old is not None and old.same_conditions(table):
             table = table.merge(old)
         self.scheduler.set_covariance_table(table)
+        return table
+
+    def _stream_calibration(
+        self,
+        family: Family,
+        conditioning: dict[str, Any],
+        steps: list[int],
+        samples: torch.Tensor | None,
+        count: int,
+        batch: int,
+        shape: tuple[int, ...],
+        kind: str,
+        shards: Shards,
+        key_dim: int | None,
+        fit: dict[str, Any],
+        sampler: tuple[int | None, str | None],
+    ) -> CovarianceTable:
+        """``calibrate_covariance`` streamed (``mmgibbs.streaming``): the distinct levels of every step count at once,
+        batch by batch, each batch's own samples drawn (if none are given) with a generator seeded per batch."""
+        device = self._execution_device
+        conditional = not isinstance(family, Unconditional)
+        levels: list[Any] = []
+        for n in steps:
+            family.set_timesteps(self.scheduler, n, device, conditioning)
+            for level in self.scheduler.snapshot_levels():
+                if not any(math.isclose(level[0], other[0], rel_tol=SIGMA_RTOL) for other in levels):
+                    levels.append(level)
+        sizes = [min(batch, count - start) for start in range(0, count, batch)]
+        generator = fit.pop("generator")
+        seeds = shards.same(torch.randint(2**62, (len(sizes),), generator=generator)).tolist()  # own samples
+        unconditional = None if conditional else family.prepare(self.scheduler, batch_size=1, device=device)
+        settings: dict[str, Any] = {"source": "given samples", "sampler_sample_forwards": 0}
+
+        def source(c: int) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
+            start, stop = c * batch, c * batch + sizes[c]
+            rows = {k: _rows(v, start, stop) if k in family.conditioning else v for k, v in conditioning.items()}
+            if samples is not None:
+                x = samples[start:stop]
+            else:
+                x, how = self._own_samples(
+                    family, rows, stop - start, stop - start, *sampler, torch.Generator().manual_seed(seeds[c])
+                )
+                settings["source"] = how["source"] + " (a generator seeded per batch)"
+                settings["sampler_sample_forwards"] = count * (how["sampler_sample_forwards"] // len(x))
+            job = self._calibration_job(family, self.scheduler, conditioning, start, stop) if conditional else None
+            job = job or unconditional
+            if conditional:
+                settings["guidance"] = job.extra["guidance"]
+            keys = job.extra.get("condition") if conditional else None
+            return x.to(device), MMGibbsScheduler.denoiser_over(job.predict, levels), keys
+
+        work = work_dtype(samples.dtype if samples is not None else self.denoiser_model.dtype)
+        storage = fit.pop("dtype") or work
+        table = stream_covariance(
+            source,
+            sizes,
+            [level[0] for level in levels],
+            shape,
+            key_dim=key_dim,
+            generator=generator,
+            dtype=work,
+            structure=kind,
+            shards=shards,
+            progress=self.progress_bar,
+            **{k: v for k, v in fit.items() if k not in ("batch_size", "factor_iterations")},
+        )
+        table.levels = [level.to(dtype=storage) for level in table.levels]
+        table.settings.update(settings)
         return table
 
     def _calibration_job(
