@@ -243,7 +243,9 @@ def test_results_page_has_a_block_for_every_section_and_no_other() -> None:
     assert set(found.values()) == {results_doc.RESULTS_PAGE}
 
 
-@pytest.mark.parametrize("section", ["digits", "single-level", "toy", "image-mixture", "speed", "families"])
+@pytest.mark.parametrize(
+    "section", ["digits", "single-level", "toy", "image-mixture", "speed", "families", "latent", "conditional"]
+)
 def test_results_block_is_what_its_committed_results_file_renders_to(section: str) -> None:
     path = DOCS / "results" / f"{section}.json"
     if not path.is_file():
