@@ -4,6 +4,7 @@ per-condition and guided covariances (float64, exact class-conditional models th
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -245,3 +246,64 @@ def test_guided_calibration_lands_on_the_guided_processs_posterior_covariance() 
     for level in table.levels:
         for group in (0, 1):
             _assert_covariance(level.dense()[group], _posterior(cov, level.sigma), n, f"class {group}")
+
+
+#: docs/families.md's family names -> (tiny host, host arguments the tiny models need in both calls)
+RECIPE_HOSTS: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
+    "unconditional": (lambda: __import__("tiny_pipelines").tiny_ddpm_pipeline(), {}),
+    "Stable Diffusion 1.x/2.x": (tiny_stable_diffusion_pipeline, {}),
+    "SDXL": (tiny_sdxl_pipeline, {}),
+    "SD3": (tiny_sd3_pipeline, {"max_sequence_length": 8}),
+    "Flux": (tiny_flux_pipeline, {"height": 16, "width": 16, "max_sequence_length": 8}),
+    "DiT": (tiny_dit_pipeline, {}),
+    "PixArt": (tiny_pixart_pipeline, PIXART),
+}
+
+
+def _recipes() -> dict[str, str]:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "families.md").read_text()
+    section = text[text.index("## Calibrated, one line per family") :].split("\n## ")[0]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ") and "`" in line]
+    return {name.strip(): code.strip().strip("`") for name, code in rows}
+
+
+class _Small:
+    """The pipeline of a recipe, with the tiny host's arguments and small settings (2 levels, 2 sampler steps, one
+    cluster, rank 2) filled in, so that the documented line runs as written."""
+
+    def __init__(self, pipe: MomentMatchingGibbsPipeline, extra: dict[str, Any]):
+        self.pipe, self.extra, self.tables = pipe, extra, []
+
+    def calibrate_covariance(self, steps: int, **kw: Any) -> Any:
+        small = {"sampler_steps": 2, "num_clusters": 1, "rank": 2, "generator": _gen(3)}
+        if not kw:  # unconditional: own samples from the DDPM's ancestral sampler
+            small["num_samples"] = 4
+        self.tables.append(self.pipe.calibrate_covariance(2, **small, **self.extra, **kw))
+        return self.tables[-1]
+
+    def __call__(self, *args: Any, **kw: Any) -> Any:
+        return self.pipe(*args, **{**kw, "num_inference_steps": 2}, **self.extra, output_type="latent")
+
+
+def test_the_documented_calibrated_recipe_of_every_family_runs() -> None:
+    """docs/families.md's one line per family, on its tiny pipeline: the table is calibrated (one group per
+    condition, the line's guidance recorded) and the family's usual call samples with it."""
+    recipes = _recipes()
+    assert sorted(recipes) == sorted(RECIPE_HOSTS)
+    for family, code in recipes.items():
+        build, extra = RECIPE_HOSTS[family]
+        host = build()
+        host.set_progress_bar_config(disable=True)
+        pipe = _Small(_pipe(host), extra)
+        namespace = {"pipe": pipe, "prompts": PROMPTS * 2, "labels": [1, 5, 1, 5]}
+        calibrate, call = code.split("; ")
+        exec(compile(calibrate, f"docs/families.md: {family}", "exec"), namespace)
+        (table,) = pipe.tables
+        assert pipe.pipe.scheduler.covariance_table is table and table.num_samples == 4, family
+        if family != "unconditional":
+            guidance = float(re.search(r"guidance_scale=([\d.]+)", calibrate)[1])
+            assert len(table.conditions) == 2 and table.settings["guidance"]["guidance_scale"] == guidance, family
+        out = eval(compile(call, f"docs/families.md: {family}", "eval"), namespace)
+        assert torch.isfinite(out.images).all() and out.num_forward == 2, family
