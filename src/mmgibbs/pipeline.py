@@ -52,7 +52,7 @@ from .checks import (
 )
 from .covariances import CALIBRATED_COVARIANCES, COVARIANCES, ESTIMATORS
 from .families import FAMILIES, Family, Unconditional, check_denoiser, family_of, sample_shape
-from .families.base import work_dtype
+from .families.base import condition_of, work_dtype
 from .scheduler import MMGibbsScheduler
 from .streaming import Shards, stream_covariance
 
@@ -640,7 +640,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
                 "covariance='calibrated' (low rank + diagonal), e.g. for Flux's packed latents."
             )
         shards = Shards.from_environment()
-        key_dim = int(jobs[0].extra["condition"].shape[-1]) if conditional else None
+        key_dim = int(condition_of(jobs[0]).shape[-1]) if conditional else None
         if streaming is None:
             streaming = shards.count > 1 or count * math.prod(shape) > STREAM_ABOVE
         elif not streaming and shards.count > 1:
@@ -674,7 +674,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
                     family, conditioning, num_samples, batch, sampler_steps, sampler_covariance, generator
                 )
             samples = samples.to(device)
-            keys = torch.cat([job.extra["condition"] for job in jobs]) if conditional else None
+            keys = torch.cat([condition_of(job) for job in jobs]) if conditional else None
             if conditional:
                 settings["guidance"] = jobs[0].extra["guidance"]
             for n in steps:
@@ -744,7 +744,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             job = job or unconditional
             if conditional:
                 settings["guidance"] = job.extra["guidance"]
-            keys = job.extra.get("condition") if conditional else None
+            keys = condition_of(job) if conditional else None
             return x.to(device), MMGibbsScheduler.denoiser_over(job.predict, levels), keys
 
         work = work_dtype(samples.dtype if samples is not None else self.denoiser_model.dtype)
@@ -867,7 +867,7 @@ def conditioned(estimator: Any, table: CovarianceTable | None, job: Any) -> Any:
             + ", ".join(f"{k}=...)" for k in differ[:1])
             + "`)."
         )
-    return dataclasses.replace(estimator, condition_groups=table.group_of(job.extra.get("condition")))
+    return dataclasses.replace(estimator, condition_groups=table.group_of(condition_of(job)))
 
 
 def _row_count(value: Any) -> int:

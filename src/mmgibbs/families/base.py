@@ -11,9 +11,10 @@ it prepares a :class:`Job`:
   like any other, and its Jacobian products (diagonal, projection, full covariances) go through both branches;
 * ``finish(latents, output_type)``: decoding and post-processing with the host's VAE and image processor;
 * ``extra["condition"]``: one row per image identifying what the denoiser is conditioned on (the class id, or the
-  prompt embeddings of both guidance branches, flattened: :func:`condition_key`), and ``extra["guidance"]``: the
-  guidance settings in effect (``guidance_scale`` None without CFG). A calibrated covariance table is fitted to one
-  guided denoiser, and keeps a group of clusters per condition (``mmgibbs.calibration``): these tell it which.
+  prompt embeddings of both guidance branches, flattened: :func:`condition_key`, formed on demand by
+  :func:`condition_of`), and ``extra["guidance"]``: the guidance settings in effect (``guidance_scale`` None
+  without CFG). A calibrated covariance table is fitted to one guided denoiser, and keeps a group of clusters per
+  condition (``mmgibbs.calibration``): these tell it which.
 
 The kernel never sees a prompt, a VAE or a packed latent: it sees ``(y, step) -> mu``.
 """
@@ -237,11 +238,19 @@ def learned_sigma_call(model: torch.nn.Module, **conditioning: Any) -> Predict:
     return call
 
 
-def condition_key(*parts: torch.Tensor | None) -> torch.Tensor:
-    """What a guided denoiser is conditioned on, one row per image: every conditioning tensor (N, ...) given (None
-    left out) flattened and concatenated, float64 on the CPU. Two images have the same key exactly when their
-    denoisers are the same (same class, same prompt embeddings in both guidance branches)."""
-    return torch.cat([p.detach().flatten(1).to("cpu", torch.float64) for p in parts if p is not None], dim=1)
+def condition_key(*parts: torch.Tensor | None) -> Callable[[], torch.Tensor]:
+    """What a guided denoiser is conditioned on, one row per image, as a function that forms it: every conditioning
+    tensor (N, ...) given (None left out) flattened and concatenated, float64 on the CPU. Two images have the same
+    key exactly when their denoisers are the same (same class, same prompt embeddings in both guidance branches).
+    Formed only where a conditional table is read or calibrated (:func:`condition_of`): the copy to the CPU reads
+    the device, which a call without such a table must not do."""
+    return lambda: torch.cat([p.detach().flatten(1).to("cpu", torch.float64) for p in parts if p is not None], dim=1)
+
+
+def condition_of(job: Any) -> torch.Tensor | None:
+    """The job's condition keys (:func:`condition_key`), formed now; None for an unconditional job."""
+    key = job.extra.get("condition")
+    return key() if callable(key) else key
 
 
 def guidance_settings(cfg: bool, guidance_scale: float, **more: float) -> dict[str, float | None]:
