@@ -357,6 +357,12 @@ def step_microbenchmark(
         "MMGibbsScheduler, none": MMGibbsScheduler.from_config(config, covariance="none", source_scheduler=source),
         "MMGibbsScheduler, isotropic": MMGibbsScheduler.from_config(config, source_scheduler=source),
     }
+    return time_steps(schedulers, out, steps, reps)
+
+
+def time_steps(schedulers: dict[str, Any], out: torch.Tensor, steps: int, reps: int) -> dict[str, list[float]]:
+    """Seconds per step of each scheduler's loop over ``steps`` levels on the fixed model output ``out``, after one
+    warm-up loop each, over ``reps`` interleaved repetitions."""
     times: dict[str, list[float]] = {k: [] for k in schedulers}
 
     def loop(scheduler: Any) -> None:
@@ -696,22 +702,7 @@ def table_steps(scheduler: Any, tables: dict[str, Any], shape: tuple[int, ...], 
         ours = MMGibbsScheduler.from_config(scheduler.config, covariance=covariance, eta=0.0, source_scheduler=source)
         ours.set_covariance_table(table)
         schedulers[f"MMGibbsScheduler, {label}"] = ours
-    times: dict[str, list[float]] = {k: [] for k in schedulers}
-
-    def loop(s: Any) -> None:
-        s.set_timesteps(steps)
-        sample, generator = out.clone(), _generator()
-        for t in s.timesteps:
-            sample = s.step(out, t, sample, generator=generator).prev_sample
-
-    for s in schedulers.values():
-        loop(s)
-    for _ in range(reps):
-        for name, s in schedulers.items():
-            t0 = time.perf_counter()
-            loop(s)
-            times[name].append((time.perf_counter() - t0) / steps)
-    return times
+    return time_steps(schedulers, out, steps, reps)
 
 
 def latent_section(args: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
