@@ -2,6 +2,7 @@
 
     python examples/benchmark.py                      # everything (about 2-3 hours on 2 CPU cores)
     python examples/benchmark.py --section digits     # one section: digits | single-level | toy | image-mixture
+    python examples/benchmark.py --section conditional  # exact class- and prompt-conditional models (conditional.py)
     python examples/benchmark.py --quick              # a smoke run: 200 samples, 1 seed, few rows
     python examples/benchmark.py --section speed      # speed and memory (speed.py; also --section families)
 
@@ -776,17 +777,19 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "toy": render_toy,
 }
 #: the sections ``--section all`` runs (the speed sections are run on their own)
-ALL = ("digits", "single-level", "toy", "image-mixture")
+ALL = ("digits", "single-level", "toy", "image-mixture", "conditional")
 
 
 def renderers() -> dict[str, Callable[[dict[str, Any]], str]]:
     """Every section's renderer, the image-mixture and speed sections' included."""
+    import conditional
     import image_mixture
 
     return {
         **RENDERERS,
         "image-mixture": image_mixture.render,
         **{name: importlib.import_module(module).render for name, module in LEARNED_SECTIONS.items()},
+        "conditional": conditional.render,
         **{name: render for name, (_, render) in speed.SECTIONS.items()},
     }
 
@@ -800,6 +803,12 @@ def measure_section(name: str, args: argparse.Namespace, bench: Bench | None) ->
         return image_mixture.section_data(n, args.seeds, args.out_dir, args.force, args.quick)
     if name in LEARNED_SECTIONS:  # learned models with their own checkpoints (learned_bench.py); not in ALL
         return importlib.import_module(LEARNED_SECTIONS[name]).section_data(args)
+    if name == "conditional":  # exact conditional models through the DiT and SD families (conditional.py)
+        import conditional
+
+        n = 800 if args.quick else 3000
+        cases = tuple(args.conditional_cases or conditional.CASES)
+        return conditional.section_data(n, args.seeds[:1], args.out_dir, args.force, args.quick, cases)
     if name in speed.SECTIONS:  # timing sections, with their own models (speed.py)
         args.out_dir.mkdir(parents=True, exist_ok=True)
         return speed.SECTIONS[name][0](args)
@@ -814,6 +823,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--section", choices=["all", *ALL, "digits-levers", *LEARNED_SECTIONS, *speed.SECTIONS], default="all"
     )
     parser.add_argument("--num-samples", type=int, default=2000)
+    parser.add_argument(
+        "--conditional-cases",
+        nargs="+",
+        choices=["dit-mixture", "dit-gaussian", "sd-mixture", "sd-gaussian"],
+        help="the conditional section's exact models (default: all four)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out-dir", type=Path, default=Path("benchmark_out"))
     parser.add_argument("--threads", type=int, default=2)

@@ -8,6 +8,12 @@ With the network (Hub ids are real code paths; offline they fail with a message 
     python examples/calibrate.py --model google/ddpm-cifar10-32 --out calibrated-cifar10 --steps 20 \\
         --num-samples 2048 --sampler-steps 100 --batch-size 256
 
+Split over processes with accelerate (each process calibrates every P-th batch; the statistics are summed in one
+reduction, ``mmgibbs.streaming``; the main process saves):
+
+    accelerate launch --multi_gpu --num_processes 2 examples/calibrate.py --out calibrated-digits --digits \
+        --steps 10 20 --batch-size 100
+
 For each step count, the table holds the expected posterior covariance of every level of that schedule, low rank
 + diagonal per k-means cluster of the prediction mu(y) (``mmgibbs.calibration``): one model pass per calibration
 sample and level. Clean samples are the model's own by default (drawn here with ``--sampler-steps`` levels of its
@@ -24,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from digits import NUM_TRAIN
 from sample import DEFAULT_MODEL, _model_index, _number, check_writable, load_pipeline
 
@@ -47,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rank", type=positive_int, default=None, help="of the table's factors (default 16)")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="model batch (default: all at once)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--streaming", action="store_true", help="fit from streamed statistics (always so under several processes)"
+    )
+    parser.add_argument(
+        "--cluster-samples", type=positive_int, default=4096, help="streaming: the subsample the clusters come from"
+    )
     return parser
 
 
@@ -137,7 +150,8 @@ def clean_samples(args: argparse.Namespace) -> torch.Tensor | None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    pipe = MomentMatchingGibbsPipeline.from_pipe(load_pipeline(args.model))
+    state = PartialState(cpu=not torch.cuda.is_available())  # several processes under `accelerate launch`
+    pipe = MomentMatchingGibbsPipeline.from_pipe(load_pipeline(args.model)).to(state.device)
     pipe.set_progress_bar_config(disable=True)
     if folder_sample_shape(args.model) is None:  # a Hub model's sample shape is known only now (no model call yet)
         count = 0 if args.clean is not None else args.num_samples or 2048
@@ -152,8 +166,12 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size,
         num_clusters=args.clusters,
         rank=args.rank,
+        streaming=True if args.streaming else None,
+        cluster_samples=args.cluster_samples,
     )
     seconds = time.perf_counter() - start
+    if not state.is_main_process:
+        return
     pipe.save_pretrained(args.out)
     print(f"model:    {args.model}")
     rank = table.settings["rank"]
@@ -161,6 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     drawn, source = table.settings["sampler_sample_forwards"], table.settings["source"]
     print(f"cost:     {table.sample_forwards} single-sample forwards to calibrate, {drawn} to draw own samples")
     print(f"          ({source}); {seconds:.1f} s")
+    if "streaming" in table.settings:
+        streamed = table.settings["streaming"]
+        print(f"streamed: {streamed['processes']} process(es), clusters from {streamed['cluster_samples']} samples")
     print(f"wrote:    {args.out} (sample it: python examples/sample.py --model {args.out} --covariance calibrated)")
 
 

@@ -2,6 +2,7 @@
 
     python examples/benchmark.py --section speed      # digits UNet + an SD-shaped conditional UNet with CFG
     python examples/benchmark.py --section families   # a tiny model of every family, CFG on (cost per level)
+    python examples/benchmark.py --section latent     # calibrated tables at SD 1.5 / SDXL latent scale
 
 ``speed``: per-level wall time and peak memory of every covariance (``none``, ``isotropic``, ``diagonal`` with K = 1,
 2, 4 probes one product per pass and all K in one batched pass (``product_batch``), in reverse and forward mode,
@@ -18,6 +19,13 @@ overhead: ``MMGibbsScheduler`` swapped into the same ``DDPMPipeline`` / ``Stable
 offline), with classifier-free guidance on: model passes, seconds and peak memory per level for ``none``,
 ``isotropic``, ``diagonal`` (reverse mode, one probe) and ``projection``, next to the host pipeline's own loop.
 
+``latent``: the calibrated covariance tables at latent scale (issue 15 item 3): the bytes of each table structure
+(low rank + diagonal per cluster in float32 and float16, fewer clusters, the stationary Fourier structure) for SD
+1.5's 4 x 64 x 64 latents, measured, and for SDXL's 4 x 128 x 128 from the same formula; the scheduler step alone
+with each table against the host's DDIM step; whole loops on a full-size SD 1.5 UNet config with random weights
+(batch 1, CPU): the host pipeline with its DDIM, the same loop with the calibrated drop-in, the Gibbs pipeline; and
+the tiny family pipelines with a small real calibration each.
+
 Method. Every row is a whole pipeline call over ``levels`` levels (one sweep each), timed with
 ``time.perf_counter`` and divided by the levels; rows are interleaved (repetition r runs every row once, in an order
 rotated by r) after one warm-up call each, so slow phases of a shared machine hit all rows alike; reported: the
@@ -32,6 +40,7 @@ allocated before and not counted.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import platform
 import statistics
@@ -146,10 +155,13 @@ def paired_ratios(row: Row, reference: Row) -> list[float]:
 
 
 def table(rows: list[Row], ratio_label: str) -> str:
+    """The rows' markdown table (the peak memory column only where it was measured)."""
     by_name = {row.name: row for row in rows}
+    memory = not all(math.isnan(row.peak_mb) for row in rows)
     lines = [
-        f"| setting | passes per level (fwd / bwd / jvp) | ms per level, median | spread | {ratio_label} | peak MiB |",
-        "|---|---|---|---|---|---|",
+        f"| setting | passes per level (fwd / bwd / jvp) | ms per level, median | spread | {ratio_label} |"
+        + " peak MiB |" * memory,
+        "|---|---|---|---|---|" + "---|" * memory,
     ]
     for row in rows:
         ratio = ""
@@ -158,7 +170,7 @@ def table(rows: list[Row], ratio_label: str) -> str:
             ratio = f"{statistics.median(ratios):.3f} ({_spread(ratios)})"
         lines.append(
             f"| {row.name} | {row.passes} | {statistics.median(row.seconds) * 1e3:.1f} | "
-            f"{_spread(row.seconds, 1e3, 1)} | {ratio} | {row.peak_mb:.1f} |"
+            f"{_spread(row.seconds, 1e3, 1)} | {ratio} |" + f" {row.peak_mb:.1f} |" * memory
         )
     return "\n".join(lines)
 
@@ -345,6 +357,12 @@ def step_microbenchmark(
         "MMGibbsScheduler, none": MMGibbsScheduler.from_config(config, covariance="none", source_scheduler=source),
         "MMGibbsScheduler, isotropic": MMGibbsScheduler.from_config(config, source_scheduler=source),
     }
+    return time_steps(schedulers, out, steps, reps)
+
+
+def time_steps(schedulers: dict[str, Any], out: torch.Tensor, steps: int, reps: int) -> dict[str, list[float]]:
+    """Seconds per step of each scheduler's loop over ``steps`` levels on the fixed model output ``out``, after one
+    warm-up loop each, over ``reps`` interleaved repetitions."""
     times: dict[str, list[float]] = {k: [] for k in schedulers}
 
     def loop(scheduler: Any) -> None:
@@ -596,10 +614,263 @@ def render_families(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------------------------------------ latent-scale tables
+#: SD 1.5's UNet config (runwayml/stable-diffusion-v1-5 unet/config.json), built with random weights
+SD15_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+#: ``--quick``: a small UNet of the same layout and latent size (a smoke run, not a measurement)
+QUICK_UNET_CONFIG: dict[str, Any] = {
+    **SD15_UNET_CONFIG,
+    "block_out_channels": (32, 64, 64, 64),
+    "layers_per_block": 1,
+    "attention_head_dim": 2,
+}
+#: the latent shapes the bytes are reported for: SD 1.5 at 512 px, SDXL at 1024 px
+LATENT_SHAPES = {"SD 1.5, 512 px": (4, 64, 64), "SDXL, 1024 px": (4, 128, 128)}
+#: (label, calibration settings) of the table structures measured
+TABLE_STRUCTURES: list[tuple[str, dict[str, Any]]] = [
+    ("low rank + diagonal, 16 clusters, rank 16, float32", {"structure": "low_rank", "num_clusters": 16}),
+    ("low rank + diagonal, 16 clusters, rank 16, float16",
+     {"structure": "low_rank", "num_clusters": 16, "dtype": torch.float16}),
+    ("low rank + diagonal, 1 cluster, rank 16, float16",
+     {"structure": "low_rank", "num_clusters": 1, "dtype": torch.float16}),
+    ("stationary (Fourier), 16 clusters, float32", {"structure": "stationary", "num_clusters": 16}),
+    ("stationary (Fourier), 1 cluster, float32", {"structure": "stationary", "num_clusters": 1}),
+]  # fmt: skip
+TABLE_LEVELS = 20  # the table of a 20-step schedule
+
+
+def level_bytes(structure: str, shape: tuple[int, ...], num_clusters: int, rank: int = 16, element: int = 4) -> int:
+    """Bytes of one calibrated level: low rank + diagonal, K d (rank + 2) numbers (centroids, factor, diagonal);
+    stationary, K (d + 2 H (W / 2 + 1) C^2) (centroids and the complex root on the half spectrum)."""
+    d = math.prod(shape)
+    if structure == "low_rank":
+        return num_clusters * d * (rank + 2) * element
+    channels, height, width = shape
+    return num_clusters * (d + 2 * height * (width // 2 + 1) * channels**2) * element
+
+
+def synthetic_table(scheduler: MMGibbsScheduler, steps: int, shape: tuple[int, ...], **settings: Any) -> Any:
+    """A table of the given structure for ``steps`` levels of ``scheduler``, through the calibration code itself
+    but on 64 random samples and the exact denoiser of N(0, I) (mu = y / (1 + sigma^2)): its shapes, bytes and
+    per-step cost are a real table's; its values only need to be finite."""
+    from mmgibbs.calibration import calibrate_covariance
+
+    scheduler.set_timesteps(steps)
+    sigmas = scheduler.ve_sigmas()
+    samples = torch.randn(64, *shape, generator=_generator())
+    return calibrate_covariance(
+        lambda y, i: y / (1 + sigmas[i] ** 2), sigmas, samples, rank=16, generator=_generator(), **settings
+    )
+
+
+def sd15_pipeline(seed: int = 0, config: dict[str, Any] | None = None) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline around a full-size SD 1.5 UNet with random weights (860 M parameters), the tests'
+    tiny VAE and text encoder (unused: the calls pass 768-wide prompt embeddings) and SD's DDIM settings; its
+    latents are 4 x 64 x 64 as SD 1.5's at 512 px."""
+    from diffusers import DDIMScheduler
+    from tiny_pipelines import SD_SCHEDULER_CONFIG, tiny_sd_components
+
+    components = tiny_sd_components(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        components["unet"] = UNet2DConditionModel(**(config or SD15_UNET_CONFIG)).eval()
+    components["scheduler"] = DDIMScheduler.from_config(SD_SCHEDULER_CONFIG)
+    pipe = StableDiffusionPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def table_steps(scheduler: Any, tables: dict[str, Any], shape: tuple[int, ...], steps: int, reps: int) -> dict:
+    """The scheduler step alone on a fixed model output: the host's own scheduler and MMGibbsScheduler with each
+    table (covariance calibrated / calibrated_stationary), seconds per step over ``reps`` interleaved loops."""
+    out = torch.randn(1, *shape, generator=_generator())
+    source = type(scheduler).__name__
+    schedulers = {f"{source} (the host's)": scheduler}
+    for label, table in tables.items():
+        covariance = "calibrated" if table.structure == "low_rank" else "calibrated_stationary"
+        ours = MMGibbsScheduler.from_config(scheduler.config, covariance=covariance, eta=0.0, source_scheduler=source)
+        ours.set_covariance_table(table)
+        schedulers[f"MMGibbsScheduler, {label}"] = ours
+    return time_steps(schedulers, out, steps, reps)
+
+
+def latent_section(args: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """``--section latent``: the calibrated tables at latent scale (module docstring); returns its results file."""
+    quick = getattr(args, "quick", False)
+    levels = 2
+    reps = 1 if quick else 3
+    data: dict[str, Any] = {"section": "latent", "environment": environment(args.threads), "levels": levels}
+    # bytes: measured on SD 1.5-shaped tables, the formula checked against them, then SDXL's from the formula
+    host = sd15_pipeline(config=QUICK_UNET_CONFIG if quick else None)
+    shape = LATENT_SHAPES["SD 1.5, 512 px"]
+    mm = MMGibbsScheduler.from_config(host.scheduler.config, source_scheduler="DDIMScheduler")
+    tables, sizes = {}, []
+    for label, settings in TABLE_STRUCTURES:
+        log(f"table: {label}")
+        table = synthetic_table(mm, levels, shape, **settings)
+        element = (settings.get("dtype") or torch.float32).itemsize
+        per_level = {name: level_bytes(settings["structure"], s, settings["num_clusters"], 16, element)
+                     for name, s in LATENT_SHAPES.items()}  # fmt: skip
+        assert table.nbytes == levels * per_level["SD 1.5, 512 px"], (label, table.nbytes)
+        tables[label] = table
+        sizes.append({"structure": label, "per_level": per_level})
+    data["bytes"] = sizes
+    data["table_levels"] = TABLE_LEVELS
+    # the step alone, and one UNet forward, to put it against
+    data["steps"] = table_steps(host.scheduler, tables, shape, levels, 5 if quick else 20)
+    # whole loops: the host's pipeline with its DDIM, the same loop with the drop-in, the Gibbs pipeline
+    embeds = torch.randn(1, 77, 768, generator=_generator())
+    call = {"prompt_embeds": embeds, "guidance_scale": 1.0, "num_inference_steps": levels, "output_type": "latent"}
+    main_table = TABLE_STRUCTURES[1][0]  # float16 low rank: the memory a latent model can afford
+    drop_in = StableDiffusionPipeline(**{**host.components, "scheduler": MMGibbsScheduler.from_config(
+        host.scheduler.config, covariance="calibrated", eta=0.0, source_scheduler="DDIMScheduler")})  # fmt: skip
+    drop_in.scheduler.set_covariance_table(tables[main_table])
+    drop_in.set_progress_bar_config(disable=True)
+    gibbs = MomentMatchingGibbsPipeline.from_pipe(host, scheduler=drop_in.scheduler)
+    gibbs.set_progress_bar_config(disable=True)
+    stationary = MomentMatchingGibbsPipeline.from_pipe(
+        host, scheduler=drop_in.scheduler, covariance="calibrated_stationary"
+    )
+    stationary.scheduler.set_covariance_table(tables[TABLE_STRUCTURES[3][0]])
+    stationary.set_progress_bar_config(disable=True)
+    native = "StableDiffusionPipeline, DDIMScheduler (the host)"
+    rows = [
+        Row(native, lambda: host(**call, generator=_generator()), levels, passes="1 / 0 / 0"),
+        Row(f"StableDiffusionPipeline + MMGibbsScheduler drop-in, calibrated ({main_table})",
+            lambda: drop_in(**call, generator=_generator()), levels, passes="1 / 0 / 0", reference=native),
+        Row(f"MomentMatchingGibbsPipeline, calibrated ({main_table})",
+            lambda: gibbs(**call, generator=_generator()), levels, reference=native),
+        Row(f"MomentMatchingGibbsPipeline, calibrated_stationary ({TABLE_STRUCTURES[3][0]})",
+            lambda: stationary(**call, generator=_generator()), levels, reference=native),
+    ]  # fmt: skip
+    log(f"SD 1.5 UNet ({_params(host.unet)} parameters): {len(rows)} rows x {reps + 1} calls x {levels} levels")
+    measure(rows, reps, memory=False, log=log)
+    data["sd15"] = {"unet": _params(host.unet), "rows": [row_record(row) for row in rows], "reps": reps}
+    # the tiny families: a real (small) calibration each, the host's loop against both structures
+    data["families"] = []
+    for spec in family_specs():
+        fam_host = spec.build()
+        fam_host.set_progress_bar_config(disable=True)
+        pipe = MomentMatchingGibbsPipeline.from_pipe(fam_host, eta=0.0)
+        pipe.set_progress_bar_config(disable=True)
+        call = dict(spec.call, num_inference_steps=4)
+        probe = pipe(**call, covariance="none", output_type="latent").images
+        rows_arg = {k: v for k, v in spec.call.items() if k not in ("batch_size",)}
+        fam_tables = {}
+        for covariance in ("calibrated", "calibrated_stationary"):
+            if covariance == "calibrated_stationary" and probe.ndim != 4:
+                continue  # Flux's packed latents are not image-shaped
+            samples = torch.randn(8 * len(probe), *probe.shape[1:], generator=_generator())
+            conditioning = {k: (v * 8 if isinstance(v, list) else v) for k, v in rows_arg.items()}
+            fam_tables[covariance] = pipe.calibrate_covariance(
+                4,
+                samples=samples,
+                generator=_generator(),
+                num_clusters=2,
+                rank=4,
+                covariance=covariance,
+                **conditioning,
+            )
+        host_output = "np" if isinstance(fam_host, DDPMPipeline) else "latent"
+        host_call = dict(spec.host_call or spec.call, num_inference_steps=4)
+        fam_rows = [Row("host" + spec.host_note, lambda h=fam_host, c=host_call, o=host_output: h(
+            **c, generator=_generator(), output_type=o), 4, passes="1 / 0 / 0")]  # fmt: skip
+        for covariance, table in fam_tables.items():
+
+            def run(p=pipe, c=call, cov=covariance, t=table) -> Any:
+                p.scheduler.set_covariance_table(t)
+                return p(**c, covariance=cov, generator=_generator(), output_type="latent")
+
+            fam_rows.append(Row(covariance, run, 4, reference=fam_rows[0].name))
+        log(f"{spec.name}: {', '.join(fam_tables)}")
+        measure(fam_rows, reps=1 if quick else 3, memory=False, log=log)
+        data["families"].append({
+            "name": spec.name,
+            "shape": list(probe.shape[1:]),
+            "rows": [row_record(row) for row in fam_rows],
+            "bytes": {k: sum(lv.nbytes for lv in t.levels) // len(t.levels) for k, t in fam_tables.items()},
+        })  # fmt: skip
+    data["end"] = end_load()
+    return data
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def render_latent(data: dict[str, Any]) -> str:
+    """The latent section's markdown, from its results file alone."""
+    shapes = list(LATENT_SHAPES)
+    n = data["table_levels"]
+    lines = [
+        f"### Calibrated tables at latent scale (`--section latent`)\n\n{data['environment']}.\n",
+        f"Table bytes (every tensor the table holds; a table for {n} levels holds {n} of them; SD 1.5 measured on "
+        "tables built by the calibration code, SDXL from the same formula):\n",
+        "| structure | " + " | ".join(f"per level, {s} | {n} levels, {s}" for s in shapes) + " |",
+        "|---|" + "---|---|" * len(shapes),
+    ]
+    for size in data["bytes"]:
+        cells = " | ".join(f"{_mb(size['per_level'][s])} | {_mb(n * size['per_level'][s])}" for s in shapes)
+        lines.append(f"| {size['structure']} | {cells} |")
+    sd = rows_of(data["sd15"]["rows"])
+    host = sd[0]
+    unet = statistics.median(host.seconds)
+    steps = data["steps"]
+    base = statistics.median(next(iter(steps.values())))
+    lines += [
+        "",
+        f"The scheduler step alone on a (1, 4, 64, 64) latent (median of interleaved loops over {data['levels']} "
+        "levels), and what it adds to a step of the SD 1.5 UNet below (one forward, batch 1: "
+        f"{unet:.1f} s per level with the host's DDIM):\n",
+        "| scheduler | ms per step | spread | per-step ratio to the host's loop (UNet + step) |",
+        "|---|---|---|---|",
+    ]
+    for name, values in steps.items():
+        m = statistics.median(values)
+        lines.append(f"| {name} | {m * 1e3:.2f} | {_spread(values, 1e3, 2)} | {(unet - base + m) / unet:.4f} |")
+    lines += [
+        "",
+        f"Whole loops on the SD 1.5 UNet config ({data['sd15']['unet']} parameters, random weights), batch 1, no "
+        f"CFG (one forward per level, the smallest denominator), {data['levels']} levels per call, "
+        f"{data['sd15']['reps']} interleaved repetitions after a warm-up call:\n",
+        table(sd, "ratio to the host's loop (paired)"),
+        "",
+        "Tiny families (`tests/tiny_*.py`, random weights, guided as in `--section families`; 4 levels per call, "
+        "tables of 2 clusters, rank 4, calibrated on random latents of the family's shape): ms per level and the "
+        "table's bytes per level (its condition keys, once per table, not counted).\n",
+        "| family | latents | row | ms per level, median | spread | x host (paired) | table bytes per level |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for family in data["families"]:
+        rows = rows_of(family["rows"])
+        for row in rows:
+            ratio = statistics.median(paired_ratios(row, rows[0]))
+            size = family["bytes"].get(row.name)
+            lines.append(
+                f"| {family['name']} | {tuple(family['shape'])} | {row.name} | "
+                f"{statistics.median(row.seconds) * 1e3:.1f} | {_spread(row.seconds, 1e3, 1)} | {ratio:.2f} | "
+                f"{'' if size is None else _mb(size)} |"
+            )
+    lines.append(f"\n{data['end']}")
+    return "\n".join(lines) + "\n"
+
+
 #: section -> (measure: args -> results file, render: results file -> markdown)
 SECTIONS: dict[str, tuple[Callable[..., dict[str, Any]], Callable[[dict[str, Any]], str]]] = {
     "speed": (speed_section, render_speed),
     "families": (families_section, render_families),
+    "latent": (latent_section, render_latent),
 }
 
 

@@ -182,6 +182,13 @@ RUNS: dict[str, Run] = {
             {**OFFLINE, **SRC},
             timeout=600,
         ),
+        # test_speed_benchmark::test_speed_sections_run_and_print_their_tables[latent]
+        Run(
+            "latent-section",
+            lambda f: [*BENCH, "--section", "latent", "--out-dir", str(f / "bench")],
+            {**OFFLINE, **SRC},
+            timeout=600,
+        ),
     ]
 }
 

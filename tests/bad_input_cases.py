@@ -1296,6 +1296,14 @@ def _calibration_cases() -> list[Case]:
          "samples are drawn; with `samples` none are drawn", ValueError),
         ("`num_samples=100` beside 8 `samples`", {"num_samples": 100}, "`num_samples` sets how the model's own "
          "samples are drawn", ValueError),
+        ("`streaming=\"yes\"`", {"streaming": "yes"}, "`streaming` must be True, False or None (decide by size); "
+         "got 'yes'", ValueError),
+        ("`cluster_samples=0`", {"cluster_samples": 0, "streaming": True}, "`cluster_samples` must be an integer "
+         ">= 1; got 0", ValueError),
+        ("`sketch=-1`", {"sketch": -1, "streaming": True}, "`sketch` must be an integer >= 0 (0: exact second "
+         "moments); got -1", ValueError),
+        ("`streaming=True` with `factor_iterations=2`", {"streaming": True, "factor_iterations": 2},
+         "`factor_iterations` > 1 refits the diagonal against the whole second moment", ValueError),
     ]  # fmt: skip
     cases = [Case(c, where, i, m, lambda _, kw=kw: calibrate(**kw), e) for i, kw, m, e in call]
     own: list[tuple[str, dict[str, Any], str]] = [
@@ -1327,9 +1335,9 @@ def _calibration_cases() -> list[Case]:
              "width (it failed in torch.stack)", lambda _: rank_above_the_cluster_sizes(), None),
         Case(c, where, "`num_inference_steps=(2, 3)` (a tuple)", "the levels of both schedules",
              lambda _: steps_as_a_tuple(), None),
-        Case(c, "`calibrate_covariance`", "`calibrate_covariance` of a Stable Diffusion pipeline",
-             "calibrate_covariance supports unconditional models", lambda _: stable_diffusion().calibrate_covariance(
-             2, num_samples=2, sampler_steps=2), NotImplementedError),
+        Case(c, "`calibrate_covariance`", "`calibrate_covariance` of a Stable Diffusion pipeline without a prompt",
+             "needs its conditioning to calibrate: pass `prompt` or `negative_prompt` or `prompt_embeds`",
+             lambda _: stable_diffusion().calibrate_covariance(2, num_samples=2, sampler_steps=2)),
         Case(c, "`MMGibbsScheduler.set_covariance_table`", "`set_covariance_table('x')`", "`table` must be a "
              "CovarianceTable (from `calibrate_covariance` or CovarianceTable.load) or None; got str",
              lambda _: scheduler().set_covariance_table("x"), TypeError),

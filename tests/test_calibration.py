@@ -282,14 +282,3 @@ def test_calibration_from_own_samples_records_its_cost() -> None:
     assert table.sample_forwards == 4 * 32 and table.settings["sampler_sample_forwards"] == 10 * 32
     assert "own samples" in table.settings["source"]
     assert torch.isfinite(_draw(pipe, [82, 83], steps=4)).all()
-
-
-def test_calibration_of_a_conditional_family_is_refused_before_any_model_call() -> None:
-    """Refused up front: it used to draw ``num_samples`` own samples (prompts missing) before saying no."""
-    from tiny_pipelines import count_calls, tiny_stable_diffusion_pipeline
-
-    pipe = MomentMatchingGibbsPipeline.from_pipe(tiny_stable_diffusion_pipeline())
-    pipe.set_progress_bar_config(disable=True)
-    with count_calls(pipe.unet) as calls, pytest.raises(NotImplementedError, match="conditional"):
-        pipe.calibrate_covariance(2, num_samples=2, sampler_steps=2)
-    assert calls == []

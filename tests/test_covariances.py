@@ -19,6 +19,7 @@ from mmgibbs.covariances import (
     JACOBIAN_COVARIANCES,
     Calibrated,
     CalibratedJacobian,
+    CalibratedStationary,
     CovarianceEstimator,
     Diagonal,
     ExactDiagonal,
@@ -72,12 +73,13 @@ def test_every_covariance_name_is_one_class() -> None:
         "full": Full,
         "projection": Projection,
         "calibrated": Calibrated,
+        "calibrated_stationary": CalibratedStationary,
         "calibrated_jacobian": CalibratedJacobian,
     }
     assert ESTIMATORS == expected and COVARIANCES == tuple(expected)
     assert all(estimator_class(name).name == name for name in COVARIANCES)
     assert JACOBIAN_COVARIANCES == ("diagonal", "exact_diagonal", "full", "projection", "calibrated_jacobian")
-    assert CALIBRATED_COVARIANCES == ("calibrated", "calibrated_jacobian")
+    assert CALIBRATED_COVARIANCES == ("calibrated", "calibrated_stationary", "calibrated_jacobian")
 
 
 def test_make_estimator_gives_each_class_the_settings_it_takes(table) -> None:

@@ -256,6 +256,8 @@ def test_results_page_has_a_block_for_every_section_and_no_other() -> None:
         "learned-mixture",
         "mnist",
         "energy",
+        "latent",
+        "conditional",
     ],
 )
 def test_results_block_is_what_its_committed_results_file_renders_to(section: str) -> None:

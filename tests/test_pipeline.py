@@ -221,7 +221,9 @@ def test_every_covariance_is_deterministic_for_a_generator(unet_pipeline, covari
     calibrated = covariance in CALIBRATED_COVARIANCES
     if calibrated:  # these read a calibrated table: calibrate one for this test only
         g = torch.Generator().manual_seed(9)
-        unet_pipeline.calibrate_covariance(2, num_samples=4, sampler_steps=2, generator=g, num_clusters=2, rank=2)
+        unet_pipeline.calibrate_covariance(
+            2, num_samples=4, sampler_steps=2, generator=g, num_clusters=2, rank=2, covariance=covariance
+        )
     try:
         a, b, c = run(0), run(0), run(1)
     finally:

@@ -132,3 +132,18 @@ def test_posterior_covariance_is_the_mixture_of_component_moments() -> None:
     mean = (resp.unsqueeze(-1) * post_mean).sum(1)
     second = (resp[..., None, None] * (comp + post_mean.unsqueeze(-1) * post_mean.unsqueeze(-2))).sum(1)
     torch.testing.assert_close(model.posterior_covariance(y, 0.5), second - mean.unsqueeze(-1) * mean.unsqueeze(-2))
+
+
+def test_sampling_gathers_the_cholesky_factors_in_bounded_chunks(monkeypatch) -> None:
+    """``sample`` once gathered an (N, d, d) stack of Cholesky factors (10 GB for 20000 draws at d = 256); in
+    chunks of SAMPLE_GATHER_NUMBERS numbers it draws the same samples bit for bit."""
+    import mmgibbs.reference as reference
+
+    g = torch.Generator().manual_seed(0)
+    d, n = 6, 50
+    a = torch.randn(3, d, d, generator=g, dtype=torch.float64)
+    model = GaussianMixtureDenoiser.from_components(torch.randn(3, d, generator=g, dtype=torch.float64),
+                                                    a @ a.mT + torch.eye(d, dtype=torch.float64))  # fmt: skip
+    whole = model.sample(n, torch.Generator().manual_seed(1))
+    monkeypatch.setattr(reference, "SAMPLE_GATHER_NUMBERS", 7 * d * d)  # 7 rows a chunk
+    assert torch.equal(model.sample(n, torch.Generator().manual_seed(1)), whole)

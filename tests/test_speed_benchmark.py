@@ -50,7 +50,7 @@ def test_paired_ratios_and_the_targets_read_the_same_repetition() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "section", [pytest.param(s, marks=pytest.mark.background(f"{s}-section")) for s in ("families", "speed")]
+    "section", [pytest.param(s, marks=pytest.mark.background(f"{s}-section")) for s in ("families", "speed", "latent")]
 )
 def test_speed_sections_run_and_print_their_tables(section: str) -> None:
     """``--quick``: every row once, 2 levels (about 15 s for families, 40 s for speed on one core). The command
@@ -64,6 +64,9 @@ def test_speed_sections_run_and_print_their_tables(section: str) -> None:
         for family in ("unconditional", "Stable Diffusion", "SDXL", "SD3", "Flux", "DiT", "PixArt"):
             assert f"| {family}" in report
         assert "| diagonal | 1 / 1 / 0 |" in report
+    elif section == "latent":  # a small UNet of SD 1.5's layout at its latent size, the tables at full size
+        assert "| low rank + diagonal, 16 clusters, rank 16, float16 | 9.0 MiB | 180.0 MiB | 36.0 MiB |" in report
+        assert "MomentMatchingGibbsPipeline, calibrated_stationary" in report and "| DiT | (4, 4, 4) |" in report
     else:
         assert "| diagonal, reverse, K=2 (2 in one pass) | 1 / 2 / 0 (products in 1 pass) |" in report
         assert "drop-in overhead per step, isotropic" in report and "`full` is not timed here" in report

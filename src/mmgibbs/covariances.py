@@ -17,6 +17,7 @@ class takes:
     full             Full               sigma^2 sym(J), PSD, d products
     projection       Projection         one draw sigma J z
     calibrated       Calibrated         a calibrated table's low rank + diagonal, per cluster of mu
+    calibrated_stationary CalibratedStationary  a calibrated stationary covariance (Fourier basis), per cluster
     calibrated_jacobian CalibratedJacobian  the table corrected on its leading span by Jacobian products
 
 Tweedie's second-order formula Sigma(y) = sigma^2 d mu / d y and the variance bounds are in ``mmgibbs.moments``; the
@@ -216,13 +217,23 @@ class IsotropicBatch(Isotropic):
 
 
 class _ReadsTable:
-    """The calibrated estimators' table: every level of a schedule looked up before the first model call."""
+    """The calibrated estimators' table: every level of a schedule looked up before the first model call, and of
+    the kind the estimator reads (``level_kind``: ``mmgibbs.calibration.LEVEL_KINDS``)."""
 
     covariance_table: CovarianceTableLike
+    name: ClassVar[str]
+    level_kind: ClassVar[str] = "low_rank"
 
     def check_levels(self, sigmas: Sequence[float]) -> None:
         for sigma in sigmas:  # a missing level fails here, naming its sigma
-            self.covariance_table.level(float(sigma))
+            kind = getattr(self.covariance_table.level(float(sigma)), "kind", self.level_kind)
+            if kind != self.level_kind:
+                readers = [n for n, cls in ESTIMATORS.items() if getattr(cls, "level_kind", None) == kind]
+                raise ValueError(
+                    f"covariance={self.name!r} reads {self.level_kind.replace('_', ' ')} levels; the covariance "
+                    f"table holds {kind.replace('_', ' ')} levels: sample it with covariance={readers[0]!r}, or "
+                    f"calibrate for {self.name!r} (`calibrate_covariance(..., covariance={self.name!r})`)."
+                )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -239,10 +250,25 @@ class Calibrated(_ReadsTable, DerivativeFree):
 
     name: ClassVar[str] = "calibrated"
     covariance_table: CovarianceTableLike | None = None
+    #: each sample's condition group in a conditional table (``CovarianceTable.group_of``; -1 or None: assigned
+    #: by mu over every cluster, as the drop-in scheduler does); set by the pipeline per call
+    condition_groups: torch.Tensor | None = None
 
     def from_mean(self, y: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor | float) -> DenoisingMoments:
-        variance = self.covariance_table.level(sigma).covariance(mu)
+        variance = self.covariance_table.level(sigma).covariance(mu, self.condition_groups)
         return DenoisingMoments(mu=mu, sigma=noise_levels(sigma, y), covariance=self.name, variance=variance)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibratedStationary(Calibrated):
+    """``calibrated_stationary``: :class:`Calibrated` with a stationary (translation-invariant, periodic) covariance
+    per cluster of mu, diagonal in the 2-D Fourier basis per channel pair: Sigma_c = F^H blockdiag_k(S_c(k)) F, one
+    C x C spectral density per frequency (``mmgibbs.calibration.StationaryLevel``,
+    :class:`mmgibbs.moments.StationaryCovariance`). For latents (C, H, W) at any size: K (d + H (W / 2 + 1) C^2)
+    numbers per level instead of K d (rank + 1), and one FFT pair per draw. Image-shaped samples only."""
+
+    name: ClassVar[str] = "calibrated_stationary"
+    level_kind: ClassVar[str] = "stationary"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -392,6 +418,7 @@ class CalibratedJacobian(_ReadsTable, JacobianEstimator):
     num_probes: int = 1
     variance_bound: float | None = None
     covariance_table: CovarianceTableLike | None = None
+    condition_groups: torch.Tensor | None = None  # as :class:`Calibrated`'s
 
     def moments(
         self, denoiser: Denoiser, y: torch.Tensor, sigma: torch.Tensor | float, generator: Generator = None
@@ -400,7 +427,7 @@ class CalibratedJacobian(_ReadsTable, JacobianEstimator):
         y, sigma = prepare(y, sigma)
         # the products go one at a time; ``product_batch`` > 1 only changes how reverse mode keeps its forward
         lin = self.linearise(denoiser, y, sigma, batched=True)
-        prior = level.covariance(lin.mean().to(y.dtype))  # the directions depend on the cluster of mu
+        prior = level.covariance(lin.mean().to(y.dtype), self.condition_groups)  # directions: the cluster of mu
         directions = prior.factor[..., : self.num_probes]
         product = _flat_product(lin.product, y)
         return self.result(lin, sigma, jacobian_correction(prior, product, directions, sigma, self.variance_bound))
@@ -418,6 +445,7 @@ ESTIMATORS: dict[str, type[CovarianceEstimator]] = {
         Full,
         Projection,
         Calibrated,
+        CalibratedStationary,
         CalibratedJacobian,
     )
 }
@@ -483,6 +511,7 @@ __all__ = [
     "SETTING_CHECKS",
     "Calibrated",
     "CalibratedJacobian",
+    "CalibratedStationary",
     "CovarianceEstimator",
     "CovarianceTableLike",
     "DerivativeFree",

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import math
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -51,7 +52,9 @@ Denoiser = Callable[[torch.Tensor], torch.Tensor]
 class CalibratedLevel(Protocol):
     """What the ``calibrated`` covariances read: ``mmgibbs.calibration.LevelCovariance``."""
 
-    def covariance(self, mu: torch.Tensor) -> LowRankCovariance: ...
+    def covariance(
+        self, mu: torch.Tensor, groups: torch.Tensor | None = None
+    ) -> LowRankCovariance | StationaryCovariance: ...
 
 
 @dataclass
@@ -59,8 +62,9 @@ class DenoisingMoments:
     """q(x | y) = N(mu, Sigma) at one noise level, for a batch of N points y.
 
     ``variance`` holds Sigma in the structure's own form: ``None`` (none, projection), shape (N,) (isotropic,
-    Sigma = v I), the shape of ``mu`` (diagonal), (N, d, d) (full, symmetric PSD), or a :class:`LowRankCovariance`
-    (calibrated, calibrated_jacobian). ``projection`` instead holds
+    Sigma = v I), the shape of ``mu`` (diagonal), (N, d, d) (full, symmetric PSD), or a structured covariance
+    (:data:`STRUCTURED`: a :class:`LowRankCovariance`, calibrated and calibrated_jacobian; a
+    :class:`StationaryCovariance`, calibrated_stationary). ``projection`` instead holds
     its one structured ``draw`` sigma J z, made when the moments were computed. ``num_forward`` / ``num_backward`` /
     ``num_jvp`` count the batched model passes spent on these moments, one per Jacobian product (a backward, a JVP,
     or a finite difference's forward) even when ``product_batch`` > 1 computes k products in one vectorised pass;
@@ -82,7 +86,7 @@ class DenoisingMoments:
         """Draw x ~ N(mu, Sigma) (in ``mu``'s dtype, float32 or float64); ``projection``: mu + its draw."""
         if self.covariance == "projection":
             return self.mu + self.draw
-        if isinstance(self.variance, LowRankCovariance):
+        if isinstance(self.variance, STRUCTURED):
             return self.mu + self.variance.sample(generator, self.mu)
         z = randn_tensor(self.mu.shape, generator=generator, device=self.mu.device, dtype=self.mu.dtype)
         return self.mu + self.scale(z)
@@ -93,8 +97,8 @@ class DenoisingMoments:
             raise ValueError("covariance='projection' holds one draw, not Sigma: use `sample()`.")
         if self.covariance == "none":
             return torch.zeros_like(z)
-        if isinstance(self.variance, LowRankCovariance):
-            raise ValueError(f"covariance={self.covariance!r} draws several normal vectors: use `sample()`.")
+        if isinstance(self.variance, STRUCTURED):
+            raise ValueError(f"covariance={self.covariance!r} draws a structured covariance: use `sample()`.")
         if self.covariance == "full":
             evals, evecs = torch.linalg.eigh(self.variance)
             root = evecs * evals.clamp(min=0).sqrt().unsqueeze(-2)  # Q diag(sqrt(lambda))
@@ -105,9 +109,9 @@ class DenoisingMoments:
         """These moments with the variance v of every direction of Sigma multiplied by ``factor(v)`` (elementwise,
         on a tensor of variances), the directions taken in Sigma's own form: the per-sample scalar (isotropic), every
         entry (diagonal), the eigenvectors (full), the factor's orthogonal columns and the diagonal's entries (low rank
-        + diagonal; on a corrected span the core's eigenvectors), and for ``projection`` its draw as one direction of
-        the draw's mean square. ``none`` is returned as it is. Used by the second-order chain
-        (:class:`mmgibbs.multistep.VarianceMatch`)."""
+        + diagonal; on a corrected span the core's eigenvectors), each frequency's C x C eigenvectors (stationary),
+        and for ``projection`` its draw as one direction of the draw's mean square. ``none`` is returned as it is.
+        Used by the second-order chain (:class:`mmgibbs.multistep.VarianceMatch`)."""
         if self.covariance == "none":
             return self
         if self.draw is not None:
@@ -124,6 +128,11 @@ class DenoisingMoments:
                 evals = evals.clamp(min=0.0)
                 scaled.basis, scaled.core_root = var.basis, evecs * (evals * factor(evals)).sqrt().unsqueeze(-2)
             return dataclasses.replace(self, variance=scaled)
+        if isinstance(var, StationaryCovariance):  # each frequency's C x C density S = L L^H, by its eigenvectors
+            evals, evecs = torch.linalg.eigh(var.root @ var.root.mH)
+            evals = evals.clamp(min=0.0)
+            root = (evecs * (evals * factor(evals)).sqrt().unsqueeze(-2).to(evecs.dtype)) @ evecs.mH
+            return dataclasses.replace(self, variance=StationaryCovariance(root, var.shape))
         if self.covariance == "full":
             evals, evecs = torch.linalg.eigh(var)
             evals = evals.clamp(min=0.0)
@@ -138,7 +147,7 @@ class DenoisingMoments:
             return self.draw.flatten(1).pow(2).mean(-1)
         if self.covariance.startswith("isotropic"):
             return self.variance
-        if isinstance(self.variance, LowRankCovariance):
+        if isinstance(self.variance, STRUCTURED):
             return self.variance.mean_variance()
         if self.covariance == "full":
             return torch.diagonal(self.variance, dim1=-2, dim2=-1).mean(-1)
@@ -193,6 +202,58 @@ class LowRankCovariance:
         if self.basis is None:
             return (self.factor.pow(2).sum((-1, -2)) + self.diagonal.sum(-1)) / self.diagonal.shape[-1]
         return torch.diagonal(self.dense(), dim1=-2, dim2=-1).mean(-1)
+
+
+@dataclass
+class StationaryCovariance:
+    """Per-sample stationary (translation-invariant, periodic) covariances of image-shaped samples (C, H, W),
+    diagonal in the 2-D Fourier basis per channel pair:
+
+        Sigma = F^H blockdiag_k(S(k)) F,   S(k) = L(k) L(k)^H (C x C, Hermitian PSD, one per frequency k),
+
+    F the orthonormal 2-D DFT of every channel. ``root`` (N, H, W // 2 + 1, C, C) holds L(k), the Hermitian square
+    root of the spectral density S(k), on the half spectrum of ``torch.fft.rfft2`` (real samples: S(-k) =
+    conj(S(k))). A draw is one FFT of white noise, a C x C product per frequency and one inverse FFT:
+    x = irfft2(L rfft2(z)); memory N H (W / 2 + 1) C^2, never d^2.
+    """
+
+    root: torch.Tensor
+    shape: tuple[int, int, int]
+
+    def scale(self, z: torch.Tensor) -> torch.Tensor:
+        """Sigma^(1/2)-distributed (N, C, H, W) from white normals z of that shape (the circulant square root)."""
+        _, height, width = self.shape
+        spectrum = torch.fft.rfft2(z.reshape(len(z), *self.shape), norm="ortho")
+        spectrum = torch.einsum("nhwab,nbhw->nahw", self.root.to(spectrum.dtype), spectrum)
+        return torch.fft.irfft2(spectrum, s=(height, width), norm="ortho")
+
+    def sample(self, generator: Generator, like: torch.Tensor) -> torch.Tensor:
+        """x - mu ~ N(0, Sigma) with ``like``'s shape and dtype."""
+        z = randn_tensor((len(like), *self.shape), generator=generator, device=like.device, dtype=like.dtype)
+        return self.scale(z).reshape(like.shape).to(like.dtype)
+
+    def dense(self) -> torch.Tensor:
+        """Sigma as (N, d, d) (for tests and small d): A A^T, A the circulant square root applied to the basis."""
+        d = math.prod(self.shape)
+        real = torch.float64 if self.root.dtype == torch.complex128 else torch.float32
+        eye = torch.eye(d, dtype=real, device=self.root.device)
+        roots = [StationaryCovariance(r[None].expand(d, *r.shape), self.shape) for r in self.root]
+        columns = torch.stack([root.scale(eye).reshape(d, d).T for root in roots])
+        return columns @ columns.transpose(-1, -2)
+
+    def mean_variance(self) -> torch.Tensor:
+        """trace(Sigma) / d per sample, shape (N,): the spectral densities' traces over the full spectrum."""
+        _, _, width = self.shape
+        weight = torch.full((self.root.shape[2],), 2.0, dtype=torch.float64, device=self.root.device)
+        weight[0] = 1.0
+        if width % 2 == 0:
+            weight[-1] = 1.0  # the Nyquist column is its own mirror image
+        power = self.root.abs().pow(2).sum((-1, -2)).to(torch.float64)  # tr(L L^H) per frequency
+        return (power * weight).sum((-1, -2)) / math.prod(self.shape)
+
+
+#: the covariance structures that draw themselves (``DenoisingMoments.variance``)
+STRUCTURED = (LowRankCovariance, StationaryCovariance)
 
 
 def _per_sample(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -17,9 +17,11 @@ runs the chain with the scheduler's covariance estimator (``mmgibbs.covariances`
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import math
+import numbers
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,13 +29,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import diffusers
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from . import gibbs
-from .calibration import TABLE_FILE, CovarianceTable, calibrate_covariance
+from .calibration import SIGMA_RTOL, TABLE_FILE, CovarianceTable, calibrate_covariance
 from .checks import (
     UNSET,
     Unset,
@@ -47,9 +50,11 @@ from .checks import (
     check_steps,
     check_tensor,
 )
-from .covariances import COVARIANCES
+from .covariances import CALIBRATED_COVARIANCES, COVARIANCES, ESTIMATORS
 from .families import FAMILIES, Family, Unconditional, check_denoiser, family_of, sample_shape
+from .families.base import condition_of, work_dtype
 from .scheduler import MMGibbsScheduler
+from .streaming import Shards, stream_covariance
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 #: the host components this pipeline can hold (the union over the supported families)
@@ -88,6 +93,20 @@ NOT_CALL_ARGUMENTS = {
     "`pipe.enable_model_cpu_offload()`)",
     "scheduler": "set it with `from_pipe(pipe, scheduler=...)` or `pipe.scheduler = ...`",
 }
+#: call arguments a calibration refuses, and why
+NOT_CALIBRATION_ARGUMENTS = {
+    "latents": "the calibration draws its own noise (clean samples are `samples`)",
+    "x_init": "clean samples are `samples`",
+    "num_images_per_prompt": "calibration takes one conditioning row per clean sample",
+    "image": "calibrate text-to-image: image-to-image and inpainting chains read the same levels",
+    "mask_image": "calibrate text-to-image: image-to-image and inpainting chains read the same levels",
+    "masked_image_latents": "calibrate text-to-image: image-to-image and inpainting chains read the same levels",
+    "strength": "calibrate text-to-image: image-to-image and inpainting chains read the same levels",
+}
+#: sample numbers (N x d) above which ``calibrate_covariance`` streams by default (``mmgibbs.streaming``)
+STREAM_ABOVE = 2**24
+#: the self-sampling run's steps with the host's own scheduler (``calibrate_covariance``, conditional families)
+DEFAULT_HOST_SAMPLER_STEPS = 100
 #: what a saved folder needs so that ``DiffusionPipeline.from_pretrained`` finds this class (diffusers' custom
 #: pipeline convention: ``"_class_name": [<file in the folder>, <class>]``)
 COMMUNITY_FILE = "mmgibbs_pipeline"
@@ -408,6 +427,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         family.set_timesteps(scheduler, num_inference_steps, device, arguments)
         job = family.prepare(scheduler, device=device, **arguments)
         check_generator(generator, len(job.latents))  # one per image, whatever the family's batch
+        estimator = conditioned(estimator, scheduler.covariance_table, job)
 
         start = job.start
         aliases = {job.callback_name, "latents", "sample"}
@@ -472,46 +492,86 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         sampler_steps: int | None = None,
         sampler_covariance: str | None = None,
         factor_iterations: int = 1,
+        num_conditions: int = 16,
+        covariance: str | None = None,
+        dtype: torch.dtype | None = None,
+        streaming: bool | None = None,
+        cluster_samples: int = 4096,
+        sketch: int | None = None,
+        **conditioning: Any,
     ) -> CovarianceTable:
         """Calibrate ``covariance="calibrated"`` for the levels of ``num_inference_steps`` (``mmgibbs.calibration``).
 
-        Once per model: the table is set on the scheduler (merged with an existing one, the new levels winning),
-        saved by ``save_pretrained`` and used by the pipeline and by the drop-in scheduler alike.
+        Once per model (and, for a conditional model, per conditioning and guidance): the table is set on the
+        scheduler (merged with an existing one of the same conditioning and guidance, the new levels winning;
+        otherwise replacing it), saved by ``save_pretrained`` and used by the pipeline and by the drop-in scheduler
+        alike.
 
         Args:
             num_inference_steps: the step count(s) to calibrate for (each schedule's distinct levels, with the
                 scheduler's timestep spacing).
             samples: clean samples x, a finite floating-point tensor (N, *the model's sample shape), e.g. data, with
-                N >= ``num_clusters``; default: the model's own, drawn here with ``sampler_steps`` levels of this
-                pipeline (``covariance=sampler_covariance``, ancestral, eta 1: with ``"none"`` and every training
-                step that is DDPM's own sampler).
-            num_samples: how many samples to draw when ``samples`` is None (default 2048); with ``samples``, left
-                out or ``len(samples)``.
+                N >= ``num_clusters``; for a latent model, latents as its sampler returns them
+                (``output_type="latent"``). Default: the model's own, drawn here (see ``sampler_steps``).
+            num_samples: how many samples to draw when ``samples`` is None (default: one per conditioning row, or
+                2048); with ``samples``, left out or ``len(samples)``.
             generator: one torch generator (or None) for the self-samples, the calibration noise and the clustering.
             batch_size: model batch size of the calibration passes and the self-sampling (default: all at once).
             num_clusters, rank, shrinkage: the table's structure (:func:`mmgibbs.calibration.calibrate_level`):
-                ``num_clusters`` >= 1, ``rank`` in [1, d] (d the sample dimension; default 16, or fewer
-                where d or the samples allow fewer),
-                ``shrinkage`` finite >= 0.
-            sampler_steps: levels of the self-sampling run (default: the model's training steps).
-            sampler_covariance: the covariance of the self-sampling run (default ``"none"``).
+                ``num_clusters`` >= 1 (per condition), ``rank`` in [1, d] (d the sample dimension; default 16,
+                or fewer where d or the samples allow fewer), ``shrinkage`` finite >= 0.
+            sampler_steps: levels of the self-sampling run (default: the model's training steps for an
+                unconditional model; 100 for a conditional one).
+            sampler_covariance: draw the self-samples with this pipeline (ancestral, eta 1) and this covariance;
+                default: ``"none"`` for an unconditional model (with every training step that is DDPM's own
+                sampler), the host's own scheduler (``source_scheduler``, in a standard diffusers loop over the
+                same conditioning and guidance) for a conditional one.
             factor_iterations: of the low rank + diagonal fit (:func:`mmgibbs.moments.low_rank_plus_diagonal`).
+            num_conditions: at most this many condition groups (distinct conditioning rows; more are clustered by
+                their condition keys, ``mmgibbs.calibration.condition_groups``); 1 pools every condition into one
+                group whose clusters of mu carry the conditioning.
+            covariance: the estimator the table is for, which fixes its structure: ``"calibrated"`` (and
+                ``"calibrated_jacobian"``: low rank + diagonal per cluster) or ``"calibrated_stationary"`` (a
+                stationary covariance per cluster, image-shaped latents); default: the scheduler's ``covariance`` if
+                it reads a table, else ``"calibrated"``.
+            dtype: the table's storage dtype (default float32, float64 for float64 samples; ``torch.float16``
+                halves its memory, the draws are made in the chain's dtype).
+            streaming: fit from sufficient statistics streamed chunk by chunk (``mmgibbs.streaming``: memory
+                independent of the number of samples, clusters from the first ``cluster_samples`` samples, a
+                progress bar over the chunks), instead of holding every residual of a level (the exact path);
+                default: streaming above 2^24 sample numbers (N x d) and always under several processes
+                (``accelerate launch``: each process calibrates every P-th batch, one reduction). Own samples are
+                then drawn per batch, with a generator seeded per batch.
+            cluster_samples, sketch: of the streaming fit (:func:`mmgibbs.streaming.stream_covariance`).
+            conditioning: the host's usual conditioning arguments, as its call takes them: ``class_labels`` (DiT),
+                ``prompt`` / ``prompt_embeds`` and the family's negative and pooled embeddings, ``guidance_scale``
+                (and ``guidance_rescale``, ``true_cfg_scale``, ``height``, ``width``, ...). The per-image ones
+                (``Family.conditioning``) hold one row per clean sample, or one row for all samples; the rest apply
+                to all. Sampling must use the same guidance settings (checked by the pipeline).
 
-        Every argument is checked before the first model call; the self-sampling settings (``num_samples``,
+        Every argument is checked before the first model call (for a text-conditional model, one prompt row is
+        encoded first, to learn the latents' shape); the self-sampling settings (``num_samples``,
         ``sampler_steps``, ``sampler_covariance``) are refused beside ``samples``, which they would not change.
         Returns the table; its ``sample_forwards`` and ``settings["sampler_sample_forwards"]`` are the calibration's
         cost in single-sample model evaluations (calibration passes; drawing the self-samples).
         """
         family = self.family(self.scheduler)
-        if not isinstance(family, Unconditional):
-            raise NotImplementedError(
-                f"calibrate_covariance supports unconditional models; {family.name} is conditional, and one table "
-                "per level would average the posterior covariance over prompts (calibrate per prompt set instead)."
-            )
         steps = check_steps(num_inference_steps)
-        shape = sample_shape(self.denoiser_model)
+        for name in set(conditioning) & {*NOT_CALL_ARGUMENTS, *NOT_CALIBRATION_ARGUMENTS}:
+            why = NOT_CALL_ARGUMENTS.get(name) or NOT_CALIBRATION_ARGUMENTS[name]
+            raise ValueError(f"`{name}` is not a calibration argument: {why}.")
+        conditioning = self._accepted(family, conditioning)
+        check_host_arguments(conditioning)
+        conditional = not isinstance(family, Unconditional)
+        rows = {k: v for k, v in conditioning.items() if k in family.conditioning}
+        if conditional and not rows:
+            raise ValueError(
+                f"{family.name} needs its conditioning to calibrate: pass "
+                f"{' or '.join(f'`{k}`' for k in family.conditioning[:3])} (one row per clean sample, or one for all)."
+            )
+        counts = {k: _row_count(v) for k, v in rows.items()}
+        many = sorted({c for c in counts.values() if c != 1})
         if samples is not None:
-            check_samples(samples, "samples", shape)
             unused = {"sampler_steps": sampler_steps, "sampler_covariance": sampler_covariance}
             if num_samples is not None and num_samples != len(samples):
                 unused["num_samples"] = num_samples
@@ -522,16 +582,37 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
                     "`samples` none are drawn: "
                     "leave them out (or pass samples=None to calibrate on own samples)."
                 )
+            check_tensor(samples, "samples", floating=True)
             count, source = len(samples), "`samples`"
         else:
-            num_samples = 2048 if num_samples is None else num_samples
+            if num_samples is None:
+                num_samples = many[0] if len(many) == 1 else 2048
             check_number(num_samples, "num_samples", integer=True, low=1)
             if sampler_steps is not None:
-                hint = " (or None: every training step)"
+                hint = (
+                    f" (or None: {DEFAULT_HOST_SAMPLER_STEPS} steps)"
+                    if conditional
+                    else " (or None: every training step)"
+                )
                 check_number(sampler_steps, "sampler_steps", integer=True, low=1, hint=hint)
-            sampler_covariance = sampler_covariance or "none"
-            check_choice("sampler_covariance", sampler_covariance, COVARIANCES)
+            if sampler_covariance is not None:
+                check_choice("sampler_covariance", sampler_covariance, COVARIANCES)
             count, source = num_samples, "`num_samples`"
+        bad = {k: c for k, c in counts.items() if c not in (1, count)}
+        if bad:
+            name, rows_in = next(iter(bad.items()))
+            raise ValueError(
+                f"`{name}` holds {rows_in} rows; calibration takes one conditioning row per clean sample ({source}: "
+                f"{count}) or one row for all of them."
+            )
+        check_number(num_conditions, "num_conditions", integer=True, low=1)
+        if covariance is None:
+            covariance = self.scheduler.config.covariance
+            covariance = covariance if covariance in CALIBRATED_COVARIANCES else "calibrated"
+        check_choice("covariance", covariance, CALIBRATED_COVARIANCES)
+        if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise ValueError(f"`dtype` must be a floating-point torch dtype (the table's storage); got {dtype!r}.")
+        batch = batch_size or count
         structure: dict[str, Any] = dict(
             num_clusters=num_clusters,
             rank=rank,
@@ -540,15 +621,192 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             generator=generator,
             factor_iterations=factor_iterations,
         )
-        check_calibration(count, math.prod(shape), **structure, source=source)
+        device = self._execution_device
+        if not conditional:
+            shape = sample_shape(self.denoiser_model)
+            check_calibration(count, math.prod(shape), **structure, source=source)
+            jobs = [family.prepare(self.scheduler, batch_size=1, device=device)]
+        else:
+            check_calibration(count, 1, **{**structure, "rank": None}, source=source)
+            jobs = [self._calibration_job(family, self.scheduler, conditioning, 0, 1)]
+            shape = tuple(jobs[0].latents.shape[1:])
+            check_calibration(count, math.prod(shape), **structure, source=source)
+        if samples is not None:
+            check_samples(samples, "samples", shape)
+        check_number(cluster_samples, "cluster_samples", integer=True, low=1)
+        if sketch is not None:
+            check_number(sketch, "sketch", integer=True, low=0, hint=" (0: exact second moments)")
+        if streaming is not None and not isinstance(streaming, bool):
+            raise ValueError(f"`streaming` must be True, False or None (decide by size); got {streaming!r}.")
+        kind = ESTIMATORS[covariance].level_kind
+        if kind == "stationary" and len(shape) != 3:
+            raise ValueError(
+                f"covariance={covariance!r} needs image-shaped samples (C, H, W); this model's are {shape}: use "
+                "covariance='calibrated' (low rank + diagonal), e.g. for Flux's packed latents."
+            )
+        shards = Shards.from_environment()
+        key_dim = int(condition_of(jobs[0]).shape[-1]) if conditional else None
+        if streaming is None:
+            streaming = shards.count > 1 or count * math.prod(shape) > STREAM_ABOVE
+        elif not streaming and shards.count > 1:
+            raise ValueError(
+                f"`streaming=False` holds every residual in one process; under {shards.count} processes the "
+                "calibration streams its shards (leave `streaming` out)."
+            )
+        if streaming and factor_iterations != 1:
+            raise ValueError(
+                "`factor_iterations` > 1 refits the diagonal against the whole second moment, which the streaming "
+                "fit does not hold (it keeps a sketch of it above d = 512): pass streaming=False, or leave "
+                "factor_iterations at 1 (PCA + diagonal remainder, the measured better fit)."
+            )
+        table, old = None, self.scheduler.covariance_table
+        if streaming:
+            table = self._stream_calibration(
+                family, conditioning, steps, samples, count, batch, shape, kind, shards, key_dim,
+                dict(structure, num_conditions=num_conditions, dtype=dtype, cluster_samples=cluster_samples,
+                     sketch=sketch),
+                (sampler_steps, sampler_covariance),
+            )  # fmt: skip
+        else:
+            if conditional:
+                jobs = [
+                    self._calibration_job(family, self.scheduler, conditioning, start, min(start + batch, count))
+                    for start in range(0, count, batch)
+                ]
+            settings: dict[str, Any] = {"source": "given samples", "sampler_sample_forwards": 0}
+            if samples is None:
+                samples, settings = self._own_samples(
+                    family, conditioning, num_samples, batch, sampler_steps, sampler_covariance, generator
+                )
+            samples = samples.to(device)
+            keys = torch.cat([condition_of(job) for job in jobs]) if conditional else None
+            if conditional:
+                settings["guidance"] = jobs[0].extra["guidance"]
+            for n in steps:
+                family.set_timesteps(self.scheduler, n, device, conditioning)
+                denoisers = [self.scheduler.denoiser(job.predict) for job in jobs]
+                new = calibrate_covariance(
+                    denoisers if conditional else denoisers[0],
+                    self.scheduler.ve_sigmas(),
+                    samples,
+                    **structure,
+                    skip=table,
+                    conditions=keys,
+                    num_conditions=num_conditions,
+                    structure=kind,
+                    dtype=dtype,
+                )
+                new.settings.update(settings)
+                table = new if table is None else table.merge(new)
+        if old is not None and old.same_conditions(table):
+            table = table.merge(old)
+        self.scheduler.set_covariance_table(table)
+        return table
+
+    def _stream_calibration(
+        self,
+        family: Family,
+        conditioning: dict[str, Any],
+        steps: list[int],
+        samples: torch.Tensor | None,
+        count: int,
+        batch: int,
+        shape: tuple[int, ...],
+        kind: str,
+        shards: Shards,
+        key_dim: int | None,
+        fit: dict[str, Any],
+        sampler: tuple[int | None, str | None],
+    ) -> CovarianceTable:
+        """``calibrate_covariance`` streamed (``mmgibbs.streaming``): the distinct levels of every step count at once,
+        batch by batch, each batch's own samples drawn (if none are given) with a generator seeded per batch."""
+        device = self._execution_device
+        conditional = not isinstance(family, Unconditional)
+        levels: list[Any] = []
+        for n in steps:
+            family.set_timesteps(self.scheduler, n, device, conditioning)
+            for level in self.scheduler.snapshot_levels():
+                if not any(math.isclose(level[0], other[0], rel_tol=SIGMA_RTOL) for other in levels):
+                    levels.append(level)
+        sizes = [min(batch, count - start) for start in range(0, count, batch)]
+        generator = fit.pop("generator")
+        seeds = shards.same(torch.randint(2**62, (len(sizes),), generator=generator)).tolist()  # own samples
+        unconditional = None if conditional else family.prepare(self.scheduler, batch_size=1, device=device)
         settings: dict[str, Any] = {"source": "given samples", "sampler_sample_forwards": 0}
-        if samples is None:
-            sampler_steps = sampler_steps or self.scheduler.noise_schedule.num_train_timesteps
-            batch = batch_size or num_samples
-            drawn = []
+
+        def source(c: int) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
+            start, stop = c * batch, c * batch + sizes[c]
+            rows = {k: _rows(v, start, stop) if k in family.conditioning else v for k, v in conditioning.items()}
+            if samples is not None:
+                x = samples[start:stop]
+            else:
+                x, how = self._own_samples(
+                    family, rows, stop - start, stop - start, *sampler, torch.Generator().manual_seed(seeds[c])
+                )
+                settings["source"] = how["source"] + " (a generator seeded per batch)"
+                settings["sampler_sample_forwards"] = count * (how["sampler_sample_forwards"] // len(x))
+            job = self._calibration_job(family, self.scheduler, conditioning, start, stop) if conditional else None
+            job = job or unconditional
+            if conditional:
+                settings["guidance"] = job.extra["guidance"]
+            keys = condition_of(job) if conditional else None
+            return x.to(device), MMGibbsScheduler.denoiser_over(job.predict, levels), keys
+
+        work = work_dtype(samples.dtype if samples is not None else self.denoiser_model.dtype)
+        storage = fit.pop("dtype") or work
+        table = stream_covariance(
+            source,
+            sizes,
+            [level[0] for level in levels],
+            shape,
+            key_dim=key_dim,
+            generator=generator,
+            dtype=work,
+            structure=kind,
+            shards=shards,
+            progress=self.progress_bar,
+            **{k: v for k, v in fit.items() if k not in ("batch_size", "factor_iterations")},
+        )
+        table.levels = [level.to(dtype=storage) for level in table.levels]
+        table.settings.update(settings)
+        return table
+
+    def _calibration_job(
+        self, family: Family, scheduler: Any, conditioning: dict[str, Any], start: int, stop: int
+    ) -> Any:
+        """The family's job for calibration rows [start, stop) (their conditioning, or the one row broadcast); the
+        job's own starting latents (drawn from a fixed generator, not the caller's) are unused."""
+        arguments = {k: _rows(v, start, stop) if k in family.conditioning else v for k, v in conditioning.items()}
+        family.check_embeddings(arguments)
+        seed = torch.Generator().manual_seed(0)
+        return family.prepare(scheduler, device=self._execution_device, generator=seed, **arguments)
+
+    def _own_samples(
+        self,
+        family: Family,
+        conditioning: dict[str, Any],
+        num_samples: int,
+        batch: int,
+        sampler_steps: int | None,
+        sampler_covariance: str | None,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The model's own samples for the calibration (``calibrate_covariance``'s ``sampler_*`` arguments), in
+        batches of ``batch``, and the settings that record how they were drawn."""
+        conditional = not isinstance(family, Unconditional)
+        drawn = []
+        if sampler_covariance is not None or not conditional:
+            sampler_covariance = sampler_covariance or "none"
+            sampler_steps = sampler_steps or (
+                DEFAULT_HOST_SAMPLER_STEPS if conditional else self.scheduler.noise_schedule.num_train_timesteps
+            )
             for start in range(0, num_samples, batch):
+                stop = min(start + batch, num_samples)
+                rows = {k: _rows(v, start, stop) if k in family.conditioning else v for k, v in conditioning.items()}
+                if not conditional:
+                    rows["batch_size"] = stop - start
                 out = self(
-                    batch_size=min(batch, num_samples - start),
+                    **rows,
                     generator=generator,
                     num_inference_steps=sampler_steps,
                     covariance=sampler_covariance,
@@ -557,28 +815,29 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
                     output_type="latent",
                 )
                 drawn.append(out.images)
-            samples = torch.cat(drawn)
-            settings = {
-                "source": f"own samples: {sampler_steps} levels, covariance={sampler_covariance!r}, eta 1",
-                "sampler_sample_forwards": num_samples * sampler_steps,
-            }
-        device = self._execution_device
-        samples = samples.to(device)
-        predict = family.prepare(self.scheduler, batch_size=1, device=device).predict
-        table, old = None, self.scheduler.covariance_table
-        for n in steps:
-            family.set_timesteps(self.scheduler, n, device, {})
-            new = calibrate_covariance(
-                self.scheduler.denoiser(predict),
-                self.scheduler.ve_sigmas(),
-                samples,
-                **structure,
-                skip=table,
-            )
-            new.settings.update(settings)
-            table = new if table is None else table.merge(new)
-        self.scheduler.set_covariance_table(table if old is None else table.merge(old))
-        return table
+            how = f"{sampler_steps} levels, covariance={sampler_covariance!r}, eta 1"
+        else:
+            sampler_steps = sampler_steps or DEFAULT_HOST_SAMPLER_STEPS
+            host = host_scheduler(self.scheduler)
+            host_family = self.family(host)
+            step_takes_generator = "generator" in inspect.signature(host.step).parameters
+            scale_input = hasattr(type(host), "scale_model_input")
+            for start in self.progress_bar(range(0, num_samples, batch)):
+                stop = min(start + batch, num_samples)
+                host_family.set_timesteps(host, sampler_steps, self._execution_device, conditioning)
+                arguments = {
+                    k: _rows(v, start, stop) if k in family.conditioning else v for k, v in conditioning.items()
+                }
+                job = host_family.prepare(host, device=self._execution_device, generator=generator, **arguments)
+                x = job.latents
+                for t in host.timesteps:  # flow-matching schedulers have no scale_model_input: identity
+                    out = job.predict(host.scale_model_input(x, t) if scale_input else x, t)
+                    kwargs = {"generator": generator} if step_takes_generator else {}
+                    x = host.step(out.to(x.dtype), t, x, **kwargs).prev_sample
+                drawn.append(x)
+            how = f"{type(host).__name__}, {sampler_steps} steps"
+        settings = {"source": f"own samples: {how}", "sampler_sample_forwards": num_samples * sampler_steps}
+        return torch.cat(drawn), settings
 
     @staticmethod
     def _accepted(family: Family, arguments: dict[str, Any]) -> dict[str, Any]:
@@ -592,6 +851,67 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
                 f"{', '.join(f'`{k}`' for k in takes if k not in ('self', 'scheduler', 'device'))}."
             )
         return passed
+
+
+def conditioned(estimator: Any, table: CovarianceTable | None, job: Any) -> Any:
+    """``estimator`` told each image's condition group in ``table`` (``CovarianceTable.group_of`` of the job's
+    condition keys), for the estimators that read a conditional table; the job's guidance settings must be those
+    the table was calibrated with (a ValueError naming them otherwise)."""
+    if table is None or "condition_groups" not in {f.name for f in dataclasses.fields(estimator)}:
+        return estimator
+    calibrated, used = table.settings.get("guidance"), job.extra.get("guidance")
+    if calibrated is not None and used is not None and calibrated != used:
+        differ = [k for k in sorted(set(calibrated) | set(used)) if calibrated.get(k) != used.get(k)]
+        raise ValueError(
+            "The calibrated covariance table was calibrated with "
+            + ", ".join(f"{k}={calibrated.get(k)}" for k in differ)
+            + "; this call has "
+            + ", ".join(f"`{k}`={used.get(k)}" for k in differ)
+            + " (None: no classifier-free guidance). A table is fitted to one guided denoiser: sample with the "
+            "table's guidance, or calibrate for this one (`calibrate_covariance(..., "
+            + ", ".join(f"{k}=...)" for k in differ[:1])
+            + "`)."
+        )
+    return dataclasses.replace(estimator, condition_groups=table.group_of(condition_of(job)))
+
+
+def _row_count(value: Any) -> int:
+    """Conditioning rows of a call argument: 1 for a string or a number, the length of a list, the first dimension
+    of a tensor or array (its size for a 1-D tensor of class labels)."""
+    if isinstance(value, (str, numbers.Number)):
+        return 1
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return 1 if value.ndim == 0 else int(value.shape[0])
+    return len(value)
+
+
+def _rows(value: Any, start: int, stop: int) -> Any:
+    """Rows [start, stop) of a conditioning argument, a single row repeated (a string or a label as a list)."""
+    if _row_count(value) != 1:
+        return value[start:stop]
+    if isinstance(value, torch.Tensor):
+        value = value.reshape(1) if value.ndim == 0 else value
+        return value.repeat(stop - start, *[1] * (value.ndim - 1))
+    if isinstance(value, np.ndarray):
+        return np.repeat(value.reshape(1, *value.shape[1:]), stop - start, axis=0)
+    if isinstance(value, (str, numbers.Number)):
+        return [value] * (stop - start)
+    return list(value) * (stop - start)
+
+
+def host_scheduler(scheduler: MMGibbsScheduler) -> SchedulerMixin:
+    """The host's own diffusers scheduler for an MMGibbsScheduler's config: its ``source_scheduler`` class (DDIM,
+    FlowMatchEuler or EDMEuler for a config that names none), built from the same config."""
+    fallback = {"vp": "DDIMScheduler", "flow": "FlowMatchEulerDiscreteScheduler", "edm": "EDMEulerScheduler"}
+    name = scheduler.config.source_scheduler or fallback.get(scheduler.config.noise_family)
+    if name is None or not hasattr(diffusers, name) or not hasattr(getattr(diffusers, name), "step"):
+        raise ValueError(
+            f"The host scheduler ({name}) cannot draw the calibration samples in a standard loop: pass `samples`, "
+            "or `sampler_covariance` to draw them with this pipeline."
+        )
+    cls = getattr(diffusers, name)
+    takes = inspect.signature(cls.__init__).parameters
+    return cls.from_config({k: v for k, v in scheduler.config.items() if k in takes})
 
 
 __all__ = ["FAMILIES", "MomentMatchingGibbsPipeline", "MomentMatchingGibbsPipelineOutput"]

@@ -28,6 +28,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from .energy import EnergyModel
 from .noise import NoiseSchedule
 
+#: numbers of the per-sample Cholesky factors ``sample`` gathers at once (N x d x d in one go was 10 GB for 20000
+#: draws at d = 256); the chunks give the same draws bit for bit
+SAMPLE_GATHER_NUMBERS = 2**25
+
 Generator = torch.Generator | list[torch.Generator] | None
 
 
@@ -244,9 +248,12 @@ class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
         probs = self.weights.expand(num_samples, -1)
         k = self._categorical(probs, generator)
         z = randn_tensor((num_samples, self.config.dim), generator=generator, dtype=torch.float64)
-        x = (
-            self.means[k]
-            + (torch.linalg.cholesky(self.covariances)[k] @ z.to(self.means.device).unsqueeze(-1))[..., 0]
+        z = z.to(self.means.device).unsqueeze(-1)
+        chol = torch.linalg.cholesky(self.covariances)
+        rows = max(1, SAMPLE_GATHER_NUMBERS // self.config.dim**2)
+        x = self.means[k] + torch.cat(
+            [(chol[k[i : i + rows]] @ z[i : i + rows])[..., 0] for i in range(0, num_samples, rows)]
+            or [z[..., 0]]  # no samples
         )
         return x.reshape(num_samples, *self.sample_shape)
 

@@ -658,6 +658,25 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
 
         return mu
 
+    def snapshot_levels(self) -> list[tuple[float, Any, tuple[float, float, float, float]]]:
+        """Every step now laid out as ``(sigma, timestep, (alpha, c_in, c_skip, c_out))``, for denoisers that must
+        outlive this layout (:meth:`denoiser_over`: a calibration over the levels of several schedules at once)."""
+        return [(lv[1], self.timesteps[i], (lv[0], lv[2], lv[3], lv[4])) for i, lv in enumerate(self._levels)]
+
+    @staticmethod
+    def denoiser_over(
+        predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        levels: list[tuple[float, Any, tuple[float, float, float, float]]],
+    ) -> LevelDenoiser:
+        """The kernel's denoiser ``(y, j) -> mu`` at level j of ``levels`` (:meth:`snapshot_levels`), as
+        :meth:`denoiser` is at the steps of the current layout."""
+
+        def mu(y: torch.Tensor, j: int) -> torch.Tensor:
+            _, timestep, (alpha, c_in, c_skip, c_out) = levels[j]
+            return denoise_in_ve_frame(predict, y, timestep, alpha, c_in, c_skip, c_out)
+
+        return mu
+
     def estimator(self) -> CovarianceEstimator:
         """The covariance estimator the config's ``covariance`` names, built with the config's settings and the
         calibrated table (:func:`mmgibbs.covariances.make_estimator`), for :func:`mmgibbs.gibbs.sample`."""

@@ -9,7 +9,12 @@ it prepares a :class:`Job`:
   combined as F_cfg = F_u + g (F_c - F_u). Every prediction type is affine in F with the branches' common
   coefficients (mu = c_skip x_t + c_out F), so mu_cfg = mu_u + g (mu_c - mu_u): the guided denoiser is a denoiser
   like any other, and its Jacobian products (diagonal, projection, full covariances) go through both branches;
-* ``finish(latents, output_type)``: decoding and post-processing with the host's VAE and image processor.
+* ``finish(latents, output_type)``: decoding and post-processing with the host's VAE and image processor;
+* ``extra["condition"]``: one row per image identifying what the denoiser is conditioned on (the class id, or the
+  prompt embeddings of both guidance branches, flattened: :func:`condition_key`, formed on demand by
+  :func:`condition_of`), and ``extra["guidance"]``: the guidance settings in effect (``guidance_scale`` None
+  without CFG). A calibrated covariance table is fitted to one guided denoiser, and keeps a group of clusters per
+  condition (``mmgibbs.calibration``): these tell it which.
 
 The kernel never sees a prompt, a VAE or a packed latent: it sees ``(y, step) -> mu``.
 """
@@ -43,6 +48,8 @@ class Job:
         start: the first step of the schedule (img2img / inpainting start below pure noise).
         known: ``(x_known, keep)`` for inpainting: clean latents and a mask, 1 where x_known is kept.
         callback_name: the name under which callbacks receive the sample (``"latents"`` or ``"sample"``).
+        extra: ``"condition"`` (a float64 CPU tensor, one row per image) and ``"guidance"`` (a dict), see the
+            module docstring.
     """
 
     latents: torch.Tensor
@@ -70,6 +77,9 @@ class Family:
     model_classes: ClassVar[tuple[str, ...]] = ()
     #: prompt embeddings the family takes: argument -> (ndim, host component, its config key giving the width)
     embeddings: ClassVar[dict[str, tuple[int, str, str]]] = {}
+    #: the call arguments that hold one row per image (a prompt, its embeddings, a class label): calibration takes
+    #: one row per clean sample (or one for all) of these; every other argument applies to all images
+    conditioning: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, host: Any):
         self.host = host
@@ -226,6 +236,29 @@ def learned_sigma_call(model: torch.nn.Module, **conditioning: Any) -> Predict:
         return drop_learned_variance(out, keep)
 
     return call
+
+
+def condition_key(*parts: torch.Tensor | None) -> Callable[[], torch.Tensor]:
+    """What a guided denoiser is conditioned on, one row per image, as a function that forms it: every conditioning
+    tensor (N, ...) given (None left out) flattened and concatenated, float64 on the CPU. Two images have the same
+    key exactly when their denoisers are the same (same class, same prompt embeddings in both guidance branches).
+    Formed only where a conditional table is read or calibrated (:func:`condition_of`): the copy to the CPU reads
+    the device, which a call without such a table must not do."""
+    return lambda: torch.cat([p.detach().flatten(1).to("cpu", torch.float64) for p in parts if p is not None], dim=1)
+
+
+def condition_of(job: Any) -> torch.Tensor | None:
+    """The job's condition keys (:func:`condition_key`), formed now; None for an unconditional job."""
+    key = job.extra.get("condition")
+    return key() if callable(key) else key
+
+
+def guidance_settings(cfg: bool, guidance_scale: float, **more: float) -> dict[str, float | None]:
+    """The guidance in effect (``Job.extra["guidance"]``): ``guidance_scale`` and any further CFG settings (e.g.
+    ``guidance_rescale``), each None without classifier-free guidance (then the denoiser is the conditional one,
+    whatever the scale)."""
+    values = {"guidance_scale": guidance_scale, **more}
+    return {k: float(v) if cfg and v is not None else None for k, v in values.items()}
 
 
 def postprocess(images: torch.Tensor, output_type: str, processor: VaeImageProcessor | None = None) -> Any:

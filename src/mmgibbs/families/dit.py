@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .base import Family, Job, guided, learned_sigma_call, postprocess, work_dtype
+from .base import Family, Job, condition_key, guidance_settings, guided, learned_sigma_call, postprocess, work_dtype
 
 
 class DiT(Family):
@@ -30,6 +30,7 @@ class DiT(Family):
     hosts = ("DiTPipeline",)
     model = "transformer"
     model_classes = ("DiTTransformer2DModel",)
+    conditioning = ("class_labels",)
 
     @classmethod
     def host_values(cls, pipeline: Any) -> dict[str, Any]:
@@ -114,6 +115,10 @@ class DiT(Family):
             latents=start.to(work_dtype(model.dtype)),
             predict=guided(call, guidance_scale if cfg else None, cond_first=True),
             finish=self.decode,
+            extra={
+                "condition": condition_key(torch.tensor(labels).reshape(-1, 1)),
+                "guidance": guidance_settings(cfg, guidance_scale),
+            },
         )
 
     def decode(self, latents: torch.Tensor, output_type: str) -> Any:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .base import Job, chain_dtype, check_latents, guided
+from .base import Job, chain_dtype, check_latents, condition_key, guided
 from .flow import FlowMatching
 
 
@@ -33,6 +33,16 @@ class Flux(FlowMatching):
     default_max_shift = 1.15
     host_sigmas = True
     always_mu = True
+    conditioning = (
+        "prompt",
+        "prompt_2",
+        "negative_prompt",
+        "negative_prompt_2",
+        "prompt_embeds",
+        "pooled_prompt_embeds",
+        "negative_prompt_embeds",
+        "negative_pooled_prompt_embeds",
+    )
 
     def image_seq_len(self, arguments: dict[str, Any]) -> int:
         """Packed tokens per image: ``latents.shape[1]``, as the host counts it for ``mu``."""
@@ -106,6 +116,7 @@ class Flux(FlowMatching):
             **encode,
         )
         context, pooled_context = positive, pooled
+        key = [positive, pooled]
         if cfg:
             if isinstance(prompt, list):  # one negative prompt for every prompt, as StableDiffusion3Pipeline does
                 negative_prompt = (
@@ -127,6 +138,7 @@ class Flux(FlowMatching):
                     f"{tuple(positive.shape)} (pass `negative_prompt_embeds` of the prompt's shape)."
                 )
             context, pooled_context = torch.cat([negative, positive]), torch.cat([negative_pooled, pooled])
+            key += [negative, negative_pooled]
         channels = transformer.config.in_channels // 4
         check_latents(latents, len(positive), 4 * channels, height, width, host.vae_scale_factor, packed=True)
         start, image_ids = host.prepare_latents(
@@ -163,6 +175,13 @@ class Flux(FlowMatching):
             latents=chain_dtype(start),
             predict=guided(call, true_cfg_scale if cfg else None),
             finish=lambda z, output_type: self.decode_packed(z, output_type, height, width),
+            extra={
+                "condition": condition_key(*key),
+                "guidance": {
+                    "true_cfg_scale": float(true_cfg_scale) if cfg else None,
+                    "guidance_scale": float(guidance_scale) if guidance is not None else None,  # an input of the model
+                },
+            },
         )
 
     def decode_packed(self, latents: torch.Tensor, output_type: str, height: int, width: int) -> Any:

@@ -25,7 +25,7 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
 )
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
 
-from .base import Family, Job, check_latents, guided, learned_sigma_call, work_dtype
+from .base import Family, Job, check_latents, condition_key, guidance_settings, guided, learned_sigma_call, work_dtype
 
 #: the hosts' aspect-ratio bins by the transformer's ``sample_size``
 ASPECT_RATIO_BINS: dict[str, dict[int, dict[str, list[float]]]] = {
@@ -46,6 +46,14 @@ class PixArt(Family):
     model_classes = ("PixArtTransformer2DModel",)
     embeddings: ClassVar[dict[str, tuple[int, str, str]]] = dict.fromkeys(
         ("prompt_embeds", "negative_prompt_embeds"), (3, "transformer", "caption_channels")
+    )
+    conditioning = (
+        "prompt",
+        "negative_prompt",
+        "prompt_embeds",
+        "prompt_attention_mask",
+        "negative_prompt_embeds",
+        "negative_prompt_attention_mask",
     )
 
     def prepare(
@@ -122,6 +130,7 @@ class PixArt(Family):
         start = host.prepare_latents(
             batch, config.in_channels, height, width, embeds.dtype, device, generator, latents
         )
+        key = condition_key(embeds, mask, *((negative_embeds, negative_mask) if cfg else ()))
         if cfg:
             embeds, mask = torch.cat([negative_embeds, embeds]), torch.cat([negative_mask, mask])
         added: dict[str, torch.Tensor | None] = {"resolution": None, "aspect_ratio": None}
@@ -138,6 +147,7 @@ class PixArt(Family):
             latents=start.to(work_dtype(model.dtype)),
             predict=guided(call, guidance_scale if cfg else None),
             finish=lambda z, output_type: self.decode(z, output_type, size),
+            extra={"condition": key, "guidance": guidance_settings(cfg, guidance_scale)},
         )
 
     def decode(self, latents: torch.Tensor, output_type: str, size: tuple[int, int] | None) -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .base import Job, chain_dtype, check_latents, guided
+from .base import Job, chain_dtype, check_latents, condition_key, guidance_settings, guided
 from .flow import FlowMatching
 
 
@@ -23,6 +23,18 @@ class StableDiffusion3(FlowMatching):
     hosts = ("StableDiffusion3Pipeline",)
     model_classes = ("SD3Transformer2DModel",)
     default_max_shift = 1.16
+    conditioning = (
+        "prompt",
+        "prompt_2",
+        "prompt_3",
+        "negative_prompt",
+        "negative_prompt_2",
+        "negative_prompt_3",
+        "prompt_embeds",
+        "negative_prompt_embeds",
+        "pooled_prompt_embeds",
+        "negative_pooled_prompt_embeds",
+    )
 
     def image_seq_len(self, arguments: dict[str, Any]) -> int:
         """(latent height / patch) x (latent width / patch), as the host counts it for ``mu``."""
@@ -102,6 +114,7 @@ class StableDiffusion3(FlowMatching):
             max_sequence_length=max_sequence_length,
             lora_scale=(joint_attention_kwargs or {}).get("scale"),
         )
+        key = condition_key(positive, pooled, *((negative, negative_pooled) if cfg else ()))
         context = torch.cat([negative, positive]) if cfg else positive
         pooled_context = torch.cat([negative_pooled, pooled]) if cfg else pooled
         check_latents(latents, len(positive), transformer.config.in_channels, height, width, host.vae_scale_factor)
@@ -123,4 +136,5 @@ class StableDiffusion3(FlowMatching):
             latents=chain_dtype(start),
             predict=guided(call, guidance_scale if cfg else None),
             finish=self.decode,
+            extra={"condition": key, "guidance": guidance_settings(cfg, guidance_scale)},
         )

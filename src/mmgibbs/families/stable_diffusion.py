@@ -57,6 +57,8 @@ from .base import (
     Predict,
     chain_dtype,
     check_latents,
+    condition_key,
+    guidance_settings,
     guided,
     host_default,
     refuse_unused,
@@ -229,6 +231,7 @@ class StableDiffusion(Family):
     )
     #: the host pipeline class of each mode (:data:`MODES`)
     mode_hosts: ClassVar[dict[str, str]] = dict(zip(MODES, hosts, strict=True))
+    conditioning = ("prompt", "negative_prompt", "prompt_embeds", "negative_prompt_embeds")
 
     def prepare(
         self,
@@ -304,6 +307,10 @@ class StableDiffusion(Family):
             finish=lambda z, output_type: self.decode(host, z, output_type, generator, positive.dtype),
             start=begin.start,
             known=begin.known,
+            extra={
+                "condition": condition_key(positive, negative if cfg else None),
+                "guidance": guidance_settings(cfg, guidance_scale, guidance_rescale=guidance_rescale),
+            },
         )
 
     @staticmethod

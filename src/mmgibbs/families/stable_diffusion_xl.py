@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import Job, chain_dtype, guided, host_default, sibling_host
+from .base import Job, chain_dtype, condition_key, guidance_settings, guided, host_default, sibling_host
 from .stable_diffusion import MODES, StableDiffusion, chain_start, mode_of, unet_call
 
 Size = tuple[int, int]
@@ -38,6 +38,13 @@ class StableDiffusionXL(StableDiffusion):
     hosts = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
     model_classes = ()  # a bare UNet2DConditionModel is taken for SD 1.x/2.x; SDXL comes with its host
     mode_hosts: ClassVar[dict[str, str]] = dict(zip(MODES, hosts, strict=True))
+    conditioning = (
+        *StableDiffusion.conditioning,
+        "prompt_2",
+        "negative_prompt_2",
+        "pooled_prompt_embeds",
+        "negative_pooled_prompt_embeds",
+    )
     embeddings: ClassVar[dict[str, tuple[int, str, str]]] = {
         **StableDiffusion.embeddings,
         **dict.fromkeys(
@@ -168,6 +175,7 @@ class StableDiffusionXL(StableDiffusion):
                 dtype=dtype,
                 text_encoder_projection_dim=projection,
             )
+        key = condition_key(positive, pooled, *((negative, negative_pooled) if cfg else ()))
         # one row per image and branch, in the order of the hidden states: [negative..., positive...]
         time_ids = time_ids.to(device).repeat(batch, 1)
         if cfg:
@@ -181,6 +189,10 @@ class StableDiffusionXL(StableDiffusion):
             finish=lambda z, output_type: self.decode_xl(host, z, output_type),
             start=begin.start,
             known=begin.known,
+            extra={
+                "condition": key,
+                "guidance": guidance_settings(cfg, guidance_scale, guidance_rescale=guidance_rescale),
+            },
         )
 
     @staticmethod
