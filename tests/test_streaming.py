@@ -126,7 +126,7 @@ def test_two_processes_give_one_processs_table(tmp_path) -> None:
     """examples/calibrate.py on the digits DDPM (1400 train digits, 14 batches, clusters from the first 300) under
     ``accelerate launch`` with 2 CPU processes (each every other batch, one reduction) and in one process: the same
     table, level by level."""
-    from test_examples import _free_port
+    from background import _free_port
 
     argv = ["--digits", "--steps", "2", "--clusters", "2", "--rank", "4", "--batch-size", "100"]
     argv += ["--cluster-samples", "300", "--streaming"]
@@ -180,7 +180,7 @@ def test_two_gloo_processes_agree_without_a_generator(tmp_path) -> None:
     """Without a generator each process's own RNG would pick its own noise seeds, test matrix and k-means start, and
     the summed statistics would belong to no one table: the seeds are agreed (process 0's), so both hold one."""
     import torch.multiprocessing as mp
-    from test_examples import _free_port
+    from background import _free_port
 
     mp.start_processes(_gloo_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="fork")
     a, b = (CovarianceTable.load(tmp_path / f"rank{r}.safetensors") for r in (0, 1))
