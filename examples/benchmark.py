@@ -70,7 +70,7 @@ from digits import (
     dsm_dir,
     load_digits_split,
 )
-from learned_bench import LEVER_ROWS
+from learned_bench import LEVER_ROWS, layout_of
 
 from mmgibbs import GaussianMixtureDenoiser, MMGibbsScheduler, MomentMatchingGibbsPipeline, denoising_moments
 from mmgibbs.baselines import langevin, predictor_corrector, tweedie_score
@@ -373,8 +373,7 @@ class Bench:
         structure = {k: settings.pop(k) for k in ("num_clusters", "rank") if k in settings}
         scheduler = MMGibbsScheduler.from_config(self.ddpm_config, **settings)
         if source is not None:
-            layout = {k: settings[k] for k in ("source_scheduler", "timestep_spacing") if k in settings}
-            scheduler.set_covariance_table(self.covariance_table(source, **structure, layout=layout))
+            scheduler.set_covariance_table(self.covariance_table(source, **structure, layout=layout_of(settings)))
         pipe = MomentMatchingGibbsPipeline(unet=self.unet, scheduler=scheduler)
         pipe.set_progress_bar_config(disable=True)
         out = pipe(batch_size=self.n, num_inference_steps=row.steps, generator=self._gen(seed), output_type="latent")
@@ -491,12 +490,15 @@ def _only(bench: Bench, rows: list[Row]) -> list[Row]:
     return rows if not keep else [r for r in rows if any(k in r.name for k in keep)]
 
 
+#: the sections on the digits DDPM and their rows (``digits-levers`` is not in ALL)
+DIGITS_ROWS: dict[str, Callable[[bool], list[Row]]] = {"digits": digits_rows, "digits-levers": levers_rows}
+
+
 def digits_section(bench: Bench, section: str = "digits") -> dict[str, Any]:
-    """Run (or read from the cache) every row of the digits ``section`` (``"digits"``: :func:`digits_rows`,
-    ``"digits-levers"``: :func:`levers_rows`); returns the section's results file (:func:`render_digits`)."""
+    """Run (or read from the cache) every row of the digits ``section`` (:data:`DIGITS_ROWS`); returns the section's
+    results file (:func:`render_digits`)."""
     rows, summaries = [], []
-    select = digits_rows if section == "digits" else levers_rows
-    for row in _only(bench, select(bench.args.quick)):
+    for row in _only(bench, DIGITS_ROWS[section](bench.args.quick)):
         if row.kind == "pc":
             row, results = tuned(bench, row, [{"snr": v} for v in (0.04, 0.08, 0.16)], bench.run_pc)
         else:
@@ -812,9 +814,9 @@ def measure_section(name: str, args: argparse.Namespace, bench: Bench | None) ->
     if name in speed.SECTIONS:  # timing sections, with their own models (speed.py)
         args.out_dir.mkdir(parents=True, exist_ok=True)
         return speed.SECTIONS[name][0](args)
-    if name == "digits-levers":  # the real-data levers on the digits DDPM; not in ALL
-        return digits_section(bench, "digits-levers")
-    return {"digits": digits_section, "single-level": single_level_section, "toy": toy_section}[name](bench)
+    if name in DIGITS_ROWS:
+        return digits_section(bench, name)
+    return {"single-level": single_level_section, "toy": toy_section}[name](bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

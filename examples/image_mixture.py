@@ -394,13 +394,14 @@ def rows(bench: ImageMixtureBench) -> list[tuple[str, int, str, Callable[[int], 
     for name, run in ablations:
         for budget in (10, 20):
             out.append((name, budget, f"mmgibbs|{name}|{budget}", lambda s, r=run, b=budget: r(b, s)))
-    from learned_bench import LEVER_ROWS  # learned_bench imports this module
+    from learned_bench import LEVER_ROWS, layout_of  # learned_bench imports this module
 
     for lever in LEVER_ROWS:  # the real-data levers (learned_bench.LEVER_ROWS), as on every learned model
         pipe = _pipeline(model, **lever.settings)
         if lever.calibration is not None:
-            layout = {k: v for k, v in lever.settings.items() if k in ("source_scheduler", "timestep_spacing")}
-            pipe.scheduler.set_covariance_table(bench.table("data", **lever.calibration, layout=layout))
+            pipe.scheduler.set_covariance_table(
+                bench.table("data", **lever.calibration, layout=layout_of(lever.settings))
+            )
         for budget in (10, 20):
             out.append(
                 (

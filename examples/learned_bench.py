@@ -58,6 +58,15 @@ SAMPLING_ONLY = frozenset(
         "product_batch",
     )
 )
+#: the MMGibbsScheduler settings that lay out the levels (a calibrated table is fitted at those levels)
+LAYOUT_SETTINGS = ("source_scheduler", "timestep_spacing")
+
+
+def layout_of(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`LAYOUT_SETTINGS` among ``settings``: what a calibrated table for them must be fitted with."""
+    return {k: settings[k] for k in LAYOUT_SETTINGS if k in settings}
+
+
 #: the calibrated table of the ``calibrated`` rows (``pipe.calibrate_covariance`` keywords)
 CALIBRATED: Mapping[str, Any] = {"num_clusters": 16, "rank": 16}
 

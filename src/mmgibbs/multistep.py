@@ -197,7 +197,7 @@ class MultistepMean:
         k = extrapolation_weight(h, previous[1] if previous is not None else None) if self.order == 2 else 0.0
         centre = mu if k == 0.0 else mu + (mu - previous[0].to(mu.dtype)) * k
         if self.corrector and share is not None:
-            second = k != 0.0 and previous is not None
+            second = k != 0.0  # a second-order step had a previous transition (extrapolation_weight)
             self._pending = (centre, mu, previous[0] if second else None, h, previous[1] if second else None, share)
         return centre
 

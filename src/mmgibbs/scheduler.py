@@ -501,9 +501,8 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         self.sigmas = torch.cat([(s / alpha).float(), torch.zeros(1)]).cpu()  # VE sigma per step, then 0
         self._step_index: int | None = None
         self._begin_index: int | None = None
-        self._multistep = MultistepMean(
-            self.config.mean_order, self.config.corrector
-        )  # the previous transition's mean, for step()
+        # the previous transition's mean (and the corrector's record of it), for step()
+        self._multistep = MultistepMean(self.config.mean_order, self.config.corrector)
         self._match: tuple[int, float, VarianceMatch] | None = None  # (first step, eta, factors) of this run
 
     @property
