@@ -273,11 +273,11 @@ def test_peak_memory_on_cpu_sees_a_block_allocation() -> None:
 def test_recommendation_is_the_largest_measured_budget_not_above(calls: int, budget: int) -> None:
     assert recommended_settings(StableDiffusion, calls) == RECOMMENDED[budget]["uncalibrated"]
     assert recommended_settings("Unconditional", calls, calibrated=True) == RECOMMENDED[budget]["calibrated"]
+    # every family calibrates (issue 15), so every family has a calibrated recommendation
+    assert recommended_settings(StableDiffusion, calls, calibrated=True) == RECOMMENDED[budget]["calibrated"]
 
 
 def test_recommendation_refuses_what_it_cannot_recommend() -> None:
-    with pytest.raises(ValueError, match="`calibrated`: the StableDiffusion family holds no calibrated table"):
-        recommended_settings(StableDiffusion, 20, calibrated=True)
     with pytest.raises(ValueError, match="`model_calls` must be a positive integer"):
         recommended_settings(Unconditional, 0)
     settings = recommended_settings(Unconditional, 10)
@@ -297,4 +297,22 @@ def test_a_calibrated_gibbs_pipeline_is_compared_against_its_host_with_the_calib
     host, gibbs = compare(pipe, steps=[4], seeds=[0], num_samples=2, progress=False)
     assert host["label"] == "DDPMPipeline + DDPMScheduler" and host["model_calls"]["forward"] == 4
     assert gibbs["settings"] == recommended_settings(Unconditional, 4, calibrated=True)
+    assert gibbs["settings"]["covariance"] == "calibrated" and gibbs["model_calls"]["forward"] == 4
+
+
+def test_a_calibrated_text_to_image_gibbs_pipeline_is_compared_against_its_host_with_its_table() -> None:
+    """A Gibbs pipeline over Stable Diffusion holding a table calibrated for a prompt: its host is rebuilt (the
+    safety checker and feature extractor it has none of passed as None) and the Gibbs side samples with the
+    calibrated recommendation, the table read at the guidance it was fitted with."""
+    from mmgibbs import MomentMatchingGibbsPipeline
+
+    pipe = MomentMatchingGibbsPipeline.from_pipe(tiny_stable_diffusion_pipeline())
+    pipe.set_progress_bar_config(disable=True)
+    samples = torch.randn(32, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    pipe.calibrate_covariance(
+        [4], samples=samples, num_clusters=2, rank=4, prompt=["a cat"] * 32, generator=torch.Generator().manual_seed(1)
+    )
+    host, gibbs = compare(pipe, prompts=["a cat"], steps=[4], seeds=[0], num_samples=1, progress=False)
+    assert host["label"] == "StableDiffusionPipeline + DDIMScheduler" and host["model_calls"]["forward"] == 4
+    assert gibbs["settings"] == recommended_settings(StableDiffusion, 4, calibrated=True)
     assert gibbs["settings"]["covariance"] == "calibrated" and gibbs["model_calls"]["forward"] == 4

@@ -324,6 +324,14 @@ def _host_and_family(pipe: DiffusionPipeline) -> tuple[DiffusionPipeline, type[F
     source = getattr(diffusers, cfg.source_scheduler or "DDPMScheduler")
     wanted = inspect.signature(host_class.__init__).parameters
     parts = {k: v for k, v in pipe.components.items() if k in wanted and k != "scheduler" and v is not None}
+    # components the host requires that the Gibbs pipeline holds none of (SD's safety checker): None, as
+    # from_pretrained(..., safety_checker=None) passes them
+    missing = [
+        k
+        for k, p in list(wanted.items())[1:]
+        if p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD
+    ]
+    parts |= {k: None for k in missing if k not in parts and k != "scheduler" and k not in pipe.config.host_config}
     host = host_class(**parts, scheduler=source.from_config(cfg), **pipe.config.host_config)
     return host, family
 
@@ -393,7 +401,7 @@ def plan(
         if gibbs_settings is not None:
             settings = dict(gibbs_settings)
         else:
-            settings = recommended_settings(family, budget, calibrated=calibrated and family is Unconditional)
+            settings = recommended_settings(family, budget, calibrated=calibrated)
         scheduler = MMGibbsScheduler.from_scheduler(source, **settings)
         levels = levels_for_budget(scheduler, budget, dim)
         plans.append((budget, host_steps(host.scheduler, budget), settings, levels, scheduler.config))

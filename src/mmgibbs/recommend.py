@@ -57,8 +57,6 @@ FAMILY_RECOMMENDED: dict[str, dict[int, dict[str, dict[str, Any]]]] = {
         for budget, settings in RECOMMENDED.items()
     }
 }
-#: the families whose pipelines can hold a calibrated table (``calibrate_covariance`` refuses the others)
-CALIBRATABLE_FAMILIES = ("Unconditional",)
 
 
 def family_key(family: Any) -> str:
@@ -75,23 +73,17 @@ def recommended_settings(family: Any, model_calls: int, calibrated: bool = False
         family: the model family: a class of ``mmgibbs.families`` (or an instance, or its class name, e.g.
             ``"Unconditional"``, ``"StableDiffusion"``).
         model_calls: the budget, model-evaluation equivalents per sample (a positive integer).
-        calibrated: whether the pipeline holds a calibrated covariance table (``calibrate_covariance``); only the
-            families of :data:`CALIBRATABLE_FAMILIES` can.
+        calibrated: whether the pipeline holds a calibrated covariance table (``calibrate_covariance``; every
+            family calibrates, a conditional one per conditioning and guidance).
 
     Returns a new dict of ``MMGibbsScheduler`` settings (``covariance``, ``eta``, ...), without the level count.
     """
     if isinstance(model_calls, bool) or not isinstance(model_calls, int) or model_calls < 1:
         raise ValueError(f"`model_calls` must be a positive integer; got {model_calls!r}.")
-    name = family_key(family)
-    if calibrated and name not in CALIBRATABLE_FAMILIES:
-        raise ValueError(
-            f"`calibrated`: the {name} family holds no calibrated table (calibration is for "
-            f"{', '.join(CALIBRATABLE_FAMILIES)} models)."
-        )
-    table = FAMILY_RECOMMENDED.get(name, RECOMMENDED)
+    table = FAMILY_RECOMMENDED.get(family_key(family), RECOMMENDED)
     measured = sorted(table)
     budget = max((b for b in measured if b <= model_calls), default=measured[0])
     return dict(table[budget]["calibrated" if calibrated else "uncalibrated"])
 
 
-__all__ = ["CALIBRATABLE_FAMILIES", "FAMILY_RECOMMENDED", "RECOMMENDED", "family_key", "recommended_settings"]
+__all__ = ["FAMILY_RECOMMENDED", "RECOMMENDED", "family_key", "recommended_settings"]
