@@ -1139,6 +1139,9 @@ def _family_cases() -> list[Case]:
     cases += [
         Case(f, "DiT", "`class_labels=1.0`", "`class_labels` must be class ids in [0, 10) or words of the "
              "pipeline's `id2label`; got [1.0]", lambda _: dit_labels(1.0)),
+        Case(f, "DiT", "`class_labels=['goldfish', 'cat']` with a word not in `id2label`", "`class_labels`: 'cat' "
+             "is not a word of the pipeline's `id2label` (its 5 words: 'Tinca tinca', 'goldfish', 'great white "
+             "shark', ...)", lambda _: dit_labels(["goldfish", "cat"])),
         Case(f, "DiT", "`class_labels=np.int64(3)` (and a numpy array of ids)", "class 3, as `class_labels=3`",
              lambda _: numpy_label(), None),
         Case(f, "`__call__`", "`device='cpu'` as a call argument", "`device` is not a call argument: the pipeline "

@@ -57,6 +57,14 @@ class DiT(Family):
                 raise ValueError(
                     f"`class_labels` {words} are words, but the DiT pipeline has no `id2label`: pass class ids."
                 )
+            known = self.host.labels
+            unknown = [word for word in words if word not in known]
+            if unknown:  # before the host's get_label_ids, whose message lists every word (1000 for ImageNet)
+                shown = ", ".join(repr(word) for word in sorted(known)[:3])
+                raise ValueError(
+                    f"`class_labels`: {unknown[0]!r} is not a word of the pipeline's `id2label` (its {len(known)} "
+                    f"words: {shown}, ...); pass one of them or a class id."
+                )
             ids = dict(zip(words, self.host.get_label_ids(words), strict=True))
             labels = [ids[label] if isinstance(label, str) else label for label in labels]
         num_classes = self.host.transformer.config.num_embeds_ada_norm
