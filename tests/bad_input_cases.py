@@ -1011,6 +1011,26 @@ def dit_labels(labels: Any) -> torch.Tensor:
     return latent(dit(), class_labels=labels, generator=_generator(5))
 
 
+def prompt_and_embeds() -> None:
+    """Both forms of a prompt, refused by calibration and by the call alike, before any model call (the case's
+    error is the call's)."""
+    pipe, embeds = stable_diffusion(), torch.zeros(1, 77, 32)
+    for calibrate, negative in ((True, False), (False, True)):
+        arguments = {"negative_prompt": "x", "negative_prompt_embeds": embeds} if negative else {}
+        arguments |= {"prompt": "a cat"} if negative else {"prompt": "a cat", "prompt_embeds": embeds}
+        try:
+            if calibrate:
+                pipe.calibrate_covariance(1, samples=torch.zeros(2, 4, 8, 8), num_clusters=1, **arguments)
+            else:
+                latent(pipe, **arguments)
+        except ValueError as err:
+            expected = "`negative_prompt` or `negative_prompt_embeds`" if negative else "`prompt` or `prompt_embeds`"
+            assert f"Pass {expected}, not both" in str(err), err
+        else:
+            raise AssertionError(f"{arguments} was not refused")
+    latent(pipe, prompt="a cat", prompt_embeds=embeds)
+
+
 def numpy_label() -> None:
     assert torch.equal(dit_labels(np.int64(3)), dit_labels(3))
     assert torch.equal(dit_labels(np.array([3])), dit_labels([3]))
@@ -1144,6 +1164,9 @@ def _family_cases() -> list[Case]:
              "shark', ...)", lambda _: dit_labels(["goldfish", "cat"])),
         Case(f, "DiT", "`class_labels=np.int64(3)` (and a numpy array of ids)", "class 3, as `class_labels=3`",
              lambda _: numpy_label(), None),
+        Case(f, "`__call__`, `calibrate_covariance` (`mmgibbs.checks.check_host_arguments`)", "`prompt` and "
+             "`prompt_embeds` together (and `negative_prompt` with `negative_prompt_embeds`)", "Pass `prompt` or "
+             "`prompt_embeds`, not both", lambda _: prompt_and_embeds()),
         Case(f, "`__call__`", "`device='cpu'` as a call argument", "`device` is not a call argument: the pipeline "
              "runs where its components are (move them with `pipe.to(device)`, or offload with "
              "`pipe.enable_model_cpu_offload()`)",

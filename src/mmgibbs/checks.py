@@ -293,11 +293,21 @@ HOST_NUMBERS: dict[str, dict[str, Any]] = {
 #: host pipeline call arguments that are prompts
 PROMPTS = ("prompt", "prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3")
 
+#: prompt embeddings -> the prompts they replace (diffusers' pipelines refuse both)
+EMBEDDED_PROMPTS = {
+    "prompt_embeds": ("prompt", "prompt_2", "prompt_3"),
+    "negative_prompt_embeds": ("negative_prompt", "negative_prompt_2", "negative_prompt_3"),
+}
+
 
 def check_host_arguments(arguments: dict[str, Any]) -> None:
     """The host pipeline's numeric call arguments and prompts, each against its range (:data:`HOST_NUMBERS`),
     naming the argument; None means the host's default. Host pipelines check only some of them, late (a zero
     ``num_images_per_prompt`` fails inside the text encoder's reshape, a NaN ``guidance_scale`` runs)."""
+    for embeds, words in EMBEDDED_PROMPTS.items():
+        passed = [name for name in words if arguments.get(name) is not None]
+        if passed and arguments.get(embeds) is not None:  # the host's message prints the whole tensor
+            raise ValueError(f"Pass `{passed[0]}` or `{embeds}`, not both: the embeddings replace the encoded prompt.")
     for name, value in arguments.items():
         if value is None:
             continue
