@@ -1,7 +1,17 @@
-"""Calibrate the ``calibrated`` covariance of an unconditional model once, and save a pipeline that samples with it.
+"""Calibrate the ``calibrated`` covariance of a model once, and save a pipeline that samples with it.
 
     python examples/calibrate.py --out calibrated-digits --steps 10 20 50 --digits    # the shipped digits DDPM, data
     python examples/sample.py --model calibrated-digits --covariance calibrated --eta 0 --steps 20
+
+A text-to-image model calibrates for its prompts and guidance scale (its own samples, drawn with its own scheduler
+under that guidance, or ``--samples`` latents); several prompts split the samples into equal consecutive blocks,
+one per prompt; sampling then uses the same guidance scale:
+
+    python examples/calibrate.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --out calibrated-sd \
+        --prompt "a photograph of an astronaut riding a horse" "a red car" --guidance-scale 7.5 --steps 20 \
+        --num-samples 512 --batch-size 16 --covariance calibrated_stationary
+    python examples/sample.py --model calibrated-sd --covariance calibrated_stationary --eta 0 --steps 20 \
+        --prompt "a red car" --guidance-scale 7.5 --batch-size 4
 
 With the network (Hub ids are real code paths; offline they fail with a message saying what to pass instead):
 
@@ -27,6 +37,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,6 +48,7 @@ from sample import DEFAULT_MODEL, _model_index, _number, check_writable, load_pi
 from mmgibbs import MomentMatchingGibbsPipeline
 from mmgibbs.checks import check_calibration, check_samples
 from mmgibbs.families import sample_shape
+from mmgibbs.moments import CALIBRATED_COVARIANCES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rank", type=positive_int, default=None, help="of the table's factors (default 16)")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="model batch (default: all at once)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--prompt", nargs="+", default=None, help="text-to-image models: the prompts (equal blocks of the samples)"
+    )
+    parser.add_argument(
+        "--guidance-scale", type=_number(float), default=None, help="with --prompt (default: the pipeline's own)"
+    )
+    parser.add_argument(
+        "--covariance", choices=CALIBRATED_COVARIANCES, default="calibrated", help="the estimator the table is for"
+    )
+    parser.add_argument(
+        "--table-dtype", choices=["float32", "float16"], default=None, help="the table's storage (float16: half)"
+    )
     parser.add_argument(
         "--streaming", action="store_true", help="fit from streamed statistics (always so under several processes)"
     )
@@ -114,10 +138,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"{flag} sets how the model's own samples are drawn; with {given} none are drawn")
     if args.digits and Path(args.model).resolve() != DEFAULT_MODEL.resolve():
         parser.error("--digits calibrates the shipped digits DDPM; with another --model pass --samples")
+    if args.guidance_scale is not None and args.prompt is None:
+        parser.error("--guidance-scale needs --prompt (classifier-free guidance of a text-to-image model)")
+    if args.prompt is not None:
+        if args.digits:
+            parser.error("--prompt: the digits DDPM takes no prompt")
+        count = len(args.clean) if args.clean is not None else args.num_samples or 2048
+        if count % len(args.prompt):
+            parser.error(
+                f"--prompt: {len(args.prompt)} prompts for {count} samples: each prompt takes an equal block of the "
+                "samples (pass a sample count divisible by the number of prompts)"
+            )
     index = _model_index(parser, args.model)
-    if index is not None and index.get("text_encoder") not in (None, [None, None]):
-        parser.error(f"--model {args.model}: calibration is for unconditional models (this one takes prompts)")
+    if index is not None:
+        text = index.get("text_encoder") not in (None, [None, None])
+        if text and args.prompt is None:
+            parser.error(
+                f"--model {args.model} is a text-to-image pipeline: pass --prompt (the prompts to calibrate for)"
+            )
+        if args.prompt is not None and not text:
+            parser.error(f"--prompt: {args.model} has no text encoder; it takes no prompt")
     return args
+
+
+def conditioning(args: argparse.Namespace, count: int) -> dict[str, Any]:
+    """The calibration's conditioning: each prompt repeated over its block of the ``count`` samples."""
+    if args.prompt is None:
+        return {}
+    block = count // len(args.prompt)
+    out: dict[str, Any] = {"prompt": [prompt for prompt in args.prompt for _ in range(block)]}
+    if args.guidance_scale is not None:
+        out["guidance_scale"] = args.guidance_scale
+    return out
 
 
 def check_clean_samples(
@@ -157,10 +209,12 @@ def main(argv: list[str] | None = None) -> None:
         count = 0 if args.clean is not None else args.num_samples or 2048
         check_clean_samples(build_parser(), args, sample_shape(pipe.denoiser_model), count=count)
     start = time.perf_counter()
+    samples = clean_samples(args)
+    count = len(samples) if samples is not None else args.num_samples or 2048
     table = pipe.calibrate_covariance(
         args.steps,
-        samples=clean_samples(args),
-        num_samples=args.num_samples,
+        samples=samples,
+        num_samples=None if samples is not None else count if args.prompt else args.num_samples,
         sampler_steps=args.sampler_steps,
         generator=torch.Generator().manual_seed(args.seed),
         batch_size=args.batch_size,
@@ -168,6 +222,9 @@ def main(argv: list[str] | None = None) -> None:
         rank=args.rank,
         streaming=True if args.streaming else None,
         cluster_samples=args.cluster_samples,
+        covariance=args.covariance,
+        dtype=None if args.table_dtype is None else getattr(torch, args.table_dtype),
+        **conditioning(args, count),
     )
     seconds = time.perf_counter() - start
     if not state.is_main_process:
@@ -175,14 +232,22 @@ def main(argv: list[str] | None = None) -> None:
     pipe.save_pretrained(args.out)
     print(f"model:    {args.model}")
     rank = table.settings["rank"]
-    print(f"table:    {len(table.sigmas)} levels (steps {args.steps}), {args.clusters} clusters, rank {rank}")
+    structure = f"rank {rank}" if args.covariance != "calibrated_stationary" else "stationary"
+    print(
+        f"table:    {len(table.sigmas)} levels (steps {args.steps}), {args.clusters} clusters, {structure}, "
+        f"{table.nbytes / 2**20:.1f} MiB"
+    )
+    if args.prompt is not None:
+        guidance = table.settings.get("guidance", {}).get("guidance_scale")
+        print(f"prompts:  {len(args.prompt)} ({count // len(args.prompt)} samples each), guidance_scale {guidance}")
     drawn, source = table.settings["sampler_sample_forwards"], table.settings["source"]
     print(f"cost:     {table.sample_forwards} single-sample forwards to calibrate, {drawn} to draw own samples")
     print(f"          ({source}); {seconds:.1f} s")
     if "streaming" in table.settings:
         streamed = table.settings["streaming"]
         print(f"streamed: {streamed['processes']} process(es), clusters from {streamed['cluster_samples']} samples")
-    print(f"wrote:    {args.out} (sample it: python examples/sample.py --model {args.out} --covariance calibrated)")
+    sample_it = f"python examples/sample.py --model {args.out} --covariance {args.covariance}"
+    print(f"wrote:    {args.out} (sample it: {sample_it})")
 
 
 if __name__ == "__main__":

@@ -105,6 +105,26 @@ def check_loaded(pipe: DiffusionPipeline, args: argparse.Namespace) -> None:
         parser.error(_NO_TABLE.format(covariance=args.covariance, model=args.model))
 
 
+def check_table_guidance(sampler: DiffusionPipeline, args: argparse.Namespace) -> None:
+    """A table calibrated for a guided text-to-image model is read at the guidance scale it was fitted with (the
+    pipeline would refuse the call; here it is an argparse error naming --guidance-scale, before any sampling)."""
+    table = getattr(sampler.scheduler, "covariance_table", None)
+    if (
+        args.covariance not in CALIBRATED_COVARIANCES
+        or table is None
+        or not isinstance(sampler, MomentMatchingGibbsPipeline)
+    ):
+        return
+    fitted = (table.settings.get("guidance") or {}).get("guidance_scale")
+    used = sampler.family(sampler.scheduler).default("guidance_scale", args.guidance_scale)
+    if fitted is not None and used is not None and float(used) != float(fitted):
+        given = f"--guidance-scale {args.guidance_scale:g}" if args.guidance_scale is not None else "the default"
+        build_parser().error(
+            f"--guidance-scale: the table in {args.model} was calibrated with guidance_scale {fitted:g}, and "
+            f"{given} samples at {float(used):g}: pass --guidance-scale {fitted:g} (or calibrate for this scale)"
+        )
+
+
 def build_sampler(pipe: DiffusionPipeline, mode: str, settings: dict[str, Any]) -> DiffusionPipeline:
     """``MomentMatchingGibbsPipeline.from_pipe(pipe)`` over the pipeline's own components (``pipeline``), or the
     pipeline's own loop with ``MMGibbsScheduler`` swapped in (``drop-in``)."""
@@ -359,6 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     check_loaded(pipe, args)
     sampler = build_sampler(pipe, args.mode, scheduler_settings(args)).to(state.device)
     sampler.set_progress_bar_config(disable=True)
+    check_table_guidance(sampler, args)
     images, cost = sample(sampler, args, args.batch_size, args.seed)
     save_grid(images, args.out)
     cfg = sampler.scheduler.config

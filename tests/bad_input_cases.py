@@ -342,6 +342,47 @@ def text_to_image_folder_without_prompt(tmp: Path) -> Any:
     return cli("sample", ["--model", str(tmp / "sd")], tmp)
 
 
+def sd_calibration(argv: list[str]) -> Callable[[Path], Any]:
+    """``calibrate.py --model <tmp>/sd <argv>`` over a saved tiny Stable Diffusion folder."""
+
+    def run(tmp: Path) -> Any:
+        from tiny_pipelines import tiny_stable_diffusion_pipeline
+
+        tiny_stable_diffusion_pipeline().save_pretrained(tmp / "sd")
+        return cli("calibrate", ["--model", str(tmp / "sd"), "--out", "{tmp}/new", *argv], tmp)
+
+    return run
+
+
+def sd_table_guidance(guidance: float | None) -> Callable[[Path], Any]:
+    """A tiny SD folder calibrated from the command line at guidance 3 (2 prompts, 4 own samples each), then
+    ``sample.main`` over it at ``guidance`` (None: the pipeline's default, 7.5)."""
+
+    def run(tmp: Path) -> Any:
+        import calibrate
+        import sample
+        from tiny_pipelines import tiny_stable_diffusion_pipeline
+
+        tiny_stable_diffusion_pipeline().save_pretrained(tmp / "sd")
+        argv = ["--prompt", "a cat", "a dog", "--guidance-scale", "3", "--num-samples", "8", "--sampler-steps", "2"]
+        argv += ["--steps", "2", "--clusters", "1", "--rank", "2"]
+        with contextlib.redirect_stdout(io.StringIO()):
+            calibrate.main(["--model", str(tmp / "sd"), "--out", str(tmp / "cal"), *argv])
+        argv = ["--model", str(tmp / "cal"), "--covariance", "calibrated", "--eta", "0", "--steps", "2"]
+        argv += ["--prompt", "a cat", "--batch-size", "1", "--out", str(tmp / "a.png")]
+        argv += [] if guidance is None else ["--guidance-scale", f"{guidance:g}"]
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                return sample.main(argv)
+        except SystemExit as exit_info:
+            if exit_info.code != 2:
+                raise
+            raise CommandLineError(err.getvalue().strip().splitlines()[-1]) from None
+
+    return run
+
+
 def offline_hub_id(tmp: Path) -> None:
     """``HF_HUB_OFFLINE=1 python examples/sample.py --model google/ddpm-cifar10-32 --steps 2``, a subprocess run
     beside the other tests (tests/background.py)."""
@@ -1417,6 +1458,20 @@ def _command_line_cases() -> list[Case]:
         Case(c, "`sample.py`", "`sample.py --model <a Stable Diffusion folder>` (no --prompt)",
              "(StableDiffusionPipeline) is a text-to-image pipeline: pass --prompt",
              text_to_image_folder_without_prompt, CommandLineError),
+        Case(c, "`sample.py` (after the loader)", "`sample.py --model <an SD folder calibrated at guidance 3>` "
+             "without `--guidance-scale 3`", "--guidance-scale: the table in", sd_table_guidance(None),
+             CommandLineError),
+        Case(c, "`calibrate.py`", "`calibrate.py --model <a Stable Diffusion folder>` (no --prompt)",
+             "is a text-to-image pipeline: pass --prompt (the prompts to calibrate for)",
+             sd_calibration(["--num-samples", "8", "--clusters", "1"]), CommandLineError),
+        Case(c, "`calibrate.py`", "`calibrate.py --model <a Stable Diffusion folder> --prompt a b c --num-samples "
+             "8`", "--prompt: 3 prompts for 8 samples: each prompt takes an equal block",
+             sd_calibration(["--prompt", "a", "b", "c", "--num-samples", "8", "--clusters", "1"]), CommandLineError),
+        Case(c, "`calibrate.py`", "`calibrate.py --prompt a` (the digits DDPM folder)", "--prompt: "
+             "examples/checkpoints/digits-ddpm has no text encoder", calibrate_job(["--prompt", "a",
+             "--model", "examples/checkpoints/digits-ddpm"]), CommandLineError),
+        Case(c, "`calibrate.py`", "`calibrate.py --guidance-scale 3` (no --prompt)", "--guidance-scale needs "
+             "--prompt", calibrate_job(["--guidance-scale", "3"]), CommandLineError),
         Case(c, "`sample.py` (after the loader)", "`sample.py --model google/ddpm-cifar10-32` offline",
              "a message saying to pass a local folder as --model", offline_hub_id, None),
     ]  # fmt: skip

@@ -82,6 +82,30 @@ def test_calibrate_then_sample_from_the_command_line(tmp_path, capsys) -> None:
     assert "covariance=calibrated" in printed and "4 UNet forward passes, 0 backward passes" in printed
 
 
+def test_calibrate_then_sample_a_text_to_image_model_from_the_command_line(tmp_path, capsys) -> None:
+    """examples/calibrate.py on a saved tiny Stable Diffusion folder for two prompts at guidance 3 (its own samples,
+    drawn with its own DDIM under that guidance), stationary table; the saved folder then samples one prompt with
+    the table at that guidance."""
+    import calibrate
+    import sample
+    from tiny_pipelines import tiny_stable_diffusion_pipeline
+
+    tiny_stable_diffusion_pipeline().save_pretrained(tmp_path / "sd")
+    out = tmp_path / "calibrated"
+    argv = ["--model", str(tmp_path / "sd"), "--out", str(out), "--prompt", "a cat", "a dog", "--guidance-scale", "3"]
+    argv += ["--num-samples", "8", "--sampler-steps", "2", "--steps", "2", "--clusters", "1"]
+    calibrate.main([*argv, "--covariance", "calibrated_stationary", "--table-dtype", "float16"])
+    printed = capsys.readouterr().out
+    assert "2 levels (steps [2]), 1 clusters, stationary" in printed
+    assert "prompts:  2 (4 samples each), guidance_scale 3.0" in printed and "16 to draw own samples" in printed
+    argv = ["--model", str(out), "--covariance", "calibrated_stationary", "--eta", "0", "--steps", "2"]
+    sample.main(
+        [*argv, "--prompt", "a cat", "--guidance-scale", "3", "--batch-size", "2", "--out", str(tmp_path / "a.png")]
+    )
+    printed = capsys.readouterr().out
+    assert "covariance=calibrated_stationary" in printed and "2 UNet forward passes" in printed
+
+
 @pytest.mark.slow  # a subprocess run of an example script end to end
 @pytest.mark.background("distributed-job")
 def test_distributed_job_gathers_each_process_slice() -> None:
