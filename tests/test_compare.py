@@ -316,3 +316,19 @@ def test_a_calibrated_text_to_image_gibbs_pipeline_is_compared_against_its_host_
     assert host["label"] == "StableDiffusionPipeline + DDIMScheduler" and host["model_calls"]["forward"] == 4
     assert gibbs["settings"] == recommended_settings(StableDiffusion, 4, calibrated=True)
     assert gibbs["settings"]["covariance"] == "calibrated" and gibbs["model_calls"]["forward"] == 4
+
+
+def test_a_stationary_table_is_compared_with_the_estimator_that_reads_it() -> None:
+    """The calibrated recommendation names ``calibrated``; a pipeline holding a stationary table is compared with
+    ``calibrated_stationary`` (the low-rank reader refuses stationary levels)."""
+    from mmgibbs import MomentMatchingGibbsPipeline
+
+    pipe = MomentMatchingGibbsPipeline.from_pipe(tiny_stable_diffusion_pipeline(), covariance="calibrated_stationary")
+    pipe.set_progress_bar_config(disable=True)
+    samples = torch.randn(16, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    pipe.calibrate_covariance([4], samples=samples, num_clusters=2, prompt="a cat", generator=torch.Generator())
+    _, gibbs = compare(pipe, prompts=["a cat"], steps=[4], seeds=[0], num_samples=1, progress=False)
+    assert gibbs["settings"] == recommended_settings(StableDiffusion, 4, calibrated=True, structure="stationary")
+    assert gibbs["settings"]["covariance"] == "calibrated_stationary" and gibbs["model_calls"]["forward"] == 4
+    with pytest.raises(ValueError, match="`structure` must be one of 'low_rank', 'stationary'"):
+        recommended_settings(StableDiffusion, 4, calibrated=True, structure="fourier")

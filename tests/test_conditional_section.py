@@ -34,3 +34,33 @@ def test_the_section_measures_and_renders_every_row(tmp_path, monkeypatch) -> No
     assert "#### DiT, Gaussian classes, shared covariance (guidance 3)" in text
     assert "tables from 48 samples per condition" in text and "own samples" in text
     assert all(f"| {name} | 5 |" in text for name in names)
+
+
+def test_sd_cases_start_every_sampler_from_the_exact_marginal_at_its_own_first_level() -> None:
+    """SD's schedule leaves sqrt(abar) = 0.07-0.12 of the signal at the first levels: the SD cases start from
+    q(x_t) = N(sqrt(abar_t) m_c, abar_t C_c + (1 - abar_t) I) per condition (paired across samplers), the DiT ones
+    from N(0, I)."""
+    import torch
+    from diffusers import DDIMScheduler, UniPCMultistepScheduler
+
+    case = conditional.sd_case("gaussian", seed=0)
+    ids = [c for c in range(conditional.NUM_CONDITIONS) for _ in range(4000)]
+    config = {k: v for k, v in case.pipe.scheduler.config.items() if not k.startswith("_")}
+    ddim = conditional.first_timestep(case, DDIMScheduler.from_config(config), 20, ids)
+    unipc = conditional.first_timestep(case, UniPCMultistepScheduler.from_config(config), 20, ids)
+    assert ddim == 951 and unipc != ddim
+    abar = DDIMScheduler.from_config(config).alphas_cumprod[ddim].double()
+    start = conditional.start_latents(case, ids, 0, ddim).flatten(1)
+    for c, target in enumerate(case.targets):
+        rows = start[c * 4000 : (c + 1) * 4000]
+        mean = abar.sqrt() * target.means[0].flatten()
+        cov = abar * target.covariances[0] + (1 - abar) * torch.eye(conditional.D, dtype=torch.float64)
+        # the sample mean of 4000 rows is within 4 standard errors of the exact one in every direction's norm
+        assert torch.linalg.norm(rows.mean(0) - mean) < 4 * math.sqrt(float(cov.trace()) / 4000)
+        assert abs(float(rows.var(0).sum() / cov.trace()) - 1) < 0.05
+    assert torch.linalg.norm(start.mean(0)) > 3 * math.sqrt(conditional.D / 4000)  # not N(0, I)
+    dit = conditional.dit_case("gaussian", seed=0)
+    assert torch.equal(
+        conditional.start_latents(dit, ids, 0, ddim),
+        torch.randn((len(ids), *conditional.SHAPE), generator=torch.Generator().manual_seed(0), dtype=torch.float64),
+    )

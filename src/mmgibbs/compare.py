@@ -394,14 +394,15 @@ def plan(
     host, family = _host_and_family(pipe)
     _check(None if prompts is None else list(prompts), steps, seeds, num_samples, grid_images, family)
     source = pipe.scheduler if isinstance(pipe, MomentMatchingGibbsPipeline) else host.scheduler
-    calibrated = getattr(source, "covariance_table", None) is not None
+    table = getattr(source, "covariance_table", None)
+    structure = "low_rank" if table is None else table.structure
     dim = math.prod(sample_shape(_denoiser(host))) if family is Unconditional else None
     plans = []
     for budget in steps:
         if gibbs_settings is not None:
             settings = dict(gibbs_settings)
         else:
-            settings = recommended_settings(family, budget, calibrated=calibrated)
+            settings = recommended_settings(family, budget, calibrated=table is not None, structure=structure)
         scheduler = MMGibbsScheduler.from_scheduler(source, **settings)
         levels = levels_for_budget(scheduler, budget, dim)
         plans.append((budget, host_steps(host.scheduler, budget), settings, levels, scheduler.config))

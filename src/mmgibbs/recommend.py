@@ -58,6 +58,10 @@ FAMILY_RECOMMENDED: dict[str, dict[int, dict[str, dict[str, Any]]]] = {
     }
 }
 
+#: the estimator that reads each table structure (``CovarianceTable.structure``), in place of the recommendation's
+#: ``calibrated`` when the table is of that structure
+TABLE_READERS = {"low_rank": "calibrated", "stationary": "calibrated_stationary"}
+
 
 def family_key(family: Any) -> str:
     """The class name of a family given as a class (``mmgibbs.families.Unconditional``), an instance or a name."""
@@ -66,7 +70,9 @@ def family_key(family: Any) -> str:
     return family.__name__ if isinstance(family, type) else type(family).__name__
 
 
-def recommended_settings(family: Any, model_calls: int, calibrated: bool = False) -> dict[str, Any]:
+def recommended_settings(
+    family: Any, model_calls: int, calibrated: bool = False, structure: str = "low_rank"
+) -> dict[str, Any]:
     """The recommended Gibbs settings for ``family`` at ``model_calls`` model calls per sample.
 
     Args:
@@ -75,15 +81,22 @@ def recommended_settings(family: Any, model_calls: int, calibrated: bool = False
         model_calls: the budget, model-evaluation equivalents per sample (a positive integer).
         calibrated: whether the pipeline holds a calibrated covariance table (``calibrate_covariance``; every
             family calibrates, a conditional one per conditioning and guidance).
+        structure: with ``calibrated``, the table's structure (``CovarianceTable.structure``): the estimator that
+            reads it (:data:`TABLE_READERS`) replaces ``calibrated``.
 
     Returns a new dict of ``MMGibbsScheduler`` settings (``covariance``, ``eta``, ...), without the level count.
     """
     if isinstance(model_calls, bool) or not isinstance(model_calls, int) or model_calls < 1:
         raise ValueError(f"`model_calls` must be a positive integer; got {model_calls!r}.")
+    if structure not in TABLE_READERS:
+        raise ValueError(f"`structure` must be one of {', '.join(map(repr, TABLE_READERS))}; got {structure!r}.")
     table = FAMILY_RECOMMENDED.get(family_key(family), RECOMMENDED)
     measured = sorted(table)
     budget = max((b for b in measured if b <= model_calls), default=measured[0])
-    return dict(table[budget]["calibrated" if calibrated else "uncalibrated"])
+    settings = dict(table[budget]["calibrated" if calibrated else "uncalibrated"])
+    if calibrated and settings.get("covariance") == "calibrated":
+        settings["covariance"] = TABLE_READERS[structure]
+    return settings
 
 
-__all__ = ["FAMILY_RECOMMENDED", "RECOMMENDED", "family_key", "recommended_settings"]
+__all__ = ["FAMILY_RECOMMENDED", "RECOMMENDED", "TABLE_READERS", "family_key", "recommended_settings"]
