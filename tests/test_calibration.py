@@ -175,6 +175,13 @@ def test_table_round_trip_merge_and_missing_level(tmp_path) -> None:
     )
     merged = table.merge(other)
     assert merged.sigmas == [2.0, 1.0, 0.5] and merged.sample_forwards == 500
+    # a table whose every level is replaced adds none of its cost (a recalibration reported twice the forwards)
+    again = calibrate_covariance(
+        lambda y, i: model.posterior_mean(y, sigmas[i]), sigmas, model.sample(200, _gen(25)), num_clusters=2, rank=1
+    )
+    replaced = again.merge(table)
+    assert replaced.sigmas == [2.0, 0.5] and replaced.sample_forwards == 400 and replaced.num_forward == 2
+    assert replaced.levels[0].factor.shape[-1] == 1  # the new levels won
 
 
 # ---------------------------------------------------------------------------------------------- the sampler

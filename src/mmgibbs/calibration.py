@@ -462,21 +462,23 @@ class CovarianceTable:
         return found
 
     def merge(self, other: CovarianceTable) -> CovarianceTable:
-        """Both tables' levels (this table's where both have one) and summed costs; both must be calibrated for the
-        same conditions and guidance (:meth:`same_conditions`)."""
+        """Both tables' levels (this table's where both have one) and summed costs (``other``'s only if one of its
+        levels is kept: a table replaced level for level adds no cost); both must be calibrated for the same
+        conditions and guidance (:meth:`same_conditions`)."""
         if not self.same_conditions(other):
             raise ValueError(
                 "Cannot merge covariance tables calibrated for different conditions, guidance or structures "
                 f"({self.settings.get('guidance')} and {other.settings.get('guidance')}): a table serves the "
                 "conditioning it was calibrated with."
             )
-        levels = list(self.levels) + [lv for lv in other.levels if self.find(lv.sigma) is None]
-        levels.sort(key=lambda lv: -lv.sigma)
+        kept = [lv for lv in other.levels if self.find(lv.sigma) is None]
+        levels = sorted([*self.levels, *kept], key=lambda lv: -lv.sigma)
+        counted = 1 if kept else 0
         return CovarianceTable(
             levels,
-            max(self.num_samples, other.num_samples),
-            self.num_forward + other.num_forward,
-            self.sample_forwards + other.sample_forwards,
+            max(self.num_samples, other.num_samples if kept else 0),
+            self.num_forward + counted * other.num_forward,
+            self.sample_forwards + counted * other.sample_forwards,
             {**other.settings, **self.settings},
             self.conditions,
             self.condition_radii,
