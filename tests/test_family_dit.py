@@ -277,7 +277,7 @@ def test_dit_errors_are_clear(dit_pipe) -> None:
         MomentMatchingGibbsPipeline.from_pipe(MyDiTPipeline(host.transformer, host.vae, host.scheduler))
     with pytest.raises(ValueError, match=r"class ids in \[0, 10\).*got \[10\]"):
         dit_pipe(class_labels=[1, 10], num_inference_steps=1)
-    with pytest.raises(ValueError, match="zebra does not exist"):
+    with pytest.raises(ValueError, match="`class_labels`: 'zebra' is not a word of the pipeline's `id2label`"):
         dit_pipe(class_labels=["zebra"], num_inference_steps=1)
     with pytest.raises(ValueError, match="needs `class_labels`"):
         dit_pipe(num_inference_steps=1)
