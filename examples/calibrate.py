@@ -227,8 +227,17 @@ def main(argv: list[str] | None = None) -> None:
         **conditioning(args, count),
     )
     seconds = time.perf_counter() - start
-    if not state.is_main_process:
-        return
+    if state.is_main_process:
+        report(pipe, table, args, count, seconds)
+    if state.num_processes > 1:  # every process leaves together, through the process group's own shutdown
+        state.wait_for_everyone()
+        state.destroy_process_group()
+
+
+def report(
+    pipe: MomentMatchingGibbsPipeline, table: Any, args: argparse.Namespace, count: int, seconds: float
+) -> None:
+    """Save the calibrated pipeline and print the table, its cost and how to sample it (the main process)."""
     pipe.save_pretrained(args.out)
     print(f"model:    {args.model}")
     rank = table.settings["rank"]

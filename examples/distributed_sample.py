@@ -67,6 +67,11 @@ def main(argv: list[str] | None = None) -> None:
                 f"forwards, {cost['backward_passes']} backward passes, {cost['seconds']:.1f} s"
             )
         print(f"wrote {args.out} ({len(all_images)} samples from {state.num_processes} processes on {state.device})")
+    # every process leaves together, through the process group's own shutdown (a process exiting while its peers'
+    # connections are still open can abort in the backend's destructor; seen once, as SIGABRT, on a loaded machine)
+    if state.num_processes > 1:
+        state.wait_for_everyone()
+        state.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -213,5 +213,5 @@ def test_pixart_errors_are_clear(pixart_pipe) -> None:
         pixart_pipe("a cat", num_inference_steps=1, clean_caption=False)
     with pytest.raises(ValueError, match="does not take `class_labels`"):
         pixart_pipe("a cat", class_labels=[1], num_inference_steps=1, **QUIET)
-    with pytest.raises(ValueError, match="Cannot forward both `prompt`: a cat and `prompt_embeds`"):
+    with pytest.raises(ValueError, match="Pass `prompt` or `prompt_embeds`, not both"):
         pixart_pipe("a cat", prompt_embeds=torch.zeros(1, 16, 32), num_inference_steps=1, **QUIET)
