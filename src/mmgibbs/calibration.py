@@ -473,12 +473,14 @@ class CovarianceTable:
             )
         kept = [lv for lv in other.levels if self.find(lv.sigma) is None]
         levels = sorted([*self.levels, *kept], key=lambda lv: -lv.sigma)
-        counted = 1 if kept else 0
+        samples, forwards, sample_forwards = (
+            (other.num_samples, other.num_forward, other.sample_forwards) if kept else (0, 0, 0)
+        )
         return CovarianceTable(
             levels,
-            max(self.num_samples, other.num_samples if kept else 0),
-            self.num_forward + counted * other.num_forward,
-            self.sample_forwards + counted * other.sample_forwards,
+            max(self.num_samples, samples),
+            self.num_forward + forwards,
+            self.sample_forwards + sample_forwards,
             {**other.settings, **self.settings},
             self.conditions,
             self.condition_radii,
