@@ -260,7 +260,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     quality = {"fd": fd_measure(args, shape, read["reference"], device), "clip_score": clip}
     extra = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
     try:  # a budget below one level of the named settings, a family compare does not run: before sampling
-        plan(pipe, read["prompts"], args.steps, gibbs_settings(args), args.seeds, args.num_samples, args.grid_images)
+        plan(
+            pipe,
+            read["prompts"],
+            args.steps,
+            gibbs_settings(args),
+            args.seeds,
+            args.num_samples,
+            args.grid_images,
+            extra,
+        )
     except (ValueError, TypeError) as err:
         parser.error(f"--model {args.model}: {err}")
     records = compare(

@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, HeunDiscreteScheduler
 from PIL import Image
-from tiny_pipelines import tiny_clip_tokenizer, tiny_ddpm_pipeline, tiny_stable_diffusion_pipeline
+from tiny_pipelines import count_calls, tiny_clip_tokenizer, tiny_ddpm_pipeline, tiny_stable_diffusion_pipeline
 
 from mmgibbs import MMGibbsScheduler
 from mmgibbs.compare import (
@@ -301,21 +301,26 @@ def test_a_calibrated_gibbs_pipeline_is_compared_against_its_host_with_the_calib
 
 
 def test_a_calibrated_text_to_image_gibbs_pipeline_is_compared_against_its_host_with_its_table() -> None:
-    """A Gibbs pipeline over Stable Diffusion holding a table calibrated for a prompt: its host is rebuilt (the
-    safety checker and feature extractor it has none of passed as None) and the Gibbs side samples with the
-    calibrated recommendation, the table read at the guidance it was fitted with."""
+    """A Gibbs pipeline over Stable Diffusion holding a table calibrated for a prompt at guidance 3: its host is
+    rebuilt (the safety checker and feature extractor it has none of passed as None), both samplers run at the
+    table's guidance when the caller names none, the Gibbs side with the calibrated recommendation; another guidance
+    scale is refused before any model call (it failed inside the Gibbs run, after the host's)."""
     from mmgibbs import MomentMatchingGibbsPipeline
 
     pipe = MomentMatchingGibbsPipeline.from_pipe(tiny_stable_diffusion_pipeline())
     pipe.set_progress_bar_config(disable=True)
     samples = torch.randn(32, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     pipe.calibrate_covariance(
-        [4], samples=samples, num_clusters=2, rank=4, prompt=["a cat"] * 32, generator=torch.Generator().manual_seed(1)
+        [4], samples=samples, num_clusters=2, rank=4, prompt="a cat", guidance_scale=3.0, generator=torch.Generator()
     )
     host, gibbs = compare(pipe, prompts=["a cat"], steps=[4], seeds=[0], num_samples=1, progress=False)
     assert host["label"] == "StableDiffusionPipeline + DDIMScheduler" and host["model_calls"]["forward"] == 4
     assert gibbs["settings"] == recommended_settings(StableDiffusion, 4, calibrated=True)
     assert gibbs["settings"]["covariance"] == "calibrated" and gibbs["model_calls"]["forward"] == 4
+    assert host["call_arguments"] == gibbs["call_arguments"] == {"guidance_scale": 3.0, "guidance_rescale": 0.0}
+    with count_calls(pipe.unet) as calls, pytest.raises(ValueError, match="`guidance_scale`=7.5: the pipeline's "):
+        compare(pipe, prompts=["a cat"], steps=[4], seeds=[0], call_arguments={"guidance_scale": 7.5}, progress=False)
+    assert calls == []
 
 
 def test_a_stationary_table_is_compared_with_the_estimator_that_reads_it() -> None:

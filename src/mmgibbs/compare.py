@@ -40,6 +40,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .families import Family, Unconditional, family_of, sample_shape
 from .metrics import frechet_distance
+from .moments import CALIBRATED_COVARIANCES
 from .pipeline import MomentMatchingGibbsPipeline
 from .recommend import recommended_settings
 from .scheduler import MMGibbsScheduler
@@ -379,6 +380,29 @@ def _check(prompts: Any, steps: Any, seeds: Any, num_samples: Any, grid_images: 
             raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
 
 
+def table_call_arguments(
+    pipe: DiffusionPipeline, settings: Sequence[Mapping[str, Any]], call_arguments: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The call arguments of both samplers: ``call_arguments`` with the guidance settings the pipeline's covariance
+    table was fitted with filled in, where a Gibbs run reads the table (a table serves one guidance scale, so the
+    host is compared at it too); a different value passed is a ``ValueError`` naming it."""
+    out = dict(call_arguments or {})
+    table = pipe.scheduler.covariance_table if isinstance(pipe, MomentMatchingGibbsPipeline) else None
+    if table is None or not any(s.get("covariance") in CALIBRATED_COVARIANCES for s in settings):
+        return out
+    for key, value in (table.settings.get("guidance") or {}).items():
+        if value is None:
+            continue
+        if key not in out:
+            out[key] = value
+        elif out[key] != value:
+            raise ValueError(
+                f"`{key}`={out[key]}: the pipeline's covariance table was calibrated with {key}={value}, and a table "
+                f"serves one guidance setting: compare at {value} (leave `{key}` out), or calibrate for {out[key]}."
+            )
+    return out
+
+
 def plan(
     pipe: DiffusionPipeline,
     prompts: Sequence[str] | None,
@@ -387,10 +411,12 @@ def plan(
     seeds: Sequence[int],
     num_samples: int = 1,
     grid_images: int = 16,
+    call_arguments: Mapping[str, Any] | None = None,
 ) -> tuple[DiffusionPipeline, type[Family], list[tuple[int, int, dict[str, Any], int, Any]]]:
     """:func:`compare`'s arguments checked and every sampler and budget laid out, before any model call: the host
     pipeline, the family and per budget (budget, host steps, Gibbs settings, Gibbs levels, the Gibbs scheduler's
-    config). A clear ``ValueError`` naming the argument otherwise."""
+    config); ``call_arguments`` against the table's guidance (:func:`table_call_arguments`). A clear ``ValueError``
+    naming the argument otherwise."""
     host, family = _host_and_family(pipe)
     _check(None if prompts is None else list(prompts), steps, seeds, num_samples, grid_images, family)
     source = pipe.scheduler if isinstance(pipe, MomentMatchingGibbsPipeline) else host.scheduler
@@ -406,6 +432,7 @@ def plan(
         scheduler = MMGibbsScheduler.from_scheduler(source, **settings)
         levels = levels_for_budget(scheduler, budget, dim)
         plans.append((budget, host_steps(host.scheduler, budget), settings, levels, scheduler.config))
+    table_call_arguments(pipe, [p[2] for p in plans], call_arguments)
     return host, family, plans
 
 
@@ -449,9 +476,9 @@ def compare(
     call, counted), ``forward_equivalents``, ``seconds`` (all calls), ``peak_memory_mb``, and per quality measure its
     value (None when not measured) with ``<name>_about`` or ``<name>_reason``.
     """
-    host, family, plans = plan(pipe, prompts, steps, gibbs_settings, seeds, num_samples, grid_images)
+    host, family, plans = plan(pipe, prompts, steps, gibbs_settings, seeds, num_samples, grid_images, call_arguments)
     prompts = None if prompts is None else list(prompts)
-    call_arguments = dict(call_arguments or {})
+    call_arguments = table_call_arguments(pipe, [p[2] for p in plans], call_arguments)
     text = prompts is not None
     if quality is None:
         quality = {"fd": "no reference images given", "clip_score": "no CLIP model given"}
@@ -526,6 +553,7 @@ def compare(
                     "num_inference_steps": n,
                     "unit": unit,
                     "settings": dict(used),
+                    "call_arguments": _plain(call_arguments),
                     "model_calls": counts,
                     "forward_equivalents": forward_equivalents(counts["forward"], counts["backward"], counts["jvp"]),
                     "num_images": sum(len(x) for x in images),
@@ -563,7 +591,7 @@ def compare(
             "num_samples": num_samples,
             "device": str(device),
             "torch": torch.__version__,
-            "call_arguments": {k: v for k, v in call_arguments.items() if isinstance(v, (int, float, str, bool))},
+            "call_arguments": _plain(call_arguments),
         }
         (out / "results.json").write_text(json.dumps({**about, "records": records}, indent=1) + "\n")
         (out / "results.md").write_text(results_markdown(records, about))
@@ -571,6 +599,11 @@ def compare(
 
 
 # ------------------------------------------------------------------------------------------------ outputs
+def _plain(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The call arguments a results file can hold (numbers, strings, booleans)."""
+    return {k: v for k, v in arguments.items() if isinstance(v, (int, float, str, bool))}
+
+
 def _to_pil(image: torch.Tensor) -> Image.Image:
     array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).convert("RGB")
