@@ -318,7 +318,7 @@ def test_a_calibrated_text_to_image_gibbs_pipeline_is_compared_against_its_host_
     assert gibbs["settings"] == recommended_settings(StableDiffusion, 4, calibrated=True)
     assert gibbs["settings"]["covariance"] == "calibrated" and gibbs["model_calls"]["forward"] == 4
     assert host["call_arguments"] == gibbs["call_arguments"] == {"guidance_scale": 3.0, "guidance_rescale": 0.0}
-    with count_calls(pipe.unet) as calls, pytest.raises(ValueError, match="`guidance_scale`=7.5: the pipeline's "):
+    with count_calls(pipe.unet) as calls, pytest.raises(ValueError, match=r"`guidance_scale`=7\.5: the pipeline's "):
         compare(pipe, prompts=["a cat"], steps=[4], seeds=[0], call_arguments={"guidance_scale": 7.5}, progress=False)
     assert calls == []
 
