@@ -334,3 +334,39 @@ def test_main_job_runs_the_full_method_on_a_saved_pipeline_folder(tmp_path, caps
     assert "UNet2DConditionModel" in printed and "MomentMatchingGibbsPipeline" in printed
     assert "covariance=diagonal" in printed and "2 UNet forward passes, 2 backward passes" in printed
     assert Image.open(out).size[0] >= 2 * 16
+
+
+def test_custom_timesteps_are_the_levels_as_the_host_takes_them(sd_pipe, image) -> None:
+    """``timesteps=`` (e.g. an Align Your Steps schedule), which StableDiffusionPipeline passes to its scheduler:
+    the chain visits exactly those levels; the default layout passed as custom timesteps gives the default run
+    bit for bit (a callback that hands the tensors back unchanged changes nothing: it used to add the round-off of
+    a frame round trip); img2img slices them as it slices the default ones; beside ``num_inference_steps`` they
+    are refused (as the scheduler refuses both), and a family whose host takes none refuses them by name."""
+    sd_pipe.scheduler.set_timesteps(4)
+    default_levels = sd_pipe.scheduler.timesteps.tolist()
+    seen: list[int] = []
+
+    def record(_pipe: Any, _step: int, timestep: Any, tensors: dict) -> dict:
+        seen.append(int(timestep))
+        return tensors
+
+    call = dict(output_type="latent", guidance_scale=3.0)
+    default = sd_pipe(PROMPTS, num_inference_steps=4, generator=generator(), **call).images
+    custom = sd_pipe(PROMPTS, timesteps=default_levels, generator=generator(), callback_on_step_end=record, **call)
+    assert seen == default_levels and torch.equal(custom.images, default)
+    seen.clear()
+    ays = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]
+    sd_pipe(PROMPTS, timesteps=ays, generator=generator(), callback_on_step_end=record, **call)
+    assert seen == ays
+    seen.clear()
+    sd_pipe(
+        PROMPTS, image=image, strength=0.5, timesteps=ays, generator=generator(), callback_on_step_end=record, **call
+    )
+    assert seen == ays[5:]
+    with pytest.raises(ValueError, match="Pass `num_inference_steps` or `timesteps`, not both"):
+        sd_pipe(PROMPTS, num_inference_steps=4, timesteps=ays, **call)
+    from tiny_dit import tiny_dit_pipeline
+
+    dit = gibbs(tiny_dit_pipeline())
+    with pytest.raises(ValueError, match="does not take `timesteps`"):
+        dit(class_labels=[1], timesteps=ays, output_type="latent")

@@ -365,7 +365,10 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs: which of ``"latents"``/``"sample"`` and ``"mu"`` it receives.
             host_arguments: the host pipeline's usual arguments: ``prompt_embeds``, ``negative_prompt_embeds``,
                 ``guidance_scale``, ``guidance_rescale``, ``height``, ``width``, ``num_images_per_prompt``, ...
-                (the family says which; an argument a family does not take is an error naming it).
+                (the family says which; an argument a family does not take is an error naming it). Custom
+                ``timesteps`` or ``sigmas`` where the host's call takes them (SD, SDXL, PixArt; the flow families'
+                ``sigmas``) are the levels instead of ``num_inference_steps``, as the host passes them to its
+                scheduler; a calibrated table must hold those levels.
         """
         tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         bad = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
@@ -422,9 +425,10 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             x_init=x_init,
             **host_arguments,
         )
+        levels = self._custom_levels(family, arguments)
         arguments = self._accepted(family, arguments)
         family.check_embeddings(arguments)
-        family.set_timesteps(scheduler, num_inference_steps, device, arguments)
+        family.set_timesteps(scheduler, num_inference_steps, device, {**arguments, **levels})
         job = family.prepare(scheduler, device=device, **arguments)
         check_generator(generator, len(job.latents))  # one per image, whatever the family's batch
         estimator = conditioned(estimator, scheduler.covariance_table, job)
@@ -446,7 +450,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
                 )
             key = next((k for k in aliases if returned and k in returned), None)
             replaced = None if key is None else returned[key]
-            if replaced is None:
+            if replaced is None or replaced is sample:  # handed back as given: no VE round trip (its round-off)
                 return None
             if not isinstance(replaced, torch.Tensor):
                 raise TypeError(
@@ -838,6 +842,21 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             how = f"{type(host).__name__}, {sampler_steps} steps"
         settings = {"source": f"own samples: {how}", "sampler_sample_forwards": num_samples * sampler_steps}
         return torch.cat(drawn), settings
+
+    @staticmethod
+    def _custom_levels(family: Family, arguments: dict[str, Any]) -> dict[str, Any]:
+        """Custom ``timesteps`` / ``sigmas`` (e.g. Align Your Steps schedules) taken out of ``arguments`` where the
+        host's call takes them and the family's ``prepare`` does not (the flow families lay out their own
+        ``sigmas``): :meth:`Family.set_timesteps` passes them to the scheduler, which checks them."""
+        takes = inspect.signature(family.prepare).parameters
+        host_takes = inspect.signature(type(family.host).__call__).parameters
+        levels = {}
+        for name in ("timesteps", "sigmas"):
+            if name in arguments and name not in takes and name in host_takes:
+                value = arguments.pop(name)
+                if value is not None:
+                    levels[name] = value
+        return levels
 
     @staticmethod
     def _accepted(family: Family, arguments: dict[str, Any]) -> dict[str, Any]:

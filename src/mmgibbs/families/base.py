@@ -100,7 +100,13 @@ class Family:
         self, scheduler: Any, num_inference_steps: int | None, device: Any, arguments: dict[str, Any]
     ) -> None:
         """Lay out the schedule before :meth:`prepare` (``num_inference_steps`` None: :data:`DEFAULT_STEPS`; the
-        flow families override it: their shift depends on the image size)."""
+        flow families override it: their shift depends on the image size). Custom ``timesteps`` or ``sigmas`` in
+        ``arguments`` (where the host's call takes them) are the levels instead, as the host's
+        ``retrieve_timesteps`` passes them (the scheduler refuses them beside ``num_inference_steps``)."""
+        custom = {k: arguments[k] for k in ("timesteps", "sigmas") if arguments.get(k) is not None}
+        if custom:
+            scheduler.set_timesteps(num_inference_steps, device=device, **custom)
+            return
         steps = DEFAULT_STEPS if num_inference_steps is None else num_inference_steps
         scheduler.set_timesteps(steps, device=device)
 
