@@ -431,14 +431,10 @@ class ConditionalBench:
         return f"note|{case.key}|{label}|calibration={self.num_calibration}"
 
     def notes(self, cases: list[Case]) -> list[str]:
-        """The calibration notes of ``cases``' tables, as built (this run or an earlier one with the cache)."""
-        return [
-            v
-            for k, v in self.cache.items()
-            if k.startswith("note|")
-            and k.split("|")[1] in {c.key for c in cases}
-            and k.endswith(f"|calibration={self.num_calibration}")
-        ]
+        """The calibration notes of ``cases``' tables, as built (this run or an earlier one with the cache), case by
+        case in :data:`TABLES` order."""
+        keys = [self.note_key(case, label) for case in cases for label in TABLES]
+        return [self.cache[k] for k in keys if k in self.cache]
 
 
 class _hooked:
