@@ -370,3 +370,23 @@ def test_custom_timesteps_are_the_levels_as_the_host_takes_them(sd_pipe, image) 
     dit = gibbs(tiny_dit_pipeline())
     with pytest.raises(ValueError, match="does not take `timesteps`"):
         dit(class_labels=[1], timesteps=ays, output_type="latent")
+
+
+def test_a_table_calibrated_for_custom_timesteps_serves_them() -> None:
+    """``calibrate_covariance(timesteps=...)`` calibrates exactly those levels (the table then serves a call with
+    the same ``timesteps``, and refuses the default layout's, which it does not hold); beside
+    ``num_inference_steps`` they are refused before any model call."""
+    pipe = gibbs(tiny_stable_diffusion_pipeline(), covariance="calibrated", eta=0.0)
+    ays = [999, 736, 455, 124]
+    samples = torch.randn(8, 4, 8, 8, generator=generator(1))
+    with count_calls(pipe.unet) as calls, pytest.raises(ValueError, match="Pass `num_inference_steps` or `timesteps`"):
+        pipe.calibrate_covariance(4, timesteps=ays, samples=samples, prompt="a cat", num_clusters=1, rank=2)
+    assert calls == []
+    table = pipe.calibrate_covariance(timesteps=ays, samples=samples, prompt="a cat", num_clusters=1, rank=2)
+    pipe.scheduler.set_timesteps(timesteps=ays)
+    assert table.sigmas == pytest.approx(pipe.scheduler.ve_sigmas()[: len(ays)])
+    with count_calls(pipe.unet) as calls:
+        pipe("a cat", timesteps=ays, output_type="latent", generator=generator())
+    assert len(calls) == len(ays)
+    with pytest.raises(ValueError, match="No calibrated covariance for sigma="):
+        pipe("a cat", num_inference_steps=4, output_type="latent")

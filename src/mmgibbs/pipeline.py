@@ -52,7 +52,7 @@ from .checks import (
 )
 from .covariances import CALIBRATED_COVARIANCES, COVARIANCES, ESTIMATORS
 from .families import FAMILIES, Family, Unconditional, check_denoiser, family_of, sample_shape
-from .families.base import condition_of, work_dtype
+from .families.base import DEFAULT_STEPS, condition_of, work_dtype
 from .scheduler import MMGibbsScheduler
 from .streaming import Shards, stream_covariance
 
@@ -485,7 +485,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
     @torch.no_grad()
     def calibrate_covariance(
         self,
-        num_inference_steps: int | Sequence[int] = 50,
+        num_inference_steps: int | Sequence[int] | None = None,
         samples: torch.Tensor | None = None,
         num_samples: int | None = None,
         generator: torch.Generator | None = None,
@@ -513,7 +513,8 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
 
         Args:
             num_inference_steps: the step count(s) to calibrate for (each schedule's distinct levels, with the
-                scheduler's timestep spacing).
+                scheduler's timestep spacing); default 50, or, with custom ``timesteps`` / ``sigmas`` among the
+                conditioning arguments (where the host's call takes them), those levels.
             samples: clean samples x, a finite floating-point tensor (N, *the model's sample shape), e.g. data, with
                 N >= ``num_clusters``; for a latent model, latents as its sampler returns them
                 (``output_type="latent"``). Default: the model's own, drawn here (see ``sampler_steps``).
@@ -560,7 +561,16 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         cost in single-sample model evaluations (calibration passes; drawing the self-samples).
         """
         family = self.family(self.scheduler)
-        steps = check_steps(num_inference_steps)
+        custom = self._custom_levels(family, conditioning)
+        if custom and num_inference_steps is not None:
+            raise ValueError(
+                f"Pass `num_inference_steps` or `{next(iter(custom))}`, not both: custom levels are the schedule "
+                "to calibrate for."
+            )
+        # a layout per schedule: a step count, or the custom levels themselves
+        steps: list[int | dict[str, Any]] = (
+            [custom] if custom else check_steps(DEFAULT_STEPS if num_inference_steps is None else num_inference_steps)
+        )
         for name in set(conditioning) & {*NOT_CALL_ARGUMENTS, *NOT_CALIBRATION_ARGUMENTS}:
             why = NOT_CALL_ARGUMENTS.get(name) or NOT_CALIBRATION_ARGUMENTS[name]
             raise ValueError(f"`{name}` is not a calibration argument: {why}.")
@@ -687,7 +697,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             if conditional:
                 settings["guidance"] = jobs[0].extra["guidance"]
             for n in steps:
-                family.set_timesteps(self.scheduler, n, device, conditioning)
+                self._lay_out(family, n, device, conditioning)
                 denoisers = [self.scheduler.denoiser(job.predict) for job in jobs]
                 new = calibrate_covariance(
                     denoisers if conditional else denoisers[0],
@@ -711,7 +721,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         self,
         family: Family,
         conditioning: dict[str, Any],
-        steps: list[int],
+        steps: list[int | dict[str, Any]],
         samples: torch.Tensor | None,
         count: int,
         batch: int,
@@ -728,7 +738,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         conditional = not isinstance(family, Unconditional)
         levels: list[Any] = []
         for n in steps:
-            family.set_timesteps(self.scheduler, n, device, conditioning)
+            self._lay_out(family, n, device, conditioning)
             for level in self.scheduler.snapshot_levels():
                 if not any(math.isclose(level[0], other[0], rel_tol=SIGMA_RTOL) for other in levels):
                     levels.append(level)
@@ -842,6 +852,15 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
             how = f"{type(host).__name__}, {sampler_steps} steps"
         settings = {"source": f"own samples: {how}", "sampler_sample_forwards": num_samples * sampler_steps}
         return torch.cat(drawn), settings
+
+    def _lay_out(
+        self, family: Family, layout: int | dict[str, Any], device: Any, conditioning: dict[str, Any]
+    ) -> None:
+        """The scheduler's levels for one calibrated schedule: a step count, or custom ``timesteps`` / ``sigmas``."""
+        if isinstance(layout, dict):
+            family.set_timesteps(self.scheduler, None, device, {**conditioning, **layout})
+        else:
+            family.set_timesteps(self.scheduler, layout, device, conditioning)
 
     @staticmethod
     def _custom_levels(family: Family, arguments: dict[str, Any]) -> dict[str, Any]:
