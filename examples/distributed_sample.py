@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.save_array is not None:
         if args.save_array.is_dir():
             extra.error(f"--save-array {args.save_array} is a folder; pass a file name, e.g. images.npy")
+        if args.save_array.suffix != ".npy":  # numpy would append .npy and write another file than the one named
+            extra.error(f"--save-array {args.save_array}: pass a .npy file name (numpy writes .npy files)")
         main_job.check_writable(extra, "--save-array", args.save_array)
     return args
 

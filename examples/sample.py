@@ -118,10 +118,10 @@ def check_table_guidance(sampler: DiffusionPipeline, args: argparse.Namespace) -
     fitted = (table.settings.get("guidance") or {}).get("guidance_scale")
     used = sampler.family(sampler.scheduler).default("guidance_scale", args.guidance_scale)
     if fitted is not None and used is not None and float(used) != float(fitted):
-        given = f"--guidance-scale {args.guidance_scale:g}" if args.guidance_scale is not None else "the default"
+        given = f"--guidance-scale {args.guidance_scale!r}" if args.guidance_scale is not None else "the default"
         build_parser().error(
-            f"--guidance-scale: the table in {args.model} was calibrated with guidance_scale {fitted:g}, and "
-            f"{given} samples at {float(used):g}: pass --guidance-scale {fitted:g} (or calibrate for this scale)"
+            f"--guidance-scale: the table in {args.model} was calibrated with guidance_scale {fitted!r}, and "
+            f"{given} samples at {float(used)!r}: pass --guidance-scale {fitted!r} (or calibrate for this scale)"
         )
 
 
@@ -380,7 +380,10 @@ def main(argv: list[str] | None = None) -> None:
     sampler = build_sampler(pipe, args.mode, scheduler_settings(args)).to(state.device)
     sampler.set_progress_bar_config(disable=True)
     check_table_guidance(sampler, args)
-    images, cost = sample(sampler, args, args.batch_size, args.seed)
+    try:
+        images, cost = sample(sampler, args, args.batch_size, args.seed)
+    except ValueError as err:  # the pipeline checks its settings and table before its first model call
+        build_parser().error(f"the sampler refused this run: {err}")
     save_grid(images, args.out)
     cfg = sampler.scheduler.config
     per_sample = cost["unet_forwards"] + cost["backward_passes"] + cost["jvps"]

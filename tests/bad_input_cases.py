@@ -342,6 +342,30 @@ def text_to_image_folder_without_prompt(tmp: Path) -> Any:
     return cli("sample", ["--model", str(tmp / "sd")], tmp)
 
 
+def calibrated_folder_at_other_steps(tmp: Path) -> Any:
+    """``sample.main`` over a digits-like folder calibrated for 2 steps, asked for 3."""
+    import sample
+
+    pipe = quiet(pipeline(unet=tiny_unet2d_model(), scheduler=ddpm_scheduler()))
+    pipe.calibrate_covariance(2, samples=digits_like(), num_clusters=2, rank=2)
+    pipe.save_pretrained(tmp / "calibrated")
+    argv = ["--model", str(tmp / "calibrated"), "--covariance", "calibrated", "--eta", "0", "--steps", "3"]
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            return sample.main([*argv, "--batch-size", "2", "--out", str(tmp / "a.png")])
+    except SystemExit as exit_info:
+        if exit_info.code != 2:
+            raise
+        raise CommandLineError(err.getvalue().strip().splitlines()[-1]) from None
+
+
+def tiny_unet2d_model() -> Any:
+    from tiny_pipelines import tiny_unet2d
+
+    return tiny_unet2d()
+
+
 def sd_calibration(argv: list[str]) -> Callable[[Path], Any]:
     """``calibrate.py --model <tmp>/sd <argv>`` over a saved tiny Stable Diffusion folder."""
 
@@ -1203,6 +1227,11 @@ def _family_cases() -> list[Case]:
         Case(f, "DiT", "`class_labels=['goldfish', 'cat']` with a word not in `id2label`", "`class_labels`: 'cat' "
              "is not a word of the pipeline's `id2label` (its 5 words: 'Tinca tinca', 'goldfish', 'great white "
              "shark', ...)", lambda _: dit_labels(["goldfish", "cat"])),
+        Case(f, "SDXL (before any model call)", "`pooled_prompt_embeds` of 2 rows beside `prompt_embeds` of 1",
+             "The prompt embeddings must have one row per prompt each; got `prompt_embeds` 1, "
+             "`negative_prompt_embeds` 1, `pooled_prompt_embeds` 2", lambda _: sdxl_call(embeds=True)),
+        Case(f, "SDXL (before any model call)", "`prompt='a cat', prompt_2=['a', 'b']`", "`prompt_2` holds 2 "
+             "prompts and `prompt` 1", lambda _: sdxl_call(prompt="a cat", prompt_2=["a", "b"])),
         Case(f, "DiT", "`class_labels=np.int64(3)` (and a numpy array of ids)", "class 3, as `class_labels=3`",
              lambda _: numpy_label(), None),
         Case(f, "`__call__`, `calibrate_covariance` (`mmgibbs.checks.check_host_arguments`)", "`prompt` and "
@@ -1300,6 +1329,82 @@ def steps_as_a_tuple() -> None:
         assert all(table.find(sigma) is not None for sigma in schedule.ve_sigmas())
 
 
+def before_any_call(module: Any, run: Callable[[], Any]) -> Any:
+    """``run()``, whose error must come before ``module``'s first call (a pre-hook counts calls as they begin)."""
+    calls: list[int] = []
+    handle = module.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        return run()
+    except Exception:
+        assert calls == [], f"{len(calls)} model calls began before the error"
+        raise
+    finally:
+        handle.remove()
+
+
+def calibrated_sd(**kwargs: Any) -> Any:
+    """A tiny Stable Diffusion Gibbs pipeline calibrated (calibrated covariance, eta 0) for 2 steps, one prompt,
+    8 random latents at the default size; ``kwargs`` go to ``from_pipe``."""
+    pipe = over(tiny_stable_diffusion(), covariance="calibrated", eta=0.0, **kwargs)
+    pipe.calibrate_covariance(2, samples=torch.randn(8, 4, 8, 8), prompt="a cat", num_clusters=1, rank=2)
+    return pipe
+
+
+def tiny_stable_diffusion() -> Any:
+    from tiny_pipelines import tiny_stable_diffusion_pipeline
+
+    return tiny_stable_diffusion_pipeline()
+
+
+def sd_table_on_sdxl() -> Any:
+    """A Stable Diffusion table (condition keys of its one text encoder) set on an SDXL pipeline of the same
+    latent size."""
+    from tiny_sdxl import tiny_sdxl_pipeline
+
+    table = calibrated_sd().scheduler.covariance_table
+    sdxl = over(tiny_sdxl_pipeline(), covariance="calibrated", eta=0.0)
+    sdxl.scheduler.set_covariance_table(table)
+    return before_any_call(sdxl.unet, lambda: latent(sdxl, prompt="a cat", num_inference_steps=2, guidance_scale=7.5))
+
+
+def sd_at_another_size() -> Any:
+    pipe = calibrated_sd()
+    return before_any_call(pipe.unet, lambda: latent(pipe, prompt="a cat", num_inference_steps=2, height=32, width=32))
+
+
+def drop_in_table_without_the_runs_levels() -> Any:
+    """The drop-in scheduler holding a 2-step table in StableDiffusionPipeline's own loop at 3 steps."""
+    from mmgibbs import MMGibbsScheduler
+
+    table = calibrated_sd().scheduler.covariance_table
+    host = tiny_stable_diffusion()
+    host.scheduler = MMGibbsScheduler.from_config(host.scheduler.config, covariance="calibrated", eta=0.0)
+    host.scheduler.set_covariance_table(table)
+    host.set_progress_bar_config(disable=True)
+    return before_any_call(host.unet, lambda: host("a cat", num_inference_steps=3, output_type="latent"))
+
+
+def default_steps() -> None:
+    assert len(calibrate(num_inference_steps=None).levels) == 50
+
+
+def sketch_as_wide_as_the_dimension() -> None:
+    table = calibrate(streaming=True, sketch=64)
+    assert len(table.levels) == 2 and all(torch.isfinite(lv.dense()).all() for lv in table.levels)
+
+
+def sdxl_call(**kwargs: Any) -> Any:
+    from tiny_sdxl import tiny_sdxl_pipeline
+
+    pipe = over(tiny_sdxl_pipeline())
+    if kwargs.pop("embeds", False):
+        host = tiny_sdxl_pipeline()
+        positive, negative, pooled, negative_pooled = host.encode_prompt("a cat", device="cpu")
+        kwargs = {"prompt_embeds": positive, "negative_prompt_embeds": negative, "pooled_prompt_embeds":
+                  pooled.repeat(2, 1), "negative_pooled_prompt_embeds": negative_pooled}  # fmt: skip
+    return before_any_call(pipe.unet, lambda: latent(pipe, num_inference_steps=2, **kwargs))
+
+
 def table_of_another_model() -> Any:
     from mmgibbs import MMGibbsScheduler
     from mmgibbs.calibration import calibrate_covariance
@@ -1336,8 +1441,6 @@ def _calibration_cases() -> list[Case]:
          "or a non-empty sequence of them; got []", ValueError),
         ("`num_inference_steps=2.5`", {"num_inference_steps": 2.5}, "`num_inference_steps` must be a positive "
          "integer or a non-empty sequence of them; got 2.5", ValueError),
-        ("`num_inference_steps=None`", {"num_inference_steps": None}, "`num_inference_steps` must be a positive "
-         "integer or a non-empty sequence of them; got None", ValueError),
         ("`num_inference_steps=[2, 0]`", {"num_inference_steps": [2, 0]}, "`num_inference_steps` must be a "
          "positive integer or a non-empty sequence of them; got [2, 0]", ValueError),
         ("`num_clusters=0`", {"num_clusters": 0}, "`num_clusters` must be an integer >= 1; got 0", ValueError),
@@ -1371,6 +1474,10 @@ def _calibration_cases() -> list[Case]:
          "moments); got -1", ValueError),
         ("`streaming=True` with `factor_iterations=2`", {"streaming": True, "factor_iterations": 2},
          "`factor_iterations` > 1 refits the diagonal against the whole second moment", ValueError),
+        ("`sketch=3` with `streaming=False`", {"sketch": 3, "streaming": False}, "`sketch` sets the streaming fit, "
+         "and this calibration does not stream (`streaming`=False", ValueError),
+        ("`cluster_samples=4` at a size that does not stream", {"cluster_samples": 4}, "`cluster_samples` sets the "
+         "streaming fit", ValueError),
     ]  # fmt: skip
     cases = [Case(c, where, i, m, lambda _, kw=kw: calibrate(**kw), e) for i, kw, m, e in call]
     own: list[tuple[str, dict[str, Any], str]] = [
@@ -1411,6 +1518,20 @@ def _calibration_cases() -> list[Case]:
         Case(c, "sampling with the table", "a table calibrated for 16-dimensional samples, sampling a (1, 8, 8) "
              "model", "has dimension 16, the samples have 64 ((1, 8, 8)): the table was calibrated for another model",
              lambda _: table_of_another_model()),
+        Case(c, "sampling with the table, before any model call", "an SD table, sampling at another `height` / "
+             "`width`", "the samples have 1024 ((4, 16, 16)): the table was calibrated for another model or sample "
+             "size (a latent model: another `height` / `width`)", lambda _: sd_at_another_size()),
+        Case(c, "sampling with the table, before any model call (`CovarianceTable.group_of`)", "a Stable Diffusion "
+             "table set on an SDXL pipeline of the same latent size", "the table was calibrated for another model's "
+             "conditioning (another text encoder or family)", lambda _: sd_table_on_sdxl()),
+        Case(c, "`MMGibbsScheduler.scale_model_input`, before the host's first model call", "the drop-in holding a "
+             "2-step table in StableDiffusionPipeline's loop at 3 steps", "No calibrated covariance for sigma=",
+             lambda _: drop_in_table_without_the_runs_levels()),
+        Case(c, "`calibrate_covariance(streaming=True)`", "`sketch=64` for 64-dimensional samples", "the exact "
+             "second moments (a sketch as wide as d failed in a Cholesky factorisation after every model call)",
+             lambda _: sketch_as_wide_as_the_dimension(), None),
+        Case(c, where, "`num_inference_steps=None`", "the default 50 steps' levels (or custom `timesteps`)",
+             lambda _: default_steps(), None),
     ]  # fmt: skip
     return cases
 
@@ -1517,6 +1638,12 @@ def _command_line_cases() -> list[Case]:
         Case(c, "`distributed_sample.py`", "`distributed_sample.py --save-array missing/images.npy`",
              "missing does not exist",
              distributed_job(["--save-array", "{tmp}/missing/images.npy", "--out", "{tmp}/a.png"]), CommandLineError),
+        Case(c, "`distributed_sample.py`", "`distributed_sample.py --save-array images.txt`", "pass a .npy file "
+             "name (numpy writes .npy files)", distributed_job(["--save-array", "{tmp}/images.txt", "--out",
+             "{tmp}/a.png"]), CommandLineError),
+        Case(c, "`sample.py` (after the loader)", "`sample.py --model <a folder calibrated for 2 steps> --covariance "
+             "calibrated --steps 3`", "the sampler refused this run: No calibrated covariance for sigma=",
+             calibrated_folder_at_other_steps, CommandLineError),
         Case(c, "`distributed_sample.py`", "`distributed_sample.py --save-array <a folder>`", "is a folder",
              distributed_job(["--save-array", "{tmp}", "--out", "{tmp}/a.png"]), CommandLineError),
         Case(c, "`sample.py`", "`sample.py --covariance calibrated_jacobian --num-probes 2` (a calibrated folder)",

@@ -182,6 +182,9 @@ def test_table_round_trip_merge_and_missing_level(tmp_path) -> None:
     replaced = again.merge(table)
     assert replaced.sigmas == [2.0, 0.5] and replaced.sample_forwards == 400 and replaced.num_forward == 2
     assert replaced.levels[0].factor.shape[-1] == 1  # the new levels won
+    # ... and the settings are the new fit's: none of the old fit's (here a streamed one's) carry over
+    table.settings["streaming"] = {"processes": 1, "cluster_samples": 4, "sketch": 200}
+    assert again.merge(table).settings == again.settings and "streaming" not in again.settings
 
 
 # ---------------------------------------------------------------------------------------------- the sampler

@@ -119,8 +119,9 @@ class _Clustered:
         if mu[0].numel() != dim:
             raise ValueError(
                 f"The calibrated covariance at sigma={self.sigma:.6g} has dimension {dim}, the samples have "
-                f"{mu[0].numel()} ({tuple(mu.shape[1:])}): the table was calibrated for another model; calibrate "
-                "this one (`calibrate_covariance`) or pass its own table to `set_covariance_table`."
+                f"{mu[0].numel()} ({tuple(mu.shape[1:])}): the table was calibrated for another model or sample size "
+                "(a latent model: another `height` / `width`); calibrate for this one (`calibrate_covariance`) or "
+                "pass its own table to `set_covariance_table`."
             )
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -413,7 +414,11 @@ class CovarianceTable:
         if self.conditions is None or keys is None:
             return None
         if keys.shape[-1] != self.conditions.shape[-1]:
-            return torch.full((len(keys),), -1, dtype=torch.long)
+            raise ValueError(
+                f"The covariance table's condition keys have width {self.conditions.shape[-1]}, this call's "
+                f"{keys.shape[-1]}: the table was calibrated for another model's conditioning (another text encoder "
+                "or family); calibrate this pipeline (`calibrate_covariance`) or pass its own table."
+            )
         dist = torch.cdist(keys.to(self.conditions), self.conditions)
         nearest = dist.argmin(-1)
         reach = self.condition_radii + CONDITION_RTOL * (1.0 + self.conditions.norm(dim=-1))
@@ -463,8 +468,8 @@ class CovarianceTable:
 
     def merge(self, other: CovarianceTable) -> CovarianceTable:
         """Both tables' levels (this table's where both have one) and summed costs (``other``'s only if one of its
-        levels is kept: a table replaced level for level adds no cost); both must be calibrated for the same
-        conditions and guidance (:meth:`same_conditions`)."""
+        levels is kept: a table replaced level for level adds no cost), with this table's settings; both must be
+        calibrated for the same conditions and guidance (:meth:`same_conditions`)."""
         if not self.same_conditions(other):
             raise ValueError(
                 "Cannot merge covariance tables calibrated for different conditions, guidance or structures "
@@ -481,7 +486,7 @@ class CovarianceTable:
             max(self.num_samples, samples),
             self.num_forward + forwards,
             self.sample_forwards + sample_forwards,
-            {**other.settings, **self.settings},
+            dict(self.settings),  # this table's fit (the other's settings, e.g. streaming, do not carry over)
             self.conditions,
             self.condition_radii,
         )

@@ -151,8 +151,11 @@ class CovarianceEstimator(ABC):
             if f.name in SETTING_CHECKS:
                 SETTING_CHECKS[f.name](getattr(self, f.name), f.name, self.name)
 
-    def check_levels(self, sigmas: Sequence[float]) -> None:  # noqa: B027 (a hook: most estimators serve any level)
-        """Refuse, before the first model call, noise levels this estimator cannot serve (default: none)."""
+    def check_levels(  # noqa: B027 (a hook: most estimators serve any level)
+        self, sigmas: Sequence[float], sample: torch.Tensor | None = None
+    ) -> None:
+        """Refuse, before the first model call, noise levels (or, given the first ``sample``, a sample size) this
+        estimator cannot serve (default: none)."""
 
     @abstractmethod
     def moments(
@@ -224,9 +227,12 @@ class _ReadsTable:
     name: ClassVar[str]
     level_kind: ClassVar[str] = "low_rank"
 
-    def check_levels(self, sigmas: Sequence[float]) -> None:
-        for sigma in sigmas:  # a missing level fails here, naming its sigma
-            kind = getattr(self.covariance_table.level(float(sigma)), "kind", self.level_kind)
+    def check_levels(self, sigmas: Sequence[float], sample: torch.Tensor | None = None) -> None:
+        for sigma in sigmas:  # a missing level fails here, naming its sigma; a level of another size, its size
+            level = self.covariance_table.level(float(sigma))
+            if sample is not None:
+                level.check_dimension(sample)
+            kind = getattr(level, "kind", self.level_kind)
             if kind != self.level_kind:
                 readers = [n for n, cls in ESTIMATORS.items() if getattr(cls, "level_kind", None) == kind]
                 raise ValueError(

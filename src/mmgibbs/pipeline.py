@@ -105,6 +105,8 @@ NOT_CALIBRATION_ARGUMENTS = {
 }
 #: sample numbers (N x d) above which ``calibrate_covariance`` streams by default (``mmgibbs.streaming``)
 STREAM_ABOVE = 2**24
+#: the streaming fit's default subsample for the clusters (``calibrate_covariance(cluster_samples=...)``)
+DEFAULT_CLUSTER_SAMPLES = 4096
 #: the self-sampling run's steps with the host's own scheduler (``calibrate_covariance``, conditional families)
 DEFAULT_HOST_SAMPLER_STEPS = 100
 #: what a saved folder needs so that ``DiffusionPipeline.from_pretrained`` finds this class (diffusers' custom
@@ -500,7 +502,7 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         covariance: str | None = None,
         dtype: torch.dtype | None = None,
         streaming: bool | None = None,
-        cluster_samples: int = 4096,
+        cluster_samples: int = DEFAULT_CLUSTER_SAMPLES,
         sketch: int | None = None,
         **conditioning: Any,
     ) -> CovarianceTable:
@@ -667,6 +669,15 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
                 f"`streaming=False` holds every residual in one process; under {shards.count} processes the "
                 "calibration streams its shards (leave `streaming` out)."
             )
+        if not streaming:
+            unused = {"sketch": sketch is not None, "cluster_samples": cluster_samples != DEFAULT_CLUSTER_SAMPLES}
+            passed = [f"`{k}`" for k, v in unused.items() if v]
+            if passed:
+                raise ValueError(
+                    f"{' and '.join(passed)} set{'s' * (len(passed) == 1)} the streaming fit, and this calibration "
+                    f"does not stream (`streaming`={streaming!r}; None streams above 2^24 sample numbers, here "
+                    f"{count} x {math.prod(shape)}): pass streaming=True, or leave them out."
+                )
         if streaming and factor_iterations != 1:
             raise ValueError(
                 "`factor_iterations` > 1 refits the diagonal against the whole second moment, which the streaming "

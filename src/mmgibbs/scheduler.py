@@ -45,7 +45,7 @@ from diffusers.utils import BaseOutput, logging
 from . import sources
 from .calibration import TABLE_FILE, CovarianceTable
 from .checks import check_generator, check_number, check_tensor, is_real
-from .covariances import CovarianceEstimator, check_settings, estimator_class, make_estimator
+from .covariances import CovarianceEstimator, _ReadsTable, check_settings, estimator_class, make_estimator
 from .energy import DROP_IN_ERROR
 from .gibbs import FINAL_OUTPUTS, TRANSITIONS, LevelDenoiser, check_mean_order, gibbs_step
 from .moments import Generator
@@ -501,6 +501,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         self.sigmas = torch.cat([(s / alpha).float(), torch.zeros(1)]).cpu()  # VE sigma per step, then 0
         self._step_index: int | None = None
         self._begin_index: int | None = None
+        self._table_checked = False  # by the run's first scale_model_input
         # the previous transition's mean (and the corrector's record of it), for step()
         self._multistep = MultistepMean(self.config.mean_order, self.config.corrector)
         self._match: tuple[int, float, VarianceMatch] | None = None  # (first step, eta, factors) of this run
@@ -554,7 +555,13 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
 
     # ------------------------------------------------------------------ the model's frame
     def scale_model_input(self, sample: torch.Tensor, timestep: torch.Tensor | float | None = None) -> torch.Tensor:
-        """The network input at the current step (identity, or c_in * x_t for EDM models)."""
+        """The network input at the current step (identity, or c_in * x_t for EDM models). At a run's first call,
+        before the host's first model call, a calibrated covariance's table is checked against the run's levels
+        and the sample's size (a missing table or level, another model's table)."""
+        if not self._table_checked:
+            self._table_checked = True
+            if issubclass(estimator_class(self.config.covariance), _ReadsTable):
+                self.estimator().check_levels(self.ve_sigmas()[self._begin_index or 0 :], sample)
         if self.noise_schedule.family != "edm":
             return sample
         if self._step_index is None:

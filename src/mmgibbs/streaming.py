@@ -259,7 +259,8 @@ def stream_covariance(
     num_groups = int(groups_sub.max()) + 1
     if sketch is None:
         sketch = 0 if d <= EXACT_MAX_DIM else max(2 * rank, rank + SKETCH_OVERSAMPLING)
-    sketch = min(sketch, d)
+    if sketch >= d:  # a sketch as wide as the dimension is no cheaper than the exact moments (and is singular)
+        sketch = 0
     omega = None
     if sketch and structure == LevelCovariance.kind:
         omega = torch.randn(d, sketch, generator=torch.Generator().manual_seed(base % 2**31), dtype=torch.float64)
