@@ -462,7 +462,8 @@ class CovarianceTable:
             raise ValueError(
                 f"No calibrated covariance for sigma={float(sigma):.6g} (calibrated: {len(self.levels)} levels). "
                 "Calibrate for this schedule first, e.g. `pipe.calibrate_covariance(num_inference_steps=...)` with "
-                "the same number of steps and timestep spacing you sample with (or the same custom `timesteps`)."
+                "the same number of steps and timestep spacing you sample with (or the same custom `timesteps`; a "
+                "flow model with dynamic shifting: at the image size you sample, which shifts its levels)."
             )
         return found
 
