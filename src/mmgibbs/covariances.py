@@ -151,11 +151,12 @@ class CovarianceEstimator(ABC):
             if f.name in SETTING_CHECKS:
                 SETTING_CHECKS[f.name](getattr(self, f.name), f.name, self.name)
 
-    def check_levels(  # noqa: B027 (a hook: most estimators serve any level)
-        self, sigmas: Sequence[float], sample: torch.Tensor | None = None
-    ) -> None:
-        """Refuse, before the first model call, noise levels (or, given the first ``sample``, a sample size) this
-        estimator cannot serve (default: none)."""
+    def check_levels(self, sigmas: Sequence[float]) -> None:  # noqa: B027 (a hook: most estimators serve any level)
+        """Refuse, before the first model call, noise levels this estimator cannot serve (default: none)."""
+
+    def check_sample(self, sigmas: Sequence[float], sample: torch.Tensor) -> None:  # noqa: B027 (a hook, as above)
+        """Refuse, before the first model call, a first ``sample`` whose size this estimator cannot serve at
+        ``sigmas`` (default: any)."""
 
     @abstractmethod
     def moments(
@@ -227,11 +228,13 @@ class _ReadsTable:
     name: ClassVar[str]
     level_kind: ClassVar[str] = "low_rank"
 
-    def check_levels(self, sigmas: Sequence[float], sample: torch.Tensor | None = None) -> None:
-        for sigma in sigmas:  # a missing level fails here, naming its sigma; a level of another size, its size
+    def check_sample(self, sigmas: Sequence[float], sample: torch.Tensor) -> None:
+        for sigma in sigmas:  # a level of another model or sample size fails here, naming both sizes
+            self.covariance_table.level(float(sigma)).check_dimension(sample)
+
+    def check_levels(self, sigmas: Sequence[float]) -> None:
+        for sigma in sigmas:  # a missing level fails here, naming its sigma
             level = self.covariance_table.level(float(sigma))
-            if sample is not None:
-                level.check_dimension(sample)
             kind = getattr(level, "kind", self.level_kind)
             if kind != self.level_kind:
                 readers = [n for n, cls in ESTIMATORS.items() if getattr(cls, "level_kind", None) == kind]

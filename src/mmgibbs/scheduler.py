@@ -561,7 +561,9 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         if not self._table_checked:
             self._table_checked = True
             if issubclass(estimator_class(self.config.covariance), _ReadsTable):
-                self.estimator().check_levels(self.ve_sigmas()[self._begin_index or 0 :], sample)
+                estimator, sigmas = self.estimator(), self.ve_sigmas()[self._begin_index or 0 :]
+                estimator.check_levels(sigmas)
+                estimator.check_sample(sigmas, sample)
         if self.noise_schedule.family != "edm":
             return sample
         if self._step_index is None:
