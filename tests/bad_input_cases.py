@@ -1405,6 +1405,18 @@ def sdxl_call(**kwargs: Any) -> Any:
     return before_any_call(pipe.unet, lambda: latent(pipe, num_inference_steps=2, **kwargs))
 
 
+def flux_drop_in(**settings: Any) -> Any:
+    """FluxPipeline's own loop with the drop-in scheduler configured by ``settings``."""
+    from tiny_flux import tiny_flux_pipeline
+
+    from mmgibbs import MMGibbsScheduler
+
+    host = tiny_flux_pipeline()
+    host.scheduler = MMGibbsScheduler.from_config(host.scheduler.config, **settings)
+    host.set_progress_bar_config(disable=True)
+    return before_any_call(host.transformer, lambda: host("a cat", num_inference_steps=2, output_type="latent"))
+
+
 def table_of_another_model() -> Any:
     from mmgibbs import MMGibbsScheduler
     from mmgibbs.calibration import calibrate_covariance
@@ -1524,6 +1536,9 @@ def _calibration_cases() -> list[Case]:
         Case(c, "sampling with the table, before any model call (`CovarianceTable.group_of`)", "a Stable Diffusion "
              "table set on an SDXL pipeline of the same latent size", "the table was calibrated for another model's "
              "conditioning (another text encoder or family)", lambda _: sd_table_on_sdxl()),
+        Case(SCHEDULER, "`MMGibbsScheduler.set_timesteps`", "the drop-in with `schedule='single_level'` in "
+             "FluxPipeline's loop", "a pipeline that passes its own `sigmas`, as FluxPipeline does, cannot run a "
+             "single-level chain in its loop", lambda _: flux_drop_in(schedule="single_level", sigma=0.5)),
         Case(c, "`MMGibbsScheduler.scale_model_input`, before the host's first model call", "the drop-in holding a "
              "2-step table in StableDiffusionPipeline's loop at 3 steps", "No calibrated covariance for sigma=",
              lambda _: drop_in_table_without_the_runs_levels()),

@@ -426,7 +426,10 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         custom_name = "timesteps" if timesteps is not None else "sigmas" if sigmas is not None else None
         custom = timesteps if timesteps is not None else sigmas
         if mu is not None and schedule.family != "flow":
-            raise ValueError(f"`mu` shifts flow-matching levels; this is a {schedule.family!r} model.")
+            raise ValueError(
+                f"`mu` shifts flow-matching levels; this is a {schedule.family!r} model (FluxPipeline and SD3 pass "
+                "`mu` to their scheduler themselves: their loop needs a flow-matching config)."
+            )
         if custom is None:
             if (
                 isinstance(num_inference_steps, bool)
@@ -436,7 +439,11 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"`num_inference_steps` must be a positive integer; got {num_inference_steps!r}.")
         else:
             if cfg.schedule == "single_level":
-                raise ValueError(f"`{custom_name}` cannot be set for schedule='single_level'; use `sigma`.")
+                raise ValueError(
+                    f"`{custom_name}` cannot be set for schedule='single_level'; use `sigma` (a pipeline that passes "
+                    f"its own `{custom_name}`, as FluxPipeline does, cannot run a single-level chain in its loop: use "
+                    "MomentMatchingGibbsPipeline)."
+                )
             if num_inference_steps is not None:  # as diffusers' schedulers refuse it
                 raise ValueError(
                     f"Pass `num_inference_steps` or `{custom_name}`, not both: custom `{custom_name}` set the number "
