@@ -1330,16 +1330,15 @@ def steps_as_a_tuple() -> None:
 
 
 def before_any_call(module: Any, run: Callable[[], Any]) -> Any:
-    """``run()``, whose error must come before ``module``'s first call (a pre-hook counts calls as they begin)."""
-    calls: list[int] = []
-    handle = module.register_forward_pre_hook(lambda *_: calls.append(1))
-    try:
-        return run()
-    except Exception:
-        assert calls == [], f"{len(calls)} model calls began before the error"
-        raise
-    finally:
-        handle.remove()
+    """``run()``, whose error must come before ``module``'s first call began (``count_calls``)."""
+    from tiny_pipelines import count_calls
+
+    with count_calls(module) as calls:
+        try:
+            return run()
+        except Exception:
+            assert calls == [], f"{len(calls)} model calls began before the error"
+            raise
 
 
 def calibrated_sd(**kwargs: Any) -> Any:

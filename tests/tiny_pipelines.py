@@ -259,7 +259,8 @@ def tiny_stable_diffusion_pipeline(seed: int = 0) -> StableDiffusionPipeline:
 
 @contextlib.contextmanager
 def count_calls(module: torch.nn.Module) -> Iterator[list[int]]:
-    """Record every forward call of ``module`` while the block runs.
+    """Record every forward call of ``module`` while the block runs, as it begins (a call that fails inside the
+    model counts: "no model call before the error" means none began).
 
     Yields a list that receives one entry per call: the batch size of the first tensor input
     (positional or keyword), or ``-1`` if there was none. ``len(calls)`` is the number of calls; with
@@ -267,11 +268,11 @@ def count_calls(module: torch.nn.Module) -> Iterator[list[int]]:
     """
     calls: list[int] = []
 
-    def hook(_mod: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], _out: Any) -> None:
+    def hook(_mod: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         calls.append(int(first.shape[0]) if first is not None and first.ndim > 0 else -1)
 
-    handle = module.register_forward_hook(hook, with_kwargs=True)
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         yield calls
     finally:
