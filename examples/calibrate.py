@@ -43,7 +43,16 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from digits import NUM_TRAIN
-from sample import DEFAULT_MODEL, _model_index, _number, check_writable, load_pipeline
+from sample import (
+    CLASS_PIPELINES,
+    DEFAULT_MODEL,
+    _model_index,
+    _number,
+    check_writable,
+    class_label,
+    load_pipeline,
+    pipeline_class,
+)
 
 from mmgibbs import MomentMatchingGibbsPipeline
 from mmgibbs.checks import check_calibration, check_samples
@@ -70,7 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompt", nargs="+", default=None, help="text-to-image models: the prompts (equal blocks of the samples)"
     )
     parser.add_argument(
-        "--guidance-scale", type=_number(float), default=None, help="with --prompt (default: the pipeline's own)"
+        "--class-labels",
+        nargs="+",
+        type=class_label,
+        default=None,
+        help="DiT: the classes (equal blocks of the samples)",
+    )
+    parser.add_argument(
+        "--guidance-scale",
+        type=_number(float),
+        default=None,
+        help="with --prompt or --class-labels (default: the pipeline's own)",
     )
     parser.add_argument(
         "--covariance", choices=CALIBRATED_COVARIANCES, default="calibrated", help="the estimator the table is for"
@@ -138,35 +157,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"{flag} sets how the model's own samples are drawn; with {given} none are drawn")
     if args.digits and Path(args.model).resolve() != DEFAULT_MODEL.resolve():
         parser.error("--digits calibrates the shipped digits DDPM; with another --model pass --samples")
-    if args.guidance_scale is not None and args.prompt is None:
-        parser.error("--guidance-scale needs --prompt (classifier-free guidance of a text-to-image model)")
-    if args.prompt is not None:
+    conditions = args.prompt if args.prompt is not None else args.class_labels
+    flag = "--prompt" if args.prompt is not None else "--class-labels"
+    if args.prompt is not None and args.class_labels is not None:
+        parser.error("--class-labels are a class-conditional model's (DiT); with --prompt pass one of them")
+    if args.guidance_scale is not None and conditions is None:
+        parser.error(
+            "--guidance-scale needs --prompt or --class-labels (classifier-free guidance of a conditional model)"
+        )
+    if conditions is not None:
         if args.digits:
-            parser.error("--prompt: the digits DDPM takes no prompt")
+            parser.error(f"{flag}: the digits DDPM is unconditional")
         count = len(args.clean) if args.clean is not None else args.num_samples or 2048
-        if count % len(args.prompt):
+        if count % len(conditions):
             parser.error(
-                f"--prompt: {len(args.prompt)} prompts for {count} samples: each prompt takes an equal block of the "
-                "samples (pass a sample count divisible by the number of prompts)"
+                f"{flag}: {len(conditions)} conditions for {count} samples: each takes an equal block of the "
+                "samples (pass a sample count divisible by their number)"
             )
     index = _model_index(parser, args.model)
     if index is not None:
         text = index.get("text_encoder") not in (None, [None, None])
+        classes = pipeline_class(index) in CLASS_PIPELINES or index.get("host_pipeline") in CLASS_PIPELINES
         if text and args.prompt is None:
             parser.error(
                 f"--model {args.model} is a text-to-image pipeline: pass --prompt (the prompts to calibrate for)"
             )
         if args.prompt is not None and not text:
             parser.error(f"--prompt: {args.model} has no text encoder; it takes no prompt")
+        if classes and args.class_labels is None:
+            parser.error(
+                f"--model {args.model} is class-conditional: pass --class-labels (the classes to calibrate for)"
+            )
+        if args.class_labels is not None and not classes:
+            parser.error(f"--class-labels: {args.model} is not class-conditional; it takes no class labels")
     return args
 
 
 def conditioning(args: argparse.Namespace, count: int) -> dict[str, Any]:
     """The calibration's conditioning: each prompt repeated over its block of the ``count`` samples."""
-    if args.prompt is None:
+    name, values = ("prompt", args.prompt) if args.prompt is not None else ("class_labels", args.class_labels)
+    if values is None:
         return {}
-    block = count // len(args.prompt)
-    out: dict[str, Any] = {"prompt": [prompt for prompt in args.prompt for _ in range(block)]}
+    block = count // len(values)
+    out: dict[str, Any] = {name: [value for value in values for _ in range(block)]}
     if args.guidance_scale is not None:
         out["guidance_scale"] = args.guidance_scale
     return out
@@ -214,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     table = pipe.calibrate_covariance(
         args.steps,
         samples=samples,
-        num_samples=None if samples is not None else count if args.prompt else args.num_samples,
+        num_samples=None if samples is not None else count if conditioning(args, count) else args.num_samples,
         sampler_steps=args.sampler_steps,
         generator=torch.Generator().manual_seed(args.seed),
         batch_size=args.batch_size,
@@ -246,9 +279,11 @@ def report(
         f"table:    {len(table.sigmas)} levels (steps {args.steps}), {args.clusters} clusters, {structure}, "
         f"{table.nbytes / 2**20:.1f} MiB"
     )
-    if args.prompt is not None:
+    conditions = args.prompt if args.prompt is not None else args.class_labels
+    if conditions is not None:
         guidance = table.settings.get("guidance", {}).get("guidance_scale")
-        print(f"prompts:  {len(args.prompt)} ({count // len(args.prompt)} samples each), guidance_scale {guidance}")
+        what = "prompts: " if args.prompt is not None else "classes: "
+        print(f"{what} {len(conditions)} ({count // len(conditions)} samples each), guidance_scale {guidance}")
     drawn, source = table.settings["sampler_sample_forwards"], table.settings["source"]
     print(f"cost:     {table.sample_forwards} single-sample forwards to calibrate, {drawn} to draw own samples")
     print(f"          ({source}); {seconds:.1f} s")

@@ -18,6 +18,7 @@ With the network (Hub ids are real code paths; offline they fail with a message 
         --prompt "a photograph of an astronaut riding a horse" --steps 25 --batch-size 1 --dtype float16
     python examples/sample.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --mode drop-in \\
         --prompt "a photograph of an astronaut riding a horse" --steps 25 --batch-size 1
+    python examples/sample.py --model facebook/DiT-XL-2-256 --class-labels 207 360 --steps 25 --batch-size 2
 
 ``--mode pipeline`` runs the full method on any supported model family (unconditional UNets, Stable Diffusion,
 SDXL, ...; see ``mmgibbs.families``): ``MomentMatchingGibbsPipeline.from_pipe(pipe)`` over the loaded pipeline's
@@ -100,7 +101,8 @@ def check_loaded(pipe: DiffusionPipeline, args: argparse.Namespace) -> None:
         return
     parser = build_parser()
     components = {k: [None, None] if v is None else ["", type(v).__name__] for k, v in pipe.components.items()}
-    check_model(parser, args, {"_class_name": type(pipe).__name__, **components})
+    host = getattr(pipe.config, "host_pipeline", None)
+    check_model(parser, args, {"_class_name": type(pipe).__name__, "host_pipeline": host, **components})
     if args.covariance in CALIBRATED_COVARIANCES and getattr(pipe.scheduler, "covariance_table", None) is None:
         parser.error(_NO_TABLE.format(covariance=args.covariance, model=args.model))
 
@@ -182,10 +184,12 @@ def sample(sampler: DiffusionPipeline, args: argparse.Namespace, batch_size: int
     kwargs: dict[str, Any] = {"num_inference_steps": args.steps, "generator": generator, "output_type": "np"}
     if args.prompt is not None:
         kwargs["prompt"] = [args.prompt] * batch_size
-        if args.guidance_scale is not None:
-            kwargs["guidance_scale"] = args.guidance_scale
+    elif args.class_labels is not None:  # DiT: the labels in turn, one image each
+        kwargs["class_labels"] = [args.class_labels[i % len(args.class_labels)] for i in range(batch_size)]
     else:
         kwargs["batch_size"] = batch_size
+    if args.guidance_scale is not None:
+        kwargs["guidance_scale"] = args.guidance_scale
     start = time.perf_counter()
     try:
         out = sampler(**kwargs)
@@ -220,6 +224,15 @@ def _number(kind: type, low: float | None = None, high: float | None = None, low
     return parse
 
 
+def class_label(text: str) -> int | str:
+    """A --class-labels entry: a class id (digits) or a word of the pipeline's id2label."""
+    return int(text) if text.isdigit() else text
+
+
+#: the pipelines that take --class-labels (class-conditional)
+CLASS_PIPELINES = ("DiTPipeline",)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     positive_int = _number(int, 1)
@@ -249,7 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompt", default=None, help="text prompt (text-to-image pipelines)")
     parser.add_argument(
-        "--guidance-scale", type=_number(float), default=None, help="with --prompt (default: the pipeline's own)"
+        "--class-labels", nargs="+", type=class_label, default=None, help="DiT: class ids or id2label words, in turn"
+    )
+    parser.add_argument(
+        "--guidance-scale",
+        type=_number(float),
+        default=None,
+        help="with --prompt or --class-labels (default: the pipeline's own)",
     )
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--out", type=Path, default=Path("samples.png"), help="image file to write (.png, .jpg, ...)")
@@ -318,8 +337,12 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         )
     if args.eta is not None and args.transition == "gibbs":
         parser.error("--eta sets the ancestral transition's noise; --transition gibbs re-noises afresh (no eta)")
-    if args.guidance_scale is not None and args.prompt is None:
-        parser.error("--guidance-scale needs --prompt (classifier-free guidance of a text-to-image model)")
+    if args.guidance_scale is not None and args.prompt is None and args.class_labels is None:
+        parser.error(
+            "--guidance-scale needs --prompt or --class-labels (classifier-free guidance of a conditional model)"
+        )
+    if args.prompt is not None and args.class_labels is not None:
+        parser.error("--class-labels are a class-conditional model's (DiT); with --prompt pass one of them")
     index = _model_index(parser, args.model)
     if index is not None:
         check_model(parser, args, index, Path(args.model).expanduser())
@@ -342,6 +365,11 @@ def check_model(
         parser.error(f"--prompt: {args.model} ({name}) has no text encoder; it takes no prompt")
     if args.prompt is None and text:
         parser.error(f"{args.model} ({name}) is a text-to-image pipeline: pass --prompt")
+    classes = name in CLASS_PIPELINES or index.get("host_pipeline") in CLASS_PIPELINES
+    if args.class_labels is not None and not classes:
+        parser.error(f"--class-labels: {args.model} ({name}) is not class-conditional; it takes no class labels")
+    if args.class_labels is None and classes:
+        parser.error(f"{args.model} ({name}) is class-conditional: pass --class-labels (class ids or id2label words)")
     if args.mode == "drop-in" and name == MomentMatchingGibbsPipeline.__name__:
         parser.error(
             f"--mode drop-in swaps a diffusers pipeline's scheduler; {args.model} is a {name}: use --mode pipeline"

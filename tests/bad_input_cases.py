@@ -366,6 +366,19 @@ def tiny_unet2d_model() -> Any:
     return tiny_unet2d()
 
 
+def dit_folder_job(script: str, argv: list[str]) -> Callable[[Path], Any]:
+    """``<script>.parse_args(["--model", <tmp>/dit, *argv])`` over a saved tiny DiT folder."""
+
+    def run(tmp: Path) -> Any:
+        from tiny_dit import tiny_dit_pipeline
+
+        tiny_dit_pipeline().save_pretrained(tmp / "dit")
+        extra = ["--out", "{tmp}/a.png"] if script == "sample" else []
+        return cli(script, ["--model", str(tmp / "dit"), *argv, *extra], tmp)
+
+    return run
+
+
 def sd_calibration(argv: list[str]) -> Callable[[Path], Any]:
     """``calibrate.py --model <tmp>/sd <argv>`` over a saved tiny Stable Diffusion folder."""
 
@@ -1581,7 +1594,10 @@ def _command_line_cases() -> list[Case]:
          "--covariance diagonal or the Jacobian products of calibrated_jacobian, not isotropic"),
         (["--transition", "gibbs", "--eta", "0.5"], "--transition gibbs --eta 0.5", "--eta sets the ancestral "
          "transition's noise"),
-        (["--guidance-scale", "3"], "--guidance-scale 3 (no --prompt)", "--guidance-scale needs --prompt"),
+        (["--guidance-scale", "3"], "--guidance-scale 3 (no --prompt)", "--guidance-scale needs --prompt or "
+         "--class-labels"),
+        (["--class-labels", "1"], "--class-labels 1 (the digits DDPM)", "is not class-conditional; it takes no "
+         "class labels"),
         (["--covariance", "calibrated"], "--covariance calibrated (a folder saved without a table)",
          "--covariance calibrated needs a calibrated covariance table"),
     ]  # fmt: skip
@@ -1600,13 +1616,19 @@ def _command_line_cases() -> list[Case]:
              "is a text-to-image pipeline: pass --prompt (the prompts to calibrate for)",
              sd_calibration(["--num-samples", "8", "--clusters", "1"]), CommandLineError),
         Case(c, "`calibrate.py`", "`calibrate.py --model <a Stable Diffusion folder> --prompt a b c --num-samples "
-             "8`", "--prompt: 3 prompts for 8 samples: each prompt takes an equal block",
+             "8`", "--prompt: 3 conditions for 8 samples: each takes an equal block",
              sd_calibration(["--prompt", "a", "b", "c", "--num-samples", "8", "--clusters", "1"]), CommandLineError),
         Case(c, "`calibrate.py`", "`calibrate.py --prompt a` (the digits DDPM folder)", "--prompt: "
              "examples/checkpoints/digits-ddpm has no text encoder", calibrate_job(["--prompt", "a",
              "--model", "examples/checkpoints/digits-ddpm"]), CommandLineError),
         Case(c, "`calibrate.py`", "`calibrate.py --guidance-scale 3` (no --prompt)", "--guidance-scale needs "
-             "--prompt", calibrate_job(["--guidance-scale", "3"]), CommandLineError),
+             "--prompt or --class-labels", calibrate_job(["--guidance-scale", "3"]), CommandLineError),
+        Case(c, "`sample.py`", "`sample.py --model <a DiT folder>` (no --class-labels)", "(DiTPipeline) is "
+             "class-conditional: pass --class-labels", dit_folder_job("sample", []), CommandLineError),
+        Case(c, "`calibrate.py`", "`calibrate.py --model <a DiT folder> --class-labels 1 2 3 --num-samples 4`",
+             "--class-labels: 3 conditions for 4 samples: each takes an equal block", dit_folder_job("calibrate",
+             ["--class-labels", "1", "2", "3", "--num-samples", "4", "--clusters", "1", "--out", "{tmp}/new"]),
+             CommandLineError),
         Case(c, "`sample.py` (after the loader)", "`sample.py --model google/ddpm-cifar10-32` offline",
              "a message saying to pass a local folder as --model", offline_hub_id, None),
     ]  # fmt: skip

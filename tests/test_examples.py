@@ -106,6 +106,38 @@ def test_calibrate_then_sample_a_text_to_image_model_from_the_command_line(tmp_p
     assert "covariance=calibrated_stationary" in printed and "2 UNet forward passes" in printed
 
 
+def test_calibrate_then_sample_a_class_conditional_model_from_the_command_line(tmp_path, capsys) -> None:
+    """examples/calibrate.py on a saved tiny DiT folder for two classes at guidance 2 (own samples, the host's DDIM),
+    then sample.py over the saved folder with --class-labels at that guidance (the labels in turn)."""
+    import calibrate
+    import sample
+    from tiny_dit import tiny_dit_pipeline
+
+    tiny_dit_pipeline().save_pretrained(tmp_path / "dit")
+    out = tmp_path / "calibrated"
+    argv = ["--model", str(tmp_path / "dit"), "--out", str(out), "--class-labels", "1", "3", "--guidance-scale", "2"]
+    calibrate.main(
+        [*argv, "--num-samples", "4", "--sampler-steps", "2", "--steps", "2", "--clusters", "1", "--rank", "2"]
+    )
+    assert "classes:  2 (2 samples each), guidance_scale 2.0" in capsys.readouterr().out
+    argv = [
+        "--model",
+        str(out),
+        "--covariance",
+        "calibrated",
+        "--eta",
+        "0",
+        "--steps",
+        "2",
+        "--class-labels",
+        "1",
+        "3",
+    ]
+    sample.main([*argv, "--guidance-scale", "2", "--batch-size", "3", "--out", str(tmp_path / "a.png")])
+    printed = capsys.readouterr().out
+    assert "covariance=calibrated" in printed and "wrote:" in printed and "(3 samples)" in printed
+
+
 @pytest.mark.slow  # a subprocess run of an example script end to end
 @pytest.mark.background("distributed-job")
 def test_distributed_job_gathers_each_process_slice() -> None:
