@@ -44,14 +44,13 @@ import torch
 from accelerate import PartialState
 from digits import NUM_TRAIN
 from sample import (
-    CLASS_PIPELINES,
     DEFAULT_MODEL,
     _model_index,
     _number,
+    check_conditioning,
     check_writable,
     class_label,
     load_pipeline,
-    pipeline_class,
 )
 
 from mmgibbs import MomentMatchingGibbsPipeline
@@ -158,14 +157,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.digits and Path(args.model).resolve() != DEFAULT_MODEL.resolve():
         parser.error("--digits calibrates the shipped digits DDPM; with another --model pass --samples")
     conditions = args.prompt if args.prompt is not None else args.class_labels
-    flag = "--prompt" if args.prompt is not None else "--class-labels"
-    if args.prompt is not None and args.class_labels is not None:
-        parser.error("--class-labels are a class-conditional model's (DiT); with --prompt pass one of them")
-    if args.guidance_scale is not None and conditions is None:
-        parser.error(
-            "--guidance-scale needs --prompt or --class-labels (classifier-free guidance of a conditional model)"
-        )
     if conditions is not None:
+        flag = "--prompt" if args.prompt is not None else "--class-labels"
         if args.digits:
             parser.error(f"{flag}: the digits DDPM is unconditional")
         count = len(args.clean) if args.clean is not None else args.num_samples or 2048
@@ -174,22 +167,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 f"{flag}: {len(conditions)} conditions for {count} samples: each takes an equal block of the "
                 "samples (pass a sample count divisible by their number)"
             )
-    index = _model_index(parser, args.model)
-    if index is not None:
-        text = index.get("text_encoder") not in (None, [None, None])
-        classes = pipeline_class(index) in CLASS_PIPELINES or index.get("host_pipeline") in CLASS_PIPELINES
-        if text and args.prompt is None:
-            parser.error(
-                f"--model {args.model} is a text-to-image pipeline: pass --prompt (the prompts to calibrate for)"
-            )
-        if args.prompt is not None and not text:
-            parser.error(f"--prompt: {args.model} has no text encoder; it takes no prompt")
-        if classes and args.class_labels is None:
-            parser.error(
-                f"--model {args.model} is class-conditional: pass --class-labels (the classes to calibrate for)"
-            )
-        if args.class_labels is not None and not classes:
-            parser.error(f"--class-labels: {args.model} is not class-conditional; it takes no class labels")
+    hints = (" (the prompts to calibrate for)", " (the classes to calibrate for)")
+    check_conditioning(parser, args, _model_index(parser, args.model), hints)
     return args
 
 
@@ -244,10 +223,11 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     samples = clean_samples(args)
     count = len(samples) if samples is not None else args.num_samples or 2048
+    conditions = conditioning(args, count)
     table = pipe.calibrate_covariance(
         args.steps,
         samples=samples,
-        num_samples=None if samples is not None else count if conditioning(args, count) else args.num_samples,
+        num_samples=None if samples is not None else count if conditions else args.num_samples,
         sampler_steps=args.sampler_steps,
         generator=torch.Generator().manual_seed(args.seed),
         batch_size=args.batch_size,
@@ -257,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         cluster_samples=args.cluster_samples,
         covariance=args.covariance,
         dtype=None if args.table_dtype is None else getattr(torch, args.table_dtype),
-        **conditioning(args, count),
+        **conditions,
     )
     seconds = time.perf_counter() - start
     if state.is_main_process:

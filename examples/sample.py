@@ -337,15 +337,41 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         )
     if args.eta is not None and args.transition == "gibbs":
         parser.error("--eta sets the ancestral transition's noise; --transition gibbs re-noises afresh (no eta)")
+    check_conditioning(parser, args, None)
+    index = _model_index(parser, args.model)
+    if index is not None:
+        check_model(parser, args, index, Path(args.model).expanduser())
+
+
+def check_conditioning(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    index: dict[str, Any] | None,
+    hints: tuple[str, str] = ("", " (class ids or id2label words)"),
+) -> None:
+    """--prompt, --class-labels and --guidance-scale against each other, and (given the model's
+    ``model_index.json``) against the model: --prompt iff it has a text encoder, --class-labels iff it is
+    class-conditional (:data:`CLASS_PIPELINES`, or a Gibbs folder over one). ``hints`` follow "pass --prompt" and
+    "pass --class-labels" in the messages. Shared by sample.py and calibrate.py."""
+    if args.prompt is not None and args.class_labels is not None:
+        parser.error("--class-labels are a class-conditional model's (DiT); with --prompt pass one of them")
     if args.guidance_scale is not None and args.prompt is None and args.class_labels is None:
         parser.error(
             "--guidance-scale needs --prompt or --class-labels (classifier-free guidance of a conditional model)"
         )
-    if args.prompt is not None and args.class_labels is not None:
-        parser.error("--class-labels are a class-conditional model's (DiT); with --prompt pass one of them")
-    index = _model_index(parser, args.model)
-    if index is not None:
-        check_model(parser, args, index, Path(args.model).expanduser())
+    if index is None:
+        return
+    name = pipeline_class(index)
+    text = index.get("text_encoder") not in (None, [None, None])
+    classes = name in CLASS_PIPELINES or index.get("host_pipeline") in CLASS_PIPELINES
+    if args.prompt is not None and not text:
+        parser.error(f"--prompt: {args.model} ({name}) has no text encoder; it takes no prompt")
+    if args.prompt is None and text:
+        parser.error(f"{args.model} ({name}) is a text-to-image pipeline: pass --prompt{hints[0]}")
+    if args.class_labels is not None and not classes:
+        parser.error(f"--class-labels: {args.model} ({name}) is not class-conditional; it takes no class labels")
+    if args.class_labels is None and classes:
+        parser.error(f"{args.model} ({name}) is class-conditional: pass --class-labels{hints[1]}")
 
 
 _NO_TABLE = (
@@ -360,16 +386,7 @@ def check_model(
     """Flags against the model: --prompt iff it has a text encoder, --mode drop-in only over a diffusers pipeline
     with its own loop, and (for a local folder) the sampler settings against its scheduler config."""
     name = pipeline_class(index)
-    text = index.get("text_encoder") is not None and index.get("text_encoder") != [None, None]
-    if args.prompt is not None and not text:
-        parser.error(f"--prompt: {args.model} ({name}) has no text encoder; it takes no prompt")
-    if args.prompt is None and text:
-        parser.error(f"{args.model} ({name}) is a text-to-image pipeline: pass --prompt")
-    classes = name in CLASS_PIPELINES or index.get("host_pipeline") in CLASS_PIPELINES
-    if args.class_labels is not None and not classes:
-        parser.error(f"--class-labels: {args.model} ({name}) is not class-conditional; it takes no class labels")
-    if args.class_labels is None and classes:
-        parser.error(f"{args.model} ({name}) is class-conditional: pass --class-labels (class ids or id2label words)")
+    check_conditioning(parser, args, index)
     if args.mode == "drop-in" and name == MomentMatchingGibbsPipeline.__name__:
         parser.error(
             f"--mode drop-in swaps a diffusers pipeline's scheduler; {args.model} is a {name}: use --mode pipeline"

@@ -1619,7 +1619,7 @@ def _command_line_cases() -> list[Case]:
              "8`", "--prompt: 3 conditions for 8 samples: each takes an equal block",
              sd_calibration(["--prompt", "a", "b", "c", "--num-samples", "8", "--clusters", "1"]), CommandLineError),
         Case(c, "`calibrate.py`", "`calibrate.py --prompt a` (the digits DDPM folder)", "--prompt: "
-             "examples/checkpoints/digits-ddpm has no text encoder", calibrate_job(["--prompt", "a",
+             "examples/checkpoints/digits-ddpm (DDPMPipeline) has no text encoder", calibrate_job(["--prompt", "a",
              "--model", "examples/checkpoints/digits-ddpm"]), CommandLineError),
         Case(c, "`calibrate.py`", "`calibrate.py --guidance-scale 3` (no --prompt)", "--guidance-scale needs "
              "--prompt or --class-labels", calibrate_job(["--guidance-scale", "3"]), CommandLineError),
