@@ -158,6 +158,12 @@ class CovarianceEstimator(ABC):
         """Refuse, before the first model call, a first ``sample`` whose size this estimator cannot serve at
         ``sigmas`` (default: any)."""
 
+    def check_run(self, sigmas: Sequence[float], sample: torch.Tensor) -> None:
+        """Both hooks for a run over ``sigmas`` from ``sample``, before its first model call (the kernel's
+        ``sample`` and the drop-in's first ``scale_model_input``)."""
+        self.check_levels(sigmas)
+        self.check_sample(sigmas, sample)
+
     @abstractmethod
     def moments(
         self, denoiser: Denoiser, y: torch.Tensor, sigma: torch.Tensor | float, generator: Generator = None
@@ -234,8 +240,7 @@ class _ReadsTable:
 
     def check_levels(self, sigmas: Sequence[float]) -> None:
         for sigma in sigmas:  # a missing level fails here, naming its sigma
-            level = self.covariance_table.level(float(sigma))
-            kind = getattr(level, "kind", self.level_kind)
+            kind = getattr(self.covariance_table.level(float(sigma)), "kind", self.level_kind)
             if kind != self.level_kind:
                 readers = [n for n, cls in ESTIMATORS.items() if getattr(cls, "level_kind", None) == kind]
                 raise ValueError(

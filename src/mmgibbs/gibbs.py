@@ -218,8 +218,7 @@ def sample(
             f"{type(estimator).__name__}."
         )
     check_mean_order(mean_order, transition, corrector)
-    estimator.check_levels(sigmas)
-    estimator.check_sample(sigmas, y)
+    estimator.check_run(sigmas, y)
     multistep = MultistepMean(mean_order, corrector)
     match = None
     if mean_order == 2:

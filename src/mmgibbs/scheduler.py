@@ -568,9 +568,7 @@ class MMGibbsScheduler(SchedulerMixin, ConfigMixin):
         if not self._table_checked:
             self._table_checked = True
             if issubclass(estimator_class(self.config.covariance), _ReadsTable):
-                estimator, sigmas = self.estimator(), self.ve_sigmas()[self._begin_index or 0 :]
-                estimator.check_levels(sigmas)
-                estimator.check_sample(sigmas, sample)
+                self.estimator().check_run(self.ve_sigmas()[self._begin_index or 0 :], sample)
         if self.noise_schedule.family != "edm":
             return sample
         if self._step_index is None:
