@@ -1240,7 +1240,8 @@ def _family_cases() -> list[Case]:
         Case(f, "DiT", "`class_labels=['goldfish', 'cat']` with a word not in `id2label`", "`class_labels`: 'cat' "
              "is not a word of the pipeline's `id2label` (its 5 words: 'Tinca tinca', 'goldfish', 'great white "
              "shark', ...)", lambda _: dit_labels(["goldfish", "cat"])),
-        Case(f, "SDXL (before any model call)", "`pooled_prompt_embeds` of 2 rows beside `prompt_embeds` of 1",
+        Case(f, "SDXL (`Family.check_embeddings`, every family's embeddings; before any model call)",
+             "`pooled_prompt_embeds` of 2 rows beside `prompt_embeds` of 1",
              "The prompt embeddings must have one row per prompt each; got `prompt_embeds` 1, "
              "`negative_prompt_embeds` 1, `pooled_prompt_embeds` 2", lambda _: sdxl_call(embeds=True)),
         Case(f, "SDXL (before any model call)", "`prompt='a cat', prompt_2=['a', 'b']`", "`prompt_2` holds 2 "

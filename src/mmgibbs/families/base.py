@@ -116,13 +116,22 @@ class Family:
 
     def check_embeddings(self, arguments: dict[str, Any]) -> None:
         """The prompt embeddings among ``arguments`` against :attr:`embeddings` (torch tensors of the host's
-        width), before the host sees them; a width the host's components do not state is not checked."""
+        width, one batch for all of them), before the host sees them; a width the host's components do not state
+        is not checked. (SDXL's host reshaped a pooled batch of another size into its width.)"""
+        rows = {}
         for name, (ndim, component, key) in self.embeddings.items():
             if arguments.get(name) is None:
                 continue
             width = getattr(getattr(getattr(self.host, component, None), "config", None), key, None)
             width = width if isinstance(width, int) else None
             check_embeddings(arguments[name], name, ndim, width, f"the {component}'s {key}")
+            rows[name] = len(arguments[name])
+        if len(set(rows.values())) > 1:
+            raise ValueError(
+                "The prompt embeddings must have one row per prompt each; got "
+                + ", ".join(f"`{k}` {n}" for k, n in rows.items())
+                + "."
+            )
 
     # ------------------------------------------------------------------ shared helpers
     def default(self, name: str, value: Any) -> Any:

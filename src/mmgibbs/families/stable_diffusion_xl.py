@@ -33,10 +33,6 @@ from .stable_diffusion import MODES, StableDiffusion, chain_start, mode_of, unet
 Size = tuple[int, int]
 
 
-#: SDXL's prompt embeddings, in the order of the host's check_inputs / encode_prompt
-EMBEDDINGS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
-
-
 def check_prompt_batches(prompts: dict[str, Any]) -> None:
     """SDXL's second prompts against the first: as many as ``prompt`` (or one string for all), before the host's
     ``encode_prompt`` concatenates their embeddings (a tensor size error otherwise)."""
@@ -144,14 +140,6 @@ class StableDiffusionXL(StableDiffusion):
             {"prompt": prompt, "prompt_2": prompt_2, "negative_prompt": negative_prompt,
              "negative_prompt_2": negative_prompt_2}
         )  # fmt: skip
-        given = dict(zip(EMBEDDINGS, embeds, strict=True))
-        rows = {k: len(v) for k, v in given.items() if v is not None}
-        if len(set(rows.values())) > 1:  # the host's encode_prompt reshapes a pooled batch into its width
-            raise ValueError(
-                "The prompt embeddings must have one row per prompt each; got "
-                + ", ".join(f"`{k}` {n}" for k, n in rows.items())
-                + "."
-            )
         positive, negative, pooled, negative_pooled = host.encode_prompt(
             prompt=prompt,
             prompt_2=prompt_2,
