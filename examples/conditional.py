@@ -256,23 +256,23 @@ def first_timestep(case: Case, scheduler: Any, steps: int, ids: list[int]) -> in
     return int(scheduler.timesteps[0])
 
 
-def start_latents(case: Case, ids: list[int], seed: int, timestep: int) -> torch.Tensor:
+def start_latents(case: Case, ids: list[int], seed: int, timestep: int | None) -> torch.Tensor:
     """The paired start of every sampler for a seed (VP: init_noise_sigma 1), one row per entry of ``ids``.
 
-    N(0, I) (what the host pipelines draw), or with ``case.exact_start`` the exact marginal of each row's condition
-    at the sampler's first level: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, x_0 from the condition's target
-    (the guided target in the guided cases: for Gaussian conditions with a shared covariance the guided denoiser is
-    that target's exact denoiser at every level), x_0 and eps the same for every sampler. SD's scaled-linear
-    schedule keeps sqrt(abar) = 0.07-0.12 of the signal at the samplers' first levels (0.09 at DDIM's t = 951 for
-    20 steps), and these targets' leading
-    directions have variance ~30, so from N(0, I) every sampler misses the target by far more than it errs (DDIM,
-    20 calls: FD 68 against 16 from the exact start, floor 17, for condition 0 of the per-prompt mixture at 300
-    samples): the start is the model's schedule's error, the same for every sampler, and the section measures
-    the samplers. One row per SD case keeps the host's N(0, I) start to show it. DiT's linear schedule keeps
-    sqrt(abar) = 0.006-0.016 there, so its cases start from N(0, I).
+    N(0, I) (what the host pipelines draw; always with ``timestep`` None), or with ``case.exact_start`` the exact
+    marginal of each row's condition at the sampler's first level ``timestep``: x_t = sqrt(abar_t) x_0 +
+    sqrt(1 - abar_t) eps, x_0 from the condition's target (the guided target in the guided cases: for Gaussian
+    conditions with a shared covariance the guided denoiser is that target's exact denoiser at every level), x_0
+    and eps the same for every sampler. SD's scaled-linear schedule keeps sqrt(abar) = 0.07-0.12 of the signal at
+    the samplers' first levels (0.09 at DDIM's t = 951 for 20 steps), and these targets' leading directions have
+    variance ~30, so from N(0, I) every sampler misses the target by far more than it errs (DDIM, 20 calls: FD 68
+    against 16 from the exact start, floor 17, for condition 0 of the per-prompt mixture at 300 samples): the start
+    is the model's schedule's error, the same for every sampler, and the section measures the samplers. One row per
+    SD case keeps the host's N(0, I) start to show it. DiT's linear schedule keeps sqrt(abar) = 0.006-0.016 there,
+    so its cases start from N(0, I).
     """
     eps = torch.randn((len(ids), *SHAPE), generator=_gen(seed), dtype=torch.float64)
-    if not case.exact_start:
+    if timestep is None or not case.exact_start:
         return eps
     if ids != sorted(ids):
         raise ValueError("`ids` must list the conditions in blocks, in order (as the section calls samplers).")
@@ -308,10 +308,8 @@ def baseline(case: Case, name: str, steps: int, ids: list[int], seed: int, host_
     cls = BASELINES[name]
     takes = inspect.signature(cls.__init__).parameters
     scheduler = cls.from_config({k: v for k, v in config.items() if k in takes})
-    if host_start:
-        start = torch.randn((len(ids), *SHAPE), generator=_gen(seed), dtype=torch.float64)
-    else:
-        start = start_latents(case, ids, seed, first_timestep(case, scheduler, steps, ids))
+    timestep = None if host_start else first_timestep(case, scheduler, steps, ids)
+    start = start_latents(case, ids, seed, timestep)
     return standard_loop(case, scheduler, steps, ids, start, _gen(seed + 1))
 
 
