@@ -878,6 +878,8 @@ class MomentMatchingGibbsPipeline(DiffusionPipeline):
         """Custom ``timesteps`` / ``sigmas`` (e.g. Align Your Steps schedules) taken out of ``arguments`` where the
         host's call takes them and the family's ``prepare`` does not (the flow families lay out their own
         ``sigmas``): :meth:`Family.set_timesteps` passes them to the scheduler, which checks them."""
+        if "timesteps" not in arguments and "sigmas" not in arguments:  # the common call: no signature read
+            return {}
         takes = inspect.signature(family.prepare).parameters
         host_takes = inspect.signature(type(family.host).__call__).parameters
         levels = {}
